@@ -1,0 +1,149 @@
+"""The reference model with the paper's stable update (PAPER.md §2). Torch only.
+
+Plain Diffusion-DPO keeps the reference frozen at the pretrained model p_init. The paper instead makes
+the reference a hard copy of the policy every τ optimizer steps ("exploration"), and monitors the
+divergence of each new reference from p_init: once it exceeds δ, the reference is frozen (or, in the
+"Re-Init" variant, reset to p_init). Without the monitor, small τ lets the policy widen the margin by
+inflating both errors ("error scaling") and training collapses; `on_diverge="ignore"` reproduces that.
+
+Memory: the initial weights stay in (pinned) CPU memory. They visit the accelerator only while the
+monitor measures, loaded into the reference model's own parameters, which are about to be overwritten
+by the policy anyway; so the method costs no accelerator memory beyond Diffusion-DPO's reference.
+"""
+import copy
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+ON_DIVERGE = ("freeze", "reinit", "ignore")
+
+ErrFn = Callable[[nn.Module], torch.Tensor]
+
+
+def _tensors(model: nn.Module) -> list[torch.Tensor]:
+    return [*model.parameters(), *model.buffers()]
+
+
+@torch.no_grad()
+def _copy_into(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
+    for d, s in zip(dst, src, strict=True):
+        d.copy_(s, non_blocking=True)
+
+
+def _mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
+    # Each rank measures on its own batch; every rank must take the same freeze decision.
+    if dist.is_available() and dist.is_initialized():
+        value = value.clone()
+        dist.all_reduce(value)
+        value /= dist.get_world_size()
+    return value
+
+
+class Reference:
+    """The reference model p_ref of Diffusion-DPO, updated by the τ/δ rule of §2.
+
+    policy:     the model being trained (unwrapped: no DDP or compile wrapper); its current weights
+                become both the reference and p_init, so build this before any optimizer step.
+    tau:        copy the policy into the reference every `tau` optimizer steps; 0 or None = plain
+                Diffusion-DPO (the reference stays p_init forever).
+    delta:      divergence threshold δ of the monitor (0.005 for SD1.5, 0.002 for SDXL in the paper).
+    on_diverge: what happens once D(p_ref, p_init) > δ: "freeze" (the paper's rule; the reference stays
+                at that last copy for the rest of training), "reinit" (the Re-Init ablation, Table 3:
+                reset to p_init; the monitor keeps checking later copies), or "ignore" (update every τ
+                without the monitor, the failure mode the paper warns about).
+    """
+
+    def __init__(self, policy: nn.Module, tau: int | None = 32, delta: float = 0.005,
+                 on_diverge: str = "freeze"):
+        if on_diverge not in ON_DIVERGE:
+            raise ValueError(f"on_diverge must be one of {ON_DIVERGE}, got {on_diverge!r}")
+        if tau is not None and tau < 0:
+            raise ValueError(f"tau must be >= 0, got {tau}")
+        self.tau = tau or 0
+        self.delta = delta
+        self.on_diverge = on_diverge
+        self.model = copy.deepcopy(policy).eval().requires_grad_(False)
+        pin = torch.cuda.is_available()
+        self.initial = [t.detach().to("cpu", copy=True) for t in _tensors(self.model)]
+        if pin:
+            self.initial = [t.pin_memory() for t in self.initial]
+        self.frozen = False
+        self.holds_initial = True  # the reference currently equals p_init
+        self.num_updates = 0
+        self.last_divergence: float | None = None
+
+    @torch.no_grad()
+    def _errors_of_initial(self, err_fn: ErrFn) -> torch.Tensor:
+        _copy_into(_tensors(self.model), self.initial)
+        self.holds_initial = True
+        return err_fn(self.model)
+
+    @torch.no_grad()
+    def step(self, step: int, policy: nn.Module, err_fn: ErrFn) -> dict:
+        """Apply the §2 rule after optimizer step `step` (1-based). Returns what happened, for the log.
+
+        err_fn(model) -> Tensor[n] gives per-sample errors of a few winner images at fixed t and shared ε;
+        it must give the same inputs on every call. On an update step:
+            1. load p_init into the reference's parameters and measure e_init;
+            2. copy the policy into the reference (p_ref ← p_θ) and measure e_ref;
+            3. D = mean(e_ref − e_init)  (§2: the reverse-KL estimate, per-element mean, no factor T);
+            4. if D > δ: freeze the reference, or reset it to p_init ("reinit"), or go on ("ignore").
+        """
+        if not self.tau or self.frozen or step % self.tau != 0:
+            return {"ref_updated": False, "ref_frozen": self.frozen}
+        was_training = policy.training
+        policy.eval()
+        err_init = self._errors_of_initial(err_fn)
+        _copy_into(_tensors(self.model), _tensors(policy))
+        self.holds_initial = False
+        err_ref = err_fn(self.model)
+        policy.train(was_training)
+        divergence = _mean_over_ranks((err_ref.float() - err_init.float()).mean()).item()
+        self.last_divergence = divergence
+        self.num_updates += 1
+        reinit = False
+        if divergence > self.delta and self.on_diverge == "freeze":
+            self.frozen = True
+        elif divergence > self.delta and self.on_diverge == "reinit":
+            _copy_into(_tensors(self.model), self.initial)
+            self.holds_initial = True
+            reinit = True
+        return {"ref_updated": True, "ref_frozen": self.frozen, "ref_reinit": reinit,
+                "divergence": divergence}
+
+    @torch.no_grad()
+    def divergence(self, model: nn.Module, err_fn: ErrFn) -> float:
+        """D(model, p_init) on request, without changing the reference (e.g. to log Fig. 1b for a
+        Diffusion-DPO run, where the reference is p_init and this costs two small forwards).
+
+        If the reference has moved away from p_init, its weights are parked in CPU memory while p_init
+        borrows its parameters, then put back: still no extra accelerator memory.
+        """
+        was_training = model.training
+        model.eval()
+        err_model = err_fn(model)
+        model.train(was_training)
+        if self.holds_initial:
+            err_init = err_fn(self.model)
+        else:
+            parked = [t.detach().to("cpu", copy=True) for t in _tensors(self.model)]
+            err_init = self._errors_of_initial(err_fn)
+            _copy_into(_tensors(self.model), parked)
+            self.holds_initial = False
+        return _mean_over_ranks((err_model.float() - err_init.float()).mean()).item()
+
+    def state_dict(self) -> dict:
+        """Everything needed to resume: the reference weights and the monitor's state (p_init is the
+        pretrained model, which a resumed run loads again)."""
+        return {"model": self.model.state_dict(), "frozen": self.frozen,
+                "holds_initial": self.holds_initial, "num_updates": self.num_updates,
+                "last_divergence": self.last_divergence}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.frozen = state["frozen"]
+        self.holds_initial = state["holds_initial"]
+        self.num_updates = state["num_updates"]
+        self.last_divergence = state["last_divergence"]

@@ -1,0 +1,155 @@
+import pytest
+import torch
+from torch import nn
+
+from reference import Reference
+
+
+def make_policy(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 4))
+
+
+X = torch.randn(6, 4, generator=torch.Generator().manual_seed(1))
+NOISE = torch.randn(6, 4, generator=torch.Generator().manual_seed(2))
+
+
+def err_fn(model):
+    return (model(X) - NOISE).pow(2).mean(dim=1)
+
+
+def nudge(policy, amount):
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(amount)
+
+
+def weights(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def same(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_copies_exactly_at_multiples_of_tau():
+    policy = make_policy()
+    ref = Reference(policy, tau=4, delta=1e9)
+    initial = weights(policy)
+    for step in range(1, 13):
+        before = weights(ref.model)
+        nudge(policy, 0.01)
+        info = ref.step(step, policy, err_fn)
+        if step % 4 == 0:
+            assert info["ref_updated"] and same(weights(ref.model), weights(policy)), step
+        else:
+            assert not info["ref_updated"] and same(weights(ref.model), before), step
+    assert ref.num_updates == 3 and not ref.frozen
+    assert same(ref.initial[:4], initial)  # p_init is kept untouched
+
+
+def test_divergence_is_the_error_gap_to_the_initial_model_and_freezes_past_delta():
+    policy = make_policy()
+    init_errors = err_fn(make_policy())
+    ref = Reference(policy, tau=2, delta=0.05)
+    nudge(policy, 0.02)
+    ref.step(1, policy, err_fn)
+    info = ref.step(2, policy, err_fn)
+    expected = (err_fn(policy) - init_errors).mean().item()
+    assert info["divergence"] == pytest.approx(expected, rel=1e-5)
+    assert expected < 0.05 and not info["ref_frozen"]
+    nudge(policy, 0.3)
+    info = ref.step(4, policy, err_fn)
+    assert info["divergence"] > 0.05 and info["ref_frozen"] and ref.frozen
+    frozen_weights = weights(ref.model)
+    assert same(frozen_weights, weights(policy))  # frozen at the copy that crossed δ
+    nudge(policy, 0.1)
+    for step in (5, 6, 8):
+        info = ref.step(step, policy, err_fn)
+        assert not info["ref_updated"] and info["ref_frozen"]
+    assert same(weights(ref.model), frozen_weights)
+
+
+def test_reinit_resets_to_the_initial_model_and_keeps_monitoring():
+    policy = make_policy()
+    initial = weights(policy)
+    ref = Reference(policy, tau=1, delta=0.05, on_diverge="reinit")
+    nudge(policy, 0.5)
+    info = ref.step(1, policy, err_fn)
+    assert info["ref_reinit"] and not ref.frozen
+    assert same(weights(ref.model), initial)
+    info = ref.step(2, policy, err_fn)  # still diverged: reset again, never frozen
+    assert info["ref_updated"] and info["ref_reinit"] and same(weights(ref.model), initial)
+
+
+def test_ignore_keeps_updating_without_the_monitor():
+    policy = make_policy()
+    ref = Reference(policy, tau=1, delta=0.0, on_diverge="ignore")
+    for step in range(1, 4):
+        nudge(policy, 0.5)
+        info = ref.step(step, policy, err_fn)
+        assert info["divergence"] > 0 and not ref.frozen
+        assert same(weights(ref.model), weights(policy))
+
+
+def test_tau_zero_is_plain_diffusion_dpo():
+    for tau in (0, None):
+        policy = make_policy()
+        initial = weights(policy)
+        ref = Reference(policy, tau=tau)
+        for step in range(1, 70):
+            nudge(policy, 0.01)
+            assert ref.step(step, policy, err_fn) == {"ref_updated": False, "ref_frozen": False}
+        assert same(weights(ref.model), initial)
+
+
+def test_divergence_on_request_leaves_the_reference_alone():
+    policy = make_policy()
+    init_errors = err_fn(make_policy())
+    ref = Reference(policy, tau=2, delta=1e9)
+    nudge(policy, 0.05)
+    expected = (err_fn(policy) - init_errors).mean().item()
+    assert ref.divergence(policy, err_fn) == pytest.approx(expected, rel=1e-5)
+    ref.step(2, policy, err_fn)  # now the reference holds a copy of the policy, not p_init
+    held = weights(ref.model)
+    nudge(policy, 0.05)
+    expected = (err_fn(policy) - init_errors).mean().item()
+    assert ref.divergence(policy, err_fn) == pytest.approx(expected, rel=1e-5)
+    assert same(weights(ref.model), held)
+
+
+def test_reference_is_frozen_and_initial_weights_live_on_the_cpu():
+    policy = make_policy()
+    ref = Reference(policy)
+    assert all(not p.requires_grad for p in ref.model.parameters())
+    assert not ref.model.training
+    assert all(t.device.type == "cpu" for t in ref.initial)
+    assert all(a.data_ptr() != b.data_ptr() for a, b in zip(ref.initial, ref.model.parameters()))
+    assert all(a.data_ptr() != b.data_ptr() for a, b in zip(ref.initial, policy.parameters()))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_initial_weights_stay_off_the_accelerator():
+    policy = make_policy().cuda()
+    ref = Reference(policy)
+    assert all(t.device.type == "cpu" and t.is_pinned() for t in ref.initial)
+    assert all(p.device.type == "cuda" for p in ref.model.parameters())
+
+
+def test_state_dict_round_trip_resumes_the_monitor():
+    policy = make_policy()
+    ref = Reference(policy, tau=1, delta=0.05)
+    nudge(policy, 0.5)
+    ref.step(1, policy, err_fn)
+    state = ref.state_dict()
+    resumed = Reference(make_policy(), tau=1, delta=0.05)
+    resumed.load_state_dict(state)
+    assert resumed.frozen and resumed.num_updates == 1
+    assert same(weights(resumed.model), weights(ref.model))
+
+
+def test_bad_arguments_are_rejected():
+    with pytest.raises(ValueError, match="on_diverge"):
+        Reference(make_policy(), on_diverge="explode")
+    with pytest.raises(ValueError, match="tau"):
+        Reference(make_policy(), tau=-1)

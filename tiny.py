@@ -1,0 +1,462 @@
+"""Offline tiny pipelines of the real model classes, written in the on-disk layout of the hub models.
+
+Nothing can be downloaded on the development machines, so the tests, the `--tiny` runs and the toy
+miniature use pipelines built here: the same classes as SD1.5, SDXL and SD3 (UNet2DConditionModel /
+SD3Transformer2DModel, AutoencoderKL, CLIP and T5 text encoders, the hub's scheduler configs), at most
+about a million parameters each, saved with `save_pretrained` into folders laid out like the hub repositories
+(model_index.json, unet/ or transformer/, vae/, text_encoder*/, tokenizer*/, scheduler/). The trainers
+load them with the very `from_pretrained` calls that load the real models; only the folder differs.
+
+`tiny_pipeline_dir(kind)` is the entry point: it builds a pipeline once and caches it.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import string
+import tempfile
+from pathlib import Path
+
+import torch
+
+# Folder names carry this version: bump it whenever a builder changes, so stale caches are not reused.
+TINY_VERSION = 1
+KINDS = ("sd15", "sdxl", "sd3")
+
+# The tokenizers merge these words into single tokens (CLIP merges, T5 word pieces), so that short
+# captions of the kind the toy world writes stay far below the 77-token limit; any other text still
+# tokenizes, character by character.
+COMMON_WORDS = (
+    "background", "triangle", "picture", "yellow", "orange", "purple", "circle", "square", "bottom",
+    "center", "middle", "photo", "image", "small", "large", "green", "white", "black", "brown", "three",
+    "right", "cross", "blue", "pink", "gray", "star", "ring", "left", "with", "big", "red", "top", "two",
+    "one", "the", "and", "of", "on", "in", "an", "a",
+)
+
+CLIP_MAX_LENGTH = 77
+T5_MAX_LENGTH = 512
+
+# The SD1.5 / SDXL scheduler configs as published on the hub (the keys DDPM/Euler do not use, such as
+# set_alpha_to_one and skip_prk_steps, are kept too, so that swapping in DDIM or PNDM behaves as on the hub).
+SD_SCHEDULER_CONFIG = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "trained_betas": None,
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "prediction_type": "epsilon",
+}
+SDXL_SCHEDULER_CONFIG = {
+    **SD_SCHEDULER_CONFIG,
+    "interpolation_type": "linear",
+    "sample_max_value": 1.0,
+    "timestep_spacing": "leading",
+    "use_karras_sigmas": False,
+}
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible map from bytes to printable unicode characters (the BPE alphabet)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    n = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + n)
+            n += 1
+    return dict(zip(printable, map(chr, chars)))
+
+
+def _bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Apply BPE merges to one word as the tokenizer does: always the best-ranked adjacent pair first."""
+    while len(symbols) > 1:
+        pair = min(zip(symbols, symbols[1:]), key=lambda p: ranks.get(p, len(ranks)))
+        if pair not in ranks:
+            break
+        merged, i = [], 0
+        while i < len(symbols):
+            if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == pair:
+                merged.append(symbols[i] + symbols[i + 1])
+                i += 2
+            else:
+                merged.append(symbols[i])
+                i += 1
+        symbols = merged
+    return symbols
+
+
+def _clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """A byte-level BPE vocabulary ordered like CLIP's: bytes, bytes + `</w>`, merges, then the two specials.
+
+    Each word gets the merges that join, left to right, the pieces the earlier merges already split it
+    into; new merges rank last, so they never change how an earlier word is merged, and every word in
+    COMMON_WORDS ends as one token.
+    """
+    byte_symbols = list(_bytes_to_unicode().values())
+    vocab = {symbol: i for i, symbol in enumerate(byte_symbols)}
+    vocab.update({symbol + "</w>": len(byte_symbols) + i for i, symbol in enumerate(byte_symbols)})
+    ranks: dict[tuple[str, str], int] = {}
+    for word in COMMON_WORDS:
+        pieces = _bpe(list(word[:-1]) + [word[-1] + "</w>"], ranks)
+        merged = pieces[0]
+        for piece in pieces[1:]:
+            ranks.setdefault((merged, piece), len(ranks))
+            merged += piece
+            vocab.setdefault(merged, len(vocab))
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return vocab, list(ranks)
+
+
+def build_clip_tokenizer(out_dir: str | os.PathLike | None = None, pad_token: str = "<|endoftext|>"):
+    """Write a CLIP tokenizer folder as on the hub (vocab.json, merges.txt, configs) and load it from there.
+
+    pad_token: "<|endoftext|>" as SD1.5's tokenizer; SDXL's and SD3's second tokenizer pad with "!".
+    Without out_dir the files go to a temporary folder that is removed once the tokenizer is loaded.
+    """
+    from transformers import CLIPTokenizer
+
+    if out_dir is None:
+        with tempfile.TemporaryDirectory(prefix="tiny-clip-tokenizer-") as tmp:
+            return build_clip_tokenizer(tmp, pad_token)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    vocab, merges = _clip_vocab_and_merges()
+    specials = {
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "pad_token": pad_token,
+    }
+    (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (out / "merges.txt").write_text(
+        "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8"
+    )
+    config = {
+        "tokenizer_class": "CLIPTokenizer",
+        "model_max_length": CLIP_MAX_LENGTH,
+        "do_lower_case": True,
+        **specials,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    (out / "special_tokens_map.json").write_text(json.dumps(specials, indent=2), encoding="utf-8")
+    return CLIPTokenizer.from_pretrained(out)
+
+
+def build_t5_tokenizer(out_dir: str | os.PathLike | None = None):
+    """A character-level T5 tokenizer (Unigram), saved as tokenizer.json and loaded as T5TokenizerFast.
+
+    Ids: <pad> 0, </s> 1, <unk> 2 as in T5; then "▁" (word start), the printable ASCII characters and
+    "▁word" pieces for COMMON_WORDS. The pieces' scores make Unigram prefer a whole word over its
+    characters. No sentinel (<extra_id_*>) tokens: the encoder never sees them, and without them the
+    tokenizer's length is the whole vocabulary.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    if out_dir is None:
+        with tempfile.TemporaryDirectory(prefix="tiny-t5-tokenizer-") as tmp:
+            return build_t5_tokenizer(tmp)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    pieces += [(c, -5.0) for c in string.ascii_letters + string.digits + string.punctuation]
+    pieces += [("▁" + word, -3.0) for word in COMMON_WORDS]
+    tokenizer = Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.WhitespaceSplit(),
+            pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True),
+        ]
+    )
+    tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=["$A", "</s>"], pair=["$A", "</s>", "$B", "</s>"], special_tokens=[("</s>", 1)]
+    )
+    tokenizer.save(str(out / "tokenizer.json"))
+    specials = {"eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
+    config = {"tokenizer_class": "T5Tokenizer", "model_max_length": T5_MAX_LENGTH, "extra_ids": 0, **specials}
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    (out / "special_tokens_map.json").write_text(json.dumps(specials, indent=2), encoding="utf-8")
+    return T5TokenizerFast.from_pretrained(out)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int, component: int):
+    """Seed torch's RNG for building one component, and restore the caller's RNG state afterwards.
+
+    Each component gets its own seed derived from the pipeline seed, so two encoders of the same shape
+    do not start identical, and resizing one component (unet_overrides) leaves the others unchanged.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed * 1000 + component)
+        yield
+
+
+def _clip_text_encoder(tokenizer, seed: int, component: int, with_projection: bool, hidden_act: str):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=CLIP_MAX_LENGTH,
+        projection_dim=32,
+        hidden_act=hidden_act,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    with _seeded(seed, component):
+        return cls(config).eval()
+
+
+def _t5_text_encoder(tokenizer, d_model: int, seed: int, component: int):
+    from transformers import T5Config, T5EncoderModel
+
+    # T5 v1.1 layout (gated-GELU feed-forward, untied embeddings) like SD3's T5-XXL encoder.
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=d_model,
+        d_kv=16,
+        d_ff=2 * d_model,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=32,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+    with _seeded(seed, component):
+        return T5EncoderModel(config).eval()
+
+
+def _vae(seed: int, component: int, **config):
+    from diffusers import AutoencoderKL
+
+    # Two blocks: one downsampling step, so 32 px images <-> 16x16 latents (the real VAEs have four, x8).
+    base = dict(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        norm_num_groups=32,
+        sample_size=32,
+    )
+    with _seeded(seed, component):
+        return AutoencoderKL(**{**base, **config}).eval()
+
+
+def _save_pipeline(pipe, out_dir: Path, clip_pads: dict[str, str]) -> None:
+    """save_pretrained, then the tokenizer folders rewritten as the hub's repositories hold them.
+
+    transformers 5 saves every tokenizer as tokenizer.json (plus a config listing local-loading flags).
+    The hub's CLIP tokenizers are vocab.json + merges.txt, which load by a different path (conversion to a
+    fast tokenizer); that is the path the real models take, so the tiny ones take it too. The T5 folder is
+    rewritten for clean configs, and recorded as T5TokenizerFast as SD3's model_index.json does.
+    """
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    for name, pad_token in clip_pads.items():
+        shutil.rmtree(out_dir / name)
+        build_clip_tokenizer(out_dir / name, pad_token=pad_token)
+    if getattr(pipe, "tokenizer_3", None) is not None:
+        shutil.rmtree(out_dir / "tokenizer_3")
+        build_t5_tokenizer(out_dir / "tokenizer_3")
+        index_path = out_dir / "model_index.json"
+        index = json.loads(index_path.read_text())
+        index["tokenizer_3"] = ["transformers", "T5TokenizerFast"]
+        index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def build_tiny_sd15(out_dir: str | os.PathLike, seed: int = 0, **unet_overrides) -> str:
+    """Save a tiny StableDiffusionPipeline to out_dir and return the folder.
+
+    unet_overrides replace entries of the UNet config (a bigger UNet of the same layout for the toy model,
+    e.g. block_out_channels=(64, 128), layers_per_block=2); down/up block types must stay consistent.
+    """
+    from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    out = Path(out_dir)
+    tokenizer = build_clip_tokenizer()
+    text_encoder = _clip_text_encoder(tokenizer, seed, 1, with_projection=False, hidden_act="quick_gelu")
+    unet_config = dict(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=text_encoder.config.hidden_size,
+        # UNet2DConditionModel reads this legacy name as the number of heads, as SD1.5's config does.
+        attention_head_dim=4,
+    )
+    unet_config.update(unet_overrides)
+    with _seeded(seed, 2):
+        unet = UNet2DConditionModel(**unet_config)
+    vae = _vae(seed, 3, latent_channels=4, scaling_factor=0.18215)
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=DDPMScheduler.from_config(SD_SCHEDULER_CONFIG),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    _save_pipeline(pipe, out, {"tokenizer": "<|endoftext|>"})
+    return str(out)
+
+
+def build_tiny_sdxl(out_dir: str | os.PathLike, seed: int = 0) -> str:
+    """Save a tiny StableDiffusionXLPipeline to out_dir and return the folder."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    out = Path(out_dir)
+    tokenizer = build_clip_tokenizer()
+    tokenizer_2 = build_clip_tokenizer(pad_token="!")
+    # As SDXL: CLIP-L (quick_gelu, no projection) and OpenCLIP-bigG (gelu, with projection).
+    text_encoder = _clip_text_encoder(tokenizer, seed, 1, with_projection=False, hidden_act="quick_gelu")
+    text_encoder_2 = _clip_text_encoder(tokenizer_2, seed, 2, with_projection=True, hidden_act="gelu")
+    time_embed_dim = 8
+    pooled_dim = text_encoder_2.config.projection_dim
+    with _seeded(seed, 3):
+        unet = UNet2DConditionModel(
+            sample_size=16,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2),
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            cross_attention_dim=text_encoder.config.hidden_size + text_encoder_2.config.hidden_size,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=time_embed_dim,
+            # Six micro-conditions (original size, crop top-left, target size), each embedded, + pooled text.
+            projection_class_embeddings_input_dim=6 * time_embed_dim + pooled_dim,
+        )
+    vae = _vae(seed, 4, latent_channels=4, scaling_factor=0.13025, force_upcast=True)
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER_CONFIG),
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+    _save_pipeline(pipe, out, {"tokenizer": "<|endoftext|>", "tokenizer_2": "!"})
+    return str(out)
+
+
+def build_tiny_sd3(out_dir: str | os.PathLike, seed: int = 0) -> str:
+    """Save a tiny StableDiffusion3Pipeline to out_dir and return the folder."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    out = Path(out_dir)
+    tokenizer = build_clip_tokenizer()
+    tokenizer_2 = build_clip_tokenizer(pad_token="!")
+    tokenizer_3 = build_t5_tokenizer()
+    text_encoder = _clip_text_encoder(tokenizer, seed, 1, with_projection=True, hidden_act="quick_gelu")
+    text_encoder_2 = _clip_text_encoder(tokenizer_2, seed, 2, with_projection=True, hidden_act="gelu")
+    clip_width = text_encoder.config.hidden_size + text_encoder_2.config.hidden_size
+    # The pipeline zero-pads the concatenated CLIP states to T5's width; twice as wide, as in SD3
+    # (768 + 1280 = 2048 against 4096), so that the padding is exercised.
+    text_encoder_3 = _t5_text_encoder(tokenizer_3, d_model=2 * clip_width, seed=seed, component=3)
+    with _seeded(seed, 4):
+        transformer = SD3Transformer2DModel(
+            sample_size=16,
+            patch_size=2,
+            in_channels=16,
+            out_channels=16,
+            num_layers=2,
+            num_attention_heads=4,
+            attention_head_dim=8,
+            caption_projection_dim=32,
+            joint_attention_dim=text_encoder_3.config.d_model,
+            pooled_projection_dim=text_encoder.config.projection_dim + text_encoder_2.config.projection_dim,
+            # Positional embeddings for up to 32x32 patches: latents up to 64x64, images up to 128 px.
+            pos_embed_max_size=32,
+        )
+    vae = _vae(
+        seed,
+        5,
+        latent_channels=16,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.0609,
+        scaling_factor=1.5305,
+        force_upcast=True,
+    )
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=tokenizer_3,
+    )
+    _save_pipeline(pipe, out, {"tokenizer": "<|endoftext|>", "tokenizer_2": "!"})
+    return str(out)
+
+
+BUILDERS = {"sd15": build_tiny_sd15, "sdxl": build_tiny_sdxl, "sd3": build_tiny_sd3}
+
+
+def default_cache_root() -> Path:
+    return Path(os.environ.get("RDPO_CACHE") or "~/.cache/rethinking-dpo").expanduser()
+
+
+def tiny_pipeline_dir(kind: str, root: str | os.PathLike | None = None) -> str:
+    """The folder of the tiny `kind` pipeline ("sd15", "sdxl" or "sd3"), built on first use and cached.
+
+    root defaults to $RDPO_CACHE, else ~/.cache/rethinking-dpo. The pipeline is built in a temporary
+    sibling folder and renamed into place in one step, so the final folder exists only when complete:
+    concurrent builders (torchrun ranks) each build their own copy and the first rename wins; a process
+    killed mid-build leaves at most a stray temporary folder, never a half-written pipeline.
+    """
+    if kind not in BUILDERS:
+        raise ValueError(f"unknown tiny pipeline kind {kind!r}; expected one of {', '.join(KINDS)}")
+    root_dir = Path(root).expanduser() if root is not None else default_cache_root()
+    final = root_dir / f"tiny-{kind}-v{TINY_VERSION}"
+    if (final / "model_index.json").is_file():
+        return str(final)
+    root_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root_dir))
+    try:
+        # mkdtemp makes the folder private (0700); the cache is readable like any other folder.
+        tmp.chmod(0o755)
+        BUILDERS[kind](tmp)
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            # Another process renamed its complete build into place first; use that one.
+            if not (final / "model_index.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(final)

@@ -1,0 +1,174 @@
+"""train_sd15.py end to end on the tiny SD1.5-layout model, offline (the real from_pretrained path)."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import trainer
+import train_sd15
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tiny_cache(tmp_path_factory):
+    """Build the tiny model and pairs once for this file, in a private cache."""
+    root = tmp_path_factory.mktemp("rdpo-cache")
+    old = os.environ.get("RDPO_CACHE")
+    os.environ["RDPO_CACHE"] = str(root)
+    yield root
+    if old is None:
+        os.environ.pop("RDPO_CACHE")
+    else:
+        os.environ["RDPO_CACHE"] = old
+
+
+def run(output_dir, *flags):
+    """One in-process training run (saves the 5 s import of a subprocess); returns the log lines."""
+    argv = ["--tiny", "--output_dir", str(output_dir), *map(str, flags)]
+    trainer.main("test", train_sd15.RECIPE, train_sd15.SD15, argv=argv)
+    with open(os.path.join(output_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def unet_weights(folder):
+    from diffusers import UNet2DConditionModel
+    return UNet2DConditionModel.from_pretrained(folder, subfolder="unet").state_dict()
+
+
+def test_tiny_run_starts_at_log2_and_saves_a_pipeline_that_samples(tmp_path):
+    log = run(tmp_path, "--max_steps", 3)
+    assert [r["step"] for r in log] == [1, 2, 3]
+    assert log[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert log[0]["accuracy"] == 0.5 and log[0]["reward_margin"] == 0.0
+    assert all(key in log[-1] for key in ("bin_accuracy", "bin_reward_scale", "bin_count", "lr", "grad_norm"))
+    assert sum(log[-1]["bin_count"]) == 3 * 4  # every pair of the 3 steps lands in one t-bin
+    from diffusers import StableDiffusionPipeline
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "final")
+    image = pipe("a red square", num_inference_steps=2, height=32, width=32, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.shape == (32, 32, 3) and image.std() > 0
+    trained, base = unet_weights(tmp_path / "final"), unet_weights(os.environ["RDPO_CACHE"] + "/tiny-sd15-v1")
+    assert any(not torch.equal(trained[k], base[k]) for k in trained)
+
+
+def test_accuracy_rises_above_chance_on_easy_pairs(tmp_path):
+    # Plain Diffusion-DPO on pairs whose winner is a smooth image of the named colour and loser is noise.
+    log = run(tmp_path, "--max_steps", 40, "--tau", 0, "--learning_rate", 1e-4, "--beta", 2000,
+              "--train_batch_size", 8, "--effective_batch_size", 8, "--checkpoint_every", 1000)
+    late = [r["accuracy"] for r in log[-10:]]
+    assert sum(late) / len(late) > 0.6
+    assert log[-1]["reward_margin"] > 0
+
+
+def test_reference_updates_at_multiples_of_tau_and_freezes_past_delta(tmp_path):
+    log = run(tmp_path, "--max_steps", 8, "--tau", 2, "--delta", 1e-5, "--learning_rate", 1e-4)
+    updates = [r["step"] for r in log if r["ref_updated"]]
+    assert updates[0] == 2 and all(s % 2 == 0 for s in updates)
+    crossed = next(r for r in log if r["ref_updated"] and r["divergence"] > 1e-5)
+    assert crossed["ref_frozen"]
+    assert all(r["ref_frozen"] and not r["ref_updated"] for r in log if r["step"] > crossed["step"])
+
+
+def test_diffusion_dpo_settings_never_change_the_reference(tmp_path):
+    run(tmp_path, "--max_steps", 4, "--tau", 0, "--gamma", 1, "--no_reward_scale", "--checkpoint_every", 4,
+        "--learning_rate", 1e-4)
+    state = torch.load(tmp_path / "checkpoint-4" / "state.pt", weights_only=False)
+    base = unet_weights(os.environ["RDPO_CACHE"] + "/tiny-sd15-v1")
+    assert all(torch.equal(state["reference"]["model"][k], base[k]) for k in base)
+    assert any(not torch.equal(state["policy"][k], base[k]) for k in base)
+    assert not state["reference"]["frozen"] and state["reference"]["num_updates"] == 0
+
+
+def test_resume_ends_with_the_same_weights_as_an_uninterrupted_run(tmp_path):
+    flags = ["--max_steps", 6, "--tau", 2, "--checkpoint_every", 3, "--learning_rate", 1e-4]
+    full_log = run(tmp_path / "full", *flags)
+    run(tmp_path / "split", "--max_steps", 3, "--tau", 2, "--checkpoint_every", 3, "--learning_rate", 1e-4)
+    resumed_log = run(tmp_path / "split", *flags, "--resume", "latest")
+    assert [r["step"] for r in resumed_log] == list(range(1, 7))
+    assert [r["loss"] for r in resumed_log] == [r["loss"] for r in full_log]
+    full, resumed = unet_weights(tmp_path / "full" / "final"), unet_weights(tmp_path / "split" / "final")
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+
+
+def test_two_process_torchrun_matches_one_process_with_twice_the_accumulation(tmp_path):
+    common = ["--tiny", "--max_steps", "3", "--train_batch_size", "1", "--learning_rate", "1e-4",
+              "--tau", "2", "--checkpoint_every", "1000", "--no_flip", "--caption_dropout", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "train_sd15.py", *common, "--effective_batch_size", "2",
+                          "--output_dir", str(tmp_path / "one")], cwd=HERE, env=env, capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", "29533", "train_sd15.py", *common, "--effective_batch_size", "2",
+                          "--output_dir", str(tmp_path / "two")], cwd=HERE, env=env, capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-2000:]
+    a, b = unet_weights(tmp_path / "one" / "final"), unet_weights(tmp_path / "two" / "final")
+    base = unet_weights(os.environ["RDPO_CACHE"] + "/tiny-sd15-v1")
+    moved = max((a[k] - base[k]).abs().max().item() for k in a)
+    gap = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert moved > 1e-5 and gap < 1e-3 * moved + 1e-6
+    log_one = [json.loads(l) for l in open(tmp_path / "one" / "log.jsonl")]
+    log_two = [json.loads(l) for l in open(tmp_path / "two" / "log.jsonl")]
+    assert [r["loss"] for r in log_two] == pytest.approx([r["loss"] for r in log_one], rel=1e-4)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    proc = subprocess.Popen([sys.executable, "train_sd15.py", "--tiny", "--max_steps", "1000",
+                             "--output_dir", str(tmp_path)], cwd=HERE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "log.jsonl"
+    deadline = time.time() + 120
+    while not (log.exists() and log.read_text().count("\n") >= 2) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-2000:]
+    checkpoints = trainer.checkpoint_dirs(str(tmp_path))
+    assert len(checkpoints) == 1 and "stopped at step" in out
+    step = int(checkpoints[0].rsplit("-", 1)[1])
+    assert json.loads(log.read_text().splitlines()[-1])["step"] == step
+
+
+def expect_error(capsys, argv, *fragments):
+    with pytest.raises(SystemExit) as exit_info:
+        trainer.main("test", train_sd15.RECIPE, train_sd15.SD15, argv=argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) >= 1 and err[-1].startswith("error: ")
+    for fragment in fragments:
+        assert fragment in err[-1]
+
+
+def test_offline_hub_model_fails_at_once_naming_the_offline_option(capsys, tmp_path):
+    start = time.time()
+    expect_error(capsys, ["--output_dir", str(tmp_path), "--dataset", str(tmp_path)], "--tiny")
+    assert time.time() - start < 10
+
+
+def test_bad_inputs_give_one_line_errors(capsys, tmp_path):
+    expect_error(capsys, ["--tiny", "--pretrained_model", str(tmp_path / "missing"), "--output_dir", str(tmp_path)])
+    expect_error(capsys, ["--tiny", "--max_steps", "0", "--output_dir", str(tmp_path)], "--max_steps")
+    expect_error(capsys, ["--tiny", "--resume", str(tmp_path / "nowhere"), "--output_dir", str(tmp_path)], "--resume")
+    expect_error(capsys, ["--tiny", "--effective_batch_size", "6", "--output_dir", str(tmp_path)], "multiple")
+    empty = tmp_path / "empty_model"
+    empty.mkdir()
+    expect_error(capsys, ["--pretrained_model", str(empty), "--dataset", str(tmp_path), "--output_dir",
+                          str(tmp_path)], "text_encoder")
+
+
+def test_tokenizer_with_a_handful_of_tokens_is_an_error():
+    class Tok:
+        def __len__(self):
+            return 2
+
+    class Enc:
+        class config:
+            vocab_size = 49408
+    with pytest.raises(trainer.UsageError, match="2 tokens"):
+        trainer.check_tokenizer(Tok(), Enc(), "tokenizer")

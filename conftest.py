@@ -1,6 +1,12 @@
-"""Tests run offline: no model or dataset hub is reachable on the development machines or in CI."""
+"""Tests run offline: no model or dataset hub is reachable on the development machines or in CI.
+
+One torch thread per test process: the tiny models gain little from a second thread, and on a 2-core
+machine shared with anything else, two spinning OpenMP threads per process made runs up to 10× slower.
+"""
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")

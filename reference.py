@@ -53,10 +53,16 @@ class Reference:
                 at that last copy for the rest of training), "reinit" (the Re-Init ablation, Table 3:
                 reset to p_init; the monitor keeps checking later copies), or "ignore" (update every τ
                 without the monitor, the failure mode the paper warns about).
+    dtype:      dtype of the reference copy (the training dtype, e.g. bf16: it is only ever run); p_init is
+                kept in that dtype too, in pinned CPU memory.
+    model:      the reference module to use instead of a deep copy of the policy; it must start equal to the
+                policy, and its parameters and buffers must match the policy's one to one. LoRA (lora.py)
+                passes views of one shared base model through two adapters, so that only the adapter
+                weights are copied, and p_init is the initial adapter (B = 0: the base model itself).
     """
 
     def __init__(self, policy: nn.Module, tau: int | None = 32, delta: float = 0.005,
-                 on_diverge: str = "freeze"):
+                 on_diverge: str = "freeze", dtype: torch.dtype | None = None, model: nn.Module | None = None):
         if on_diverge not in ON_DIVERGE:
             raise ValueError(f"on_diverge must be one of {ON_DIVERGE}, got {on_diverge!r}")
         if tau is not None and tau < 0:
@@ -64,19 +70,32 @@ class Reference:
         self.tau = tau or 0
         self.delta = delta
         self.on_diverge = on_diverge
-        self.model = copy.deepcopy(policy).eval().requires_grad_(False)
+        if model is None:
+            model = copy.deepcopy(policy)
+            if dtype is not None:
+                model.to(dtype=dtype)  # the training dtype: the reference is only ever run, never trained
+        self.model = model.eval().requires_grad_(False)
+        # The tensors every update copies, listed once: updates copy in place and allocate nothing.
+        self._tensors = _tensors(self.model)
+        self._policy, self._policy_tensors = None, []
         pin = torch.cuda.is_available()
-        self.initial = [t.detach().to("cpu", copy=True) for t in _tensors(self.model)]
+        self.initial = [t.detach().to("cpu", copy=True) for t in self._tensors]
         if pin:
             self.initial = [t.pin_memory() for t in self.initial]
+        self._parked: list[torch.Tensor] | None = None  # CPU room for the reference while p_init borrows it
         self.frozen = False
         self.holds_initial = True  # the reference currently equals p_init
         self.num_updates = 0
         self.last_divergence: float | None = None
 
+    def _tensors_of(self, policy: nn.Module) -> list[torch.Tensor]:
+        if policy is not self._policy:
+            self._policy, self._policy_tensors = policy, _tensors(policy)
+        return self._policy_tensors
+
     @torch.no_grad()
     def _errors_of_initial(self, err_fn: ErrFn) -> torch.Tensor:
-        _copy_into(_tensors(self.model), self.initial)
+        _copy_into(self._tensors, self.initial)
         self.holds_initial = True
         return err_fn(self.model)
 
@@ -96,7 +115,7 @@ class Reference:
         was_training = policy.training
         policy.eval()
         err_init = self._errors_of_initial(err_fn)
-        _copy_into(_tensors(self.model), _tensors(policy))
+        _copy_into(self._tensors, self._tensors_of(policy))
         self.holds_initial = False
         err_ref = err_fn(self.model)
         policy.train(was_training)
@@ -107,7 +126,7 @@ class Reference:
         if divergence > self.delta and self.on_diverge == "freeze":
             self.frozen = True
         elif divergence > self.delta and self.on_diverge == "reinit":
-            _copy_into(_tensors(self.model), self.initial)
+            _copy_into(self._tensors, self.initial)
             self.holds_initial = True
             reinit = True
         return {"ref_updated": True, "ref_frozen": self.frozen, "ref_reinit": reinit,
@@ -128,9 +147,13 @@ class Reference:
         if self.holds_initial:
             err_init = err_fn(self.model)
         else:
-            parked = [t.detach().to("cpu", copy=True) for t in _tensors(self.model)]
+            if self._parked is None:
+                self._parked = [torch.empty(t.shape, dtype=t.dtype, pin_memory=torch.cuda.is_available())
+                                for t in self._tensors]
+            # Stream order keeps these asynchronous copies safe: nothing reads the parked weights on the host.
+            _copy_into(self._parked, self._tensors)
             err_init = self._errors_of_initial(err_fn)
-            _copy_into(_tensors(self.model), parked)
+            _copy_into(self._tensors, self._parked)
             self.holds_initial = False
         return _mean_over_ranks((err_model.float() - err_init.float()).mean()).item()
 

@@ -18,8 +18,10 @@ every flag are shared with the SDXL and SD3 trainers (trainer.py); this file hol
 """
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from transformers import CLIPTextModel, CLIPTokenizer
 
+import lora
 import schedule
 import trainer
 
@@ -65,14 +67,31 @@ class SD15(DDPMNoising):
         self.reward_scale = schedule.reward_scale(self.scheduler.alphas_cumprod).to(self.device)
 
     @torch.no_grad()
-    def encode(self, batch, generator):
-        """Pixels [2B] (winners then losers) → VAE latents; captions [B] → CLIP states, repeated per pair."""
-        pixels = batch["pixel_values"].to(self.device, self.vae.dtype)
-        latents = self.vae.encode(pixels).latent_dist.sample(generator) * self.vae.config.scaling_factor
-        ids = self.tokenizer(batch["captions"], padding="max_length", truncation=True,
+    def encode_images(self, pixels):
+        """Pixels → the VAE posterior's parameters (mean, log-variance): what --cache_latents stores."""
+        return self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist.parameters
+
+    @torch.no_grad()
+    def encode_captions(self, captions):
+        """Captions [n] → {"encoder_hidden_states": CLIP last hidden states [n, 77, D]}."""
+        ids = self.tokenizer(captions, padding="max_length", truncation=True,
                              max_length=self.tokenizer.model_max_length, return_tensors="pt").input_ids
-        states = self.text_encoder(ids.to(self.device))[0]
-        return latents, {"encoder_hidden_states": states.repeat(2, 1, 1)}
+        return {"encoder_hidden_states": self.text_encoder(ids.to(self.device))[0]}
+
+    @torch.no_grad()
+    def encode(self, batch, generator):
+        """Pixels [2B] (winners then losers) → VAE latents; captions [B] → CLIP states, repeated per pair.
+        The latent is drawn from the VAE posterior with the micro-batch's generator, cached or not."""
+        moments, prompts = trainer.encoder_outputs(self, batch)
+        latents = DiagonalGaussianDistribution(moments).sample(generator) * self.vae.config.scaling_factor
+        return latents, {"encoder_hidden_states": prompts["encoder_hidden_states"].repeat(2, 1, 1)}
+
+    def offload_encoders(self):
+        """Once everything is cached the VAE and the text encoder never run again: free their memory."""
+        self.vae.to("cpu")
+        self.text_encoder.to("cpu")
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def predict(self, forward, noisy, timesteps, cond):
         return forward(noisy, timesteps, encoder_hidden_states=cond["encoder_hidden_states"]).sample
@@ -80,6 +99,11 @@ class SD15(DDPMNoising):
     def save_pipeline(self, policy, out_dir):
         pipeline = StableDiffusionPipeline.from_pretrained(self.path, unet=policy)
         pipeline.save_pretrained(out_dir)
+
+    def save_lora(self, policy, out_dir):
+        """--lora_rank: the trained adapter only, in the format `pipe.load_lora_weights(out_dir)` reads."""
+        StableDiffusionPipeline.save_lora_weights(out_dir, unet_lora_layers=lora.adapter_state_dict(policy),
+                                                  unet_lora_adapter_metadata=lora.adapter_metadata(policy))
 
 
 if __name__ == "__main__":

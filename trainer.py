@@ -145,6 +145,18 @@ def build_parser(description: str, recipe: dict) -> argparse.ArgumentParser:
     g.add_argument("--gradient_checkpointing", action="store_true", help="trade compute for activation memory")
     g.add_argument("--allow_tf32", action=argparse.BooleanOptionalAction, default=True,
                    help="TF32 matmuls on Ampere+ GPUs")
+    g.add_argument("--cache_latents", action="store_true",
+                   help="encode every image (both flips) and caption once, into --cache_dir, and train from there: "
+                        "the VAE and text encoders never run again (latent_cache.py; needs center crops and a "
+                        "map-style dataset)")
+    g.add_argument("--cache_dir", default=None, help="where --cache_latents keeps its files (unset: OUTPUT_DIR/cache)")
+
+    g = p.add_argument_group("LoRA (lora.py)")
+    g.add_argument("--lora_rank", type=int, default=0,
+                   help="train a LoRA adapter of this rank on the attention projections instead of the full model "
+                        "(0 = full fine-tuning); the reference is the adapter-free base model, or with τ > 0 a "
+                        "second adapter: about one base model of memory in all")
+    g.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (unset: the rank, i.e. scale 1)")
 
     g = p.add_argument_group("output")
     g.add_argument("--output_dir", default=recipe["output_dir"], help="log.jsonl, checkpoints and final/ go here")
@@ -186,7 +198,12 @@ def finalize_args(args, recipe: dict, world_size: int):
               (args.tau >= 0, "--tau must be >= 0"),
               (0 < args.gamma, "--gamma must be positive"),
               (0 <= args.caption_dropout <= 1, "--caption_dropout must be in [0, 1]"),
-              (args.monitor_samples > 0, "--monitor_samples must be positive")]
+              (args.monitor_samples > 0, "--monitor_samples must be positive"),
+              (args.lora_rank >= 0, "--lora_rank must be >= 0"),
+              (not (args.cache_latents and args.streaming),
+               "--cache_latents needs a map-style dataset: drop --streaming (a local parquet copy works)"),
+              (not (args.cache_latents and args.random_crop),
+               "--cache_latents caches center crops: drop --random_crop")]
     for ok, message in checks:
         if not ok:
             fail(message)
@@ -213,23 +230,24 @@ def _hub_reachable(timeout: float = 5.0) -> bool:
     return bool(result and result[0])
 
 
-def resolve_model(name_or_path: str) -> str:
-    """A local folder as is; a hub id from the local cache or, if the hub answers, downloaded."""
+def resolve_model(name_or_path: str, flag: str = "--pretrained_model") -> str:
+    """A local folder as is; a hub id from the local cache or, if the hub answers, downloaded (only the
+    files a diffusers pipeline loads, not the repo's single-file checkpoints)."""
     if os.path.isdir(name_or_path):
         return name_or_path
     if os.path.exists(name_or_path):
-        fail(f"--pretrained_model {name_or_path} is a file, expected a diffusers pipeline folder or hub id")
+        fail(f"{flag} {name_or_path} is a file, expected a diffusers folder or hub id")
     if os.path.isabs(name_or_path) or name_or_path.startswith(".") or name_or_path.count("/") > 1:
-        fail(f"--pretrained_model {name_or_path}: no such folder")
-    from huggingface_hub import snapshot_download
+        fail(f"{flag} {name_or_path}: no such folder")
+    from diffusers import DiffusionPipeline
     try:
-        return snapshot_download(name_or_path, local_files_only=True)
+        return DiffusionPipeline.download(name_or_path, local_files_only=True)
     except Exception:
         pass
     if os.environ.get("HF_HUB_OFFLINE") == "1" or not _hub_reachable():
         fail(f"cannot reach the Hugging Face hub to download '{name_or_path}' and it is not cached; "
-             "run the offline demo with --tiny, or pass --pretrained_model a local folder")
-    return snapshot_download(name_or_path)
+             f"run the offline demo with --tiny, or pass {flag} a local folder")
+    return DiffusionPipeline.download(name_or_path)
 
 
 def check_dataset_source(source: str) -> None:
@@ -238,21 +256,34 @@ def check_dataset_source(source: str) -> None:
              "parquet file or folder, or run the offline demo with --tiny")
 
 
-def load_component(cls, path: str, subfolder: str):
+def load_component(cls, path: str, subfolder: str | None = None):
     """`cls.from_pretrained(path, subfolder=...)`, with one line instead of a traceback for a folder that
     is not the expected pipeline."""
     try:
         return cls.from_pretrained(path, subfolder=subfolder)
     except (OSError, ValueError) as error:
-        fail(f"cannot load {subfolder}/ of {path} as {cls.__name__}: {str(error).splitlines()[0]}")
+        where = f"{subfolder}/ of {path}" if subfolder else path
+        fail(f"cannot load {where} as {cls.__name__}: {str(error).splitlines()[0]}")
 
 
 def frozen(module: nn.Module, device, dtype) -> nn.Module:
-    """A model that is only run, never trained: eval mode (no dropout), no grad, in `dtype`."""
+    """A model that is only run, never trained: eval mode (no dropout), no grad, in `dtype` (also fp32:
+    transformers 5 loads a checkpoint in its stored dtype, which may be fp16)."""
     module.to(device)
-    if dtype != torch.float32:
+    if any(p.dtype != dtype for p in module.parameters()):
         module.to(dtype)
     return module.eval().requires_grad_(False)
+
+
+def encoder_outputs(model, batch):
+    """The VAE posterior parameters of a batch's images and its prompt embeddings: from the batch itself
+    when --cache_latents filled them in (latent_cache.py), else by running the model's encoders."""
+    moments = batch.get("latent_moments")
+    if moments is None:
+        moments = model.encode_images(batch["pixel_values"])
+    prompts = batch.get("prompt_embeds") or model.encode_captions(batch["captions"])
+    return moments.to(model.device, non_blocking=True), {k: v.to(model.device, non_blocking=True)
+                                                         for k, v in prompts.items()}
 
 
 def check_tokenizer(tokenizer, text_encoder, name: str) -> None:
@@ -301,6 +332,7 @@ def setup_runtime(args) -> Runtime:
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = args.allow_tf32
         torch.backends.cudnn.allow_tf32 = args.allow_tf32
+        torch.backends.cudnn.benchmark = True  # every micro-batch has the same shapes: pick the fastest kernels once
     precision = args.mixed_precision
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "no"
@@ -350,7 +382,9 @@ def make_optimizer(args, params):
         from transformers.optimization import Adafactor
         return Adafactor(params, lr=args.learning_rate, relative_step=False, scale_parameter=False,
                          warmup_init=False, weight_decay=args.weight_decay)
-    fused = all(p.is_cuda for p in params)
+    # The fused kernel (one launch for all tensors) exists for CUDA and, since torch 2.4, for CPU, where it
+    # is ~5x faster than the default per-tensor loop on a UNet's many small tensors.
+    fused = all(p.device.type in ("cuda", "cpu") for p in params)
     return torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                              weight_decay=args.weight_decay, eps=args.adam_epsilon, fused=fused or None)
 
@@ -538,18 +572,34 @@ def train(args, model, runtime: Runtime, timer=NoTimer()) -> str | None:
     transform = data.PairTransform(resolution=args.resolution, random_crop=args.random_crop,
                                    random_flip=not args.no_flip, caption_dropout=args.caption_dropout,
                                    seed=args.seed)
-    loader = data.PairLoader(dataset, transform, batch_size=args.train_batch_size, rank=runtime.rank,
-                             world_size=runtime.world_size, num_workers=args.dataloader_workers,
-                             seed=args.seed)
+    for flag, hook in (("cache_latents", "encode_images"), ("lora_rank", "save_lora")):
+        if getattr(args, flag) and not hasattr(model, hook):
+            fail(f"--{flag} is not supported by the {model.name} trainer yet")
+    if args.cache_latents:
+        import latent_cache  # first pass over the data: VAE and text encoders run once per image and caption
+        loader = latent_cache.cached_loader(args, model, dataset, transform, runtime)
+    else:
+        loader = data.PairLoader(dataset, transform, batch_size=args.train_batch_size, rank=runtime.rank,
+                                 world_size=runtime.world_size, num_workers=args.dataloader_workers,
+                                 seed=args.seed)
 
     policy = model.policy
     policy.to(runtime.device).train()
     if args.gradient_checkpointing:
         policy.enable_gradient_checkpointing()
     # The reference is built from the pretrained weights, before any step: they are also p_init (§2).
-    reference = Reference(policy, tau=args.tau, delta=args.delta, on_diverge=args.on_diverge)
-    if runtime.weight_dtype != torch.float32:
-        reference.model.to(dtype=runtime.weight_dtype)
+    ref_policy = policy  # what the reference copies: the policy, or with LoRA a view of its adapter
+    if args.lora_rank:
+        import lora
+        lora.add_lora(policy, args.lora_rank, args.lora_alpha, getattr(model, "lora_target_modules", lora.DEFAULT_TARGETS),
+                      reference_adapter=args.tau > 0, base_dtype=runtime.weight_dtype, seed=args.seed)
+        reference, ref_policy = lora.make_reference(policy, args.tau, args.delta, args.on_diverge)
+    else:
+        reference = Reference(policy, tau=args.tau, delta=args.delta, on_diverge=args.on_diverge,
+                              dtype=runtime.autocast_dtype)
+        # Same module mode as the policy, so both take the same code path (diffusers' ResnetBlock2D lays
+        # memory out differently in train mode): loss exactly log 2 at init. SD models have no dropout.
+        reference.model.train(policy.training)
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = make_optimizer(args, params)
     warmup = max(args.warmup_steps, 1)
@@ -578,8 +628,12 @@ def train(args, model, runtime: Runtime, timer=NoTimer()) -> str | None:
     if runtime.world_size > 1:
         ddp_policy = nn.parallel.DistributedDataParallel(
             policy, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
-    model.policy_forward = torch.compile(ddp_policy) if args.compile else ddp_policy
-    model.reference_forward = torch.compile(reference.model) if args.compile else reference.model
+    # Fixed shapes (dynamic=False): a rare odd-sized batch (skipped pairs) recompiles once, instead of
+    # turning every later step into a dynamic-shape graph.
+    model.policy_forward = torch.compile(ddp_policy, dynamic=False) if args.compile else ddp_policy
+    # A LoRA reference switches adapters around the shared model's call: it runs eagerly.
+    model.reference_forward = (torch.compile(reference.model, dynamic=False) if args.compile and not args.lora_rank
+                               else reference.model)
 
     batches = iter(loader)
     stop = StopRequested()
@@ -625,9 +679,9 @@ def train(args, model, runtime: Runtime, timer=NoTimer()) -> str | None:
         with timer.section("reference_update"):
             err_fn = monitor_err_fn(model, *winners, args.monitor_samples,
                                     micro_generators(args.seed, step, MONITOR_STREAM, runtime.device), runtime)
-            ref_info = reference.step(step, policy, err_fn)
+            ref_info = reference.step(step, ref_policy, err_fn)
             if args.divergence_every and step % args.divergence_every == 0:
-                ref_info["policy_divergence"] = reference.divergence(policy, err_fn)
+                ref_info["policy_divergence"] = reference.divergence(ref_policy, err_fn)
 
         record = {"step": step, **mean_over_ranks(sums, runtime.world_size), "grad_norm": grad_norm.item(),
                   "lr": lr_schedule.get_last_lr()[0], **ref_info, "skipped_rows": skipped,
@@ -658,9 +712,11 @@ def train(args, model, runtime: Runtime, timer=NoTimer()) -> str | None:
             return None
     progress.close()
 
-    final_dir = os.path.join(args.output_dir, "final")
+    # LoRA: the adapter alone, for `pipe.load_lora_weights(final_lora)` on the base pipeline.
+    final_dir = os.path.join(args.output_dir, "final_lora" if args.lora_rank else "final")
+    save = model.save_lora if args.lora_rank else model.save_pipeline
     if runtime.is_main:
-        atomic_save_dir(final_dir, lambda tmp: model.save_pipeline(policy, tmp))
+        atomic_save_dir(final_dir, lambda tmp: save(policy, tmp))
     if runtime.world_size > 1:
         dist.barrier()
     return final_dir
@@ -670,6 +726,8 @@ def main(description: str, recipe: dict, model_class, argv=None) -> None:
     """Parse flags, set up the runtime, load `model_class`, train, and report where things are."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser = build_parser(description, recipe)
+    if hasattr(model_class, "add_flags"):
+        model_class.add_flags(parser.add_argument_group(f"{model_class.name} only"))
     args = parser.parse_args(argv)
     runtime = None
     try:

@@ -1,0 +1,145 @@
+"""train_sd3.py end to end on the tiny SD3-layout model, offline (the real from_pretrained path)."""
+import argparse
+import json
+import math
+import os
+
+import pytest
+import torch
+
+import schedule
+import tiny
+import trainer
+import train_sd3
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tiny_cache(tmp_path_factory):
+    """Build the tiny model and pairs once for this file, in a private cache."""
+    root = tmp_path_factory.mktemp("rdpo-cache")
+    old = os.environ.get("RDPO_CACHE")
+    os.environ["RDPO_CACHE"] = str(root)
+    yield root
+    if old is None:
+        os.environ.pop("RDPO_CACHE")
+    else:
+        os.environ["RDPO_CACHE"] = old
+
+
+def load_model(**flags):
+    args = argparse.Namespace(pretrained_model=tiny.tiny_pipeline_dir("sd3"), **{"drop_t5": False, **flags})
+    return train_sd3.SD3(args, trainer.Runtime(torch.device("cpu")))
+
+
+@pytest.fixture(scope="module")
+def model(tiny_cache):
+    return load_model()
+
+
+def run(output_dir, *flags):
+    """One in-process training run (saves the 5 s import of a subprocess); returns the log lines."""
+    argv = ["--tiny", "--output_dir", str(output_dir), *map(str, flags)]
+    trainer.main("test", train_sd3.RECIPE, train_sd3.SD3, argv=argv)
+    with open(os.path.join(output_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def transformer_weights(folder):
+    from diffusers import SD3Transformer2DModel
+    return SD3Transformer2DModel.from_pretrained(folder, subfolder="transformer").state_dict()
+
+
+def test_tiny_run_with_the_defaults_updates_the_reference_oversamples_noise_and_saves_a_pipeline(tmp_path):
+    log = run(tmp_path, "--max_steps", 8)
+    assert [r["step"] for r in log] == list(range(1, 9))
+    assert log[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert log[0]["accuracy"] == 0.5 and log[0]["reward_margin"] == 0.0
+    # --tiny keeps the paper's defaults on, at τ = 8: one reference update, and γ = 0.9 over-sampling.
+    assert [r["step"] for r in log if r["ref_updated"]] == [8]
+    counts = log[-1]["bin_count"]
+    assert sum(counts) == 8 * 4
+    # Bins of σ·1000. Uniform draws on the shift-3 grid put a quarter of the pairs at σ > 0.9; Cat(0.9^k)
+    # draws the noisiest quarter of the grid three times in four.
+    assert counts[-1] > sum(counts) / 2
+    assert log[-1]["bin_reward_scale"][-1] > 1.5  # λ(σ) on
+    from diffusers import StableDiffusion3Pipeline
+    pipe = StableDiffusion3Pipeline.from_pretrained(tmp_path / "final")
+    image = pipe("a red square", num_inference_steps=2, height=32, width=32, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.shape == (32, 32, 3) and image.std() > 0
+    trained, base = transformer_weights(tmp_path / "final"), transformer_weights(tiny.tiny_pipeline_dir("sd3"))
+    assert any(not torch.equal(trained[k], base[k]) for k in trained)
+
+
+def test_noising_is_rectified_flow_with_a_velocity_target(model):
+    latents, noise = torch.randn(4, 16, 16, 16), torch.randn(4, 16, 16, 16)
+    timesteps, scale = model.sample_noise_level(4, torch.Generator().manual_seed(0), gamma=0.9, num_bins=50)
+    noisy, target = model.add_noise(latents, noise, timesteps)
+    sigma = (timesteps / 1000).view(-1, 1, 1, 1)
+    torch.testing.assert_close(noisy, (1 - sigma) * latents + sigma * noise)
+    torch.testing.assert_close(target, noise - latents)  # v = ε − x0: the per-sample errors are velocity errors
+    assert not torch.allclose(target, noise, atol=1e-2)
+    # σ comes from the scheduler's shifted grid, the timestep is σ·1000 as the pipeline passes it, λ = λ_flow(σ).
+    grid = model.scheduler.timesteps
+    assert all((grid - t).abs().min() < 1e-3 for t in timesteps)
+    torch.testing.assert_close(scale, schedule.reward_scale_flow(timesteps / 1000))
+
+
+def test_gamma_oversamples_high_sigma(model):
+    uniform, _ = model.sample_noise_level(4000, torch.Generator().manual_seed(0), gamma=None, num_bins=50)
+    skewed, _ = model.sample_noise_level(4000, torch.Generator().manual_seed(0), gamma=0.9, num_bins=50)
+    assert skewed.mean() > uniform.mean() + 100
+    assert (uniform / 1000 > 0.9).float().mean() == pytest.approx(0.25, abs=0.03)  # the shift-3 grid
+
+
+def test_latents_are_shifted_and_scaled(model):
+    pixels = torch.rand(2, 3, 32, 32) * 2 - 1
+    batch = {"pixel_values": pixels, "captions": ["a red square"]}
+    latents, _ = model.encode(batch, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        z = model.vae.encode(pixels).latent_dist.sample(torch.Generator().manual_seed(0))
+    torch.testing.assert_close(latents, (z - 0.0609) * 1.5305)
+
+
+def test_prompts_are_encoded_as_the_sd3_pipeline_does_with_and_without_t5(model):
+    from diffusers import StableDiffusion3Pipeline
+    captions = ["a red square", ""]
+    pipe = StableDiffusion3Pipeline.from_pretrained(model.path)
+    for encoder, pipeline in ((model, pipe), (load_model(drop_t5=True), StableDiffusion3Pipeline.from_pretrained(
+            model.path, text_encoder_3=None, tokenizer_3=None))):
+        states, pooled = encoder.encode_prompts(captions)
+        expected, _, expected_pooled, _ = pipeline.encode_prompt(
+            captions, None, None, device="cpu", do_classifier_free_guidance=False, max_sequence_length=77)
+        torch.testing.assert_close(states, expected)
+        torch.testing.assert_close(pooled, expected_pooled)
+        assert states.shape == (2, 77 + 77, 128) and pooled.shape == (2, 64)
+    dropped = load_model(drop_t5=True)
+    assert dropped.text_encoder_3 is None and dropped.encode_prompts(captions)[0][:, 77:].abs().max() == 0
+
+
+def test_resume_ends_with_the_same_weights_as_an_uninterrupted_run(tmp_path):
+    flags = ["--max_steps", 6, "--tau", 2, "--checkpoint_every", 3, "--learning_rate", 1e-4]
+    full_log = run(tmp_path / "full", *flags)
+    run(tmp_path / "split", "--max_steps", 3, "--tau", 2, "--checkpoint_every", 3, "--learning_rate", 1e-4)
+    resumed_log = run(tmp_path / "split", *flags, "--resume", "latest")
+    assert [r["step"] for r in resumed_log] == list(range(1, 7))
+    assert [r["loss"] for r in resumed_log] == [r["loss"] for r in full_log]
+    full, resumed = transformer_weights(tmp_path / "full" / "final"), transformer_weights(tmp_path / "split" / "final")
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+
+
+def test_cached_latents_give_the_same_losses_and_a_lora_adapter_loads(tmp_path):
+    flags = ["--max_steps", 2, "--checkpoint_every", 1000, "--max_train_samples", 32]
+    plain = [r["loss"] for r in run(tmp_path / "plain", *flags)]
+    cached = [r["loss"] for r in run(tmp_path / "cached", *flags, "--cache_latents")]
+    assert cached == pytest.approx(plain, rel=1e-4)  # the cache encodes in other batch shapes: float noise
+    log = run(tmp_path / "lora", *flags, "--lora_rank", 4, "--learning_rate", 1e-3)
+    assert log[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    from diffusers import StableDiffusion3Pipeline
+    pipe = StableDiffusion3Pipeline.from_pretrained(os.environ["RDPO_CACHE"] + "/tiny-sd3-v1")
+    before = pipe("a red square", num_inference_steps=2, height=32, width=32, output_type="np",
+                  generator=torch.Generator().manual_seed(0)).images[0]
+    pipe.load_lora_weights(tmp_path / "lora" / "final_lora")
+    after = pipe("a red square", num_inference_steps=2, height=32, width=32, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    assert abs(after - before).max() > 0

@@ -1,0 +1,932 @@
+"""Evaluate a trained model the way the paper does (PAPER.md §6): same-seed win rates against baselines,
+per reward model and averaged, on the paper's prompt sets.
+
+Real models (GPU, network on first use; the paper's settings are the defaults):
+
+    # SD1.5: Pick-a-Pic v2 test_unique, 500 prompts x 5 seeds, 50 steps, guidance 7.5, 512 px; baselines: the
+    # base model, our own Diffusion-DPO run, and Diffusion-DPO's released UNet swapped into SD1.5 (UNET@PIPELINE)
+    python eval.py --model ours=out/sd15/final \\
+        --baseline sd15=stable-diffusion-v1-5/stable-diffusion-v1-5 --baseline dpo=out/sd15-dpo/final \\
+        --baseline dpo-release=mhdang/dpo-sd1.5-text2image-v1@stable-diffusion-v1-5/stable-diffusion-v1-5 \\
+        --prompts pickapic --rewards pickscore,hpsv2,clip,aesthetic,imagereward --output_dir out/eval-sd15-pickapic
+    # the same on PartiPrompts (1,632 x 1 seed) and the HPSv2 benchmark (4 x 800 x 1 seed)
+    python eval.py --model ours=out/sd15/final --baseline sd15=stable-diffusion-v1-5/stable-diffusion-v1-5 --prompts parti --output_dir out/eval-sd15-parti
+    python eval.py --model ours=out/sd15/final --baseline sd15=stable-diffusion-v1-5/stable-diffusion-v1-5 --prompts hpsv2 --output_dir out/eval-sd15-hpsv2
+    # SDXL (50 steps, guidance 5.0, 1024 px) and SD3 (28 steps, guidance 7.0, 1024 px)
+    python eval.py --model ours=out/sdxl/final --baseline sdxl=stabilityai/stable-diffusion-xl-base-1.0 \\
+        --baseline dpo-release=mhdang/dpo-sdxl-text2image-v1@stabilityai/stable-diffusion-xl-base-1.0 --prompts pickapic --output_dir out/eval-sdxl
+    python eval.py --model ours=out/sd3/final --baseline sd3=stabilityai/stable-diffusion-3-medium-diffusers --prompts pickapic --output_dir out/eval-sd3
+
+    (hpsv2 and imagereward need `pip install hpsv2` / `pip install image-reward`; both pull torchvision.)
+
+Offline (no GPU, no network; tiny pipelines, a small prompt file, rewards without downloaded weights,
+through the same code path):
+
+    python eval.py --tiny                                   # a second tiny pipeline vs the tiny base
+    python train_sd15.py --tiny --output_dir out/tiny && python eval.py --tiny --model out/tiny/final
+                                                            # a tiny trained model vs the tiny base
+
+How it works. Every (prompt, seed) is sampled with its own CPU generator seeded with `seed`, so a model's
+image and a baseline's image of the same key start from the same noise, whatever the batching. Images go to
+OUTPUT_DIR/images/<model-tag>/<prompt_idx:05d>_<seed>.png (written atomically, the prompt stored inside
+the PNG), next to a settings.json of the sampler settings; a rerun skips every image that exists, so an
+interrupted evaluation resumes, and re-scoring or adding a reward never samples again. Different sampler
+settings for the same folder are refused rather than mixed. Then every reward scores every image, one
+reward model in memory at a time, and the outputs are
+    scores.csv    one row per (model, prompt, seed), one column per reward
+    summary.json  settings, mean scores, win rates
+    table.md      the Markdown tables of PAPER.md §6 (also printed)
+
+Win rate of A over B = mean over (prompt, seed) keys of 1 if A's image scores higher than B's, 1/2 if equal,
+0 if lower (`win_rate`). The "Avg" column is the mean of the per-reward win rates, as in the paper's table.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import gc
+import hashlib
+import io
+import json
+import math
+import os
+import re
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import torch
+from PIL import Image, PngImagePlugin
+from tqdm.auto import tqdm
+
+import rewards as rw
+
+EVAL_FORMAT = 1  # bump when the image store layout changes
+
+# Sampler defaults per model family. SD1.5: the Diffusion-DPO evaluation setting (50 steps, guidance 7.5,
+# 512 px). SDXL and SD3: the diffusers pipelines' own defaults for these models (SDXL 50 steps and 5.0;
+# SD3-medium 28 steps and 7.0, as its model card), at their native 1024 px. Each is a flag.
+FAMILY_DEFAULTS = {
+    "sd15": {"steps": 50, "guidance_scale": 7.5, "resolution": 512},
+    "sdxl": {"steps": 50, "guidance_scale": 5.0, "resolution": 1024},
+    "sd3": {"steps": 28, "guidance_scale": 7.0, "resolution": 1024},
+}
+PIPELINE_FAMILIES = {
+    "StableDiffusionPipeline": "sd15",
+    "StableDiffusionXLPipeline": "sdxl",
+    "StableDiffusion3Pipeline": "sd3",
+}
+
+# Prompt sets: (description, default number of seeds per prompt).
+PROMPT_SETS = {
+    "pickapic": ("Pick-a-Pic v2 test_unique (500 prompts)", 5),
+    "parti": ("PartiPrompts (1,632 prompts)", 1),
+    "hpsv2": ("HPSv2 benchmark (anime, concept-art, paintings, photo: 4 x 800 prompts)", 1),
+}
+FILE_SET_SEEDS = 1
+# The captions of Pick-a-Pic v2 without its images (the full dataset is ~335 GB; its test_unique split has
+# the same 500 captions). A mirror or local copy (a folder load_dataset reads) can be given instead.
+PICKAPIC_DATASET = "yuvalkirstain/pickapic_v2_no_images"
+PARTI_DATASET = "nateraw/parti-prompts"
+HPSV2_BENCHMARK = ("zhwang/HPDv2", ("anime", "concept-art", "paintings", "photo"))
+
+TINY_REWARDS = ("tiny_pickscore", "tiny_clip", "toy_fidelity", "toy_aesthetic")
+TINY_DEFAULTS = {"steps": 4, "resolution": 32, "num_seeds": 2, "limit": None}
+TINY_PROMPTS = 8  # captions of the toy world's held-out prompts written to the demo's prompt file
+
+
+class EvalError(Exception):
+    """Bad input or an unusable environment: the CLI prints it as one `error: ...` line (exit code 2)."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Win rate
+
+
+def win_rate(scores_a: Mapping, scores_b: Mapping) -> float:
+    """Share of keys (prompt index, seed) where A's score beats B's; ties count 1/2. Returns a fraction.
+
+    The two tables must hold exactly the same keys: an image without its same-seed partner is an error,
+    never silently dropped (dropping would bias the rate toward whichever images happened to exist)."""
+    if not isinstance(scores_a, Mapping) or not isinstance(scores_b, Mapping):
+        raise TypeError("win_rate takes two mappings {(prompt_idx, seed): score}, so that images pair by key")
+    only_a, only_b = set(scores_a) - set(scores_b), set(scores_b) - set(scores_a)
+    if only_a or only_b:
+        missing = sorted(only_a)[:3] + sorted(only_b)[:3]
+        raise ValueError(
+            f"same-seed pairing broken: {len(only_a)} keys only in A, {len(only_b)} only in B (e.g. {missing})"
+        )
+    if not scores_a:
+        raise ValueError("win_rate of two empty score tables")
+    total = 0.0
+    for key, a in scores_a.items():
+        b = scores_b[key]
+        if math.isnan(a) or math.isnan(b):
+            raise ValueError(f"NaN score at {key}")
+        total += 1.0 if a > b else 0.5 if a == b else 0.0
+    return total / len(scores_a)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The hub: a short reachability check instead of minutes of DNS retries (ENVIRONMENT.md)
+
+_hub_online: bool | None = None
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def hub_online(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub can be reached; False at once under HF_HUB_OFFLINE=1.
+
+    Without network and without HF_HUB_OFFLINE, every hub lookup retries DNS for minutes before failing.
+    So when a quick connection fails, this switches the libraries to offline mode: what is in the local
+    cache still loads, and what is not fails at once with a message that names the offline option."""
+    global _hub_online
+    if _hub_online is None:
+        if _truthy(os.environ.get("HF_HUB_OFFLINE")) or _truthy(os.environ.get("TRANSFORMERS_OFFLINE")):
+            _hub_online = False
+        else:
+            _hub_online = _probe(os.environ.get("HF_ENDPOINT", "https://huggingface.co"), timeout)
+            if not _hub_online:
+                print("note: the Hugging Face hub is unreachable; using the local cache only", file=sys.stderr)
+                _go_offline()
+    return _hub_online
+
+
+def _probe(endpoint: str, timeout: float) -> bool:
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(endpoint)
+    result = []
+
+    def connect():  # getaddrinfo has no timeout of its own, hence the thread
+        try:
+            with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+                result.append(True)
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(timeout + 2.0)
+    return bool(result)
+
+
+def _go_offline() -> None:
+    """Offline mode for huggingface_hub, transformers, diffusers and datasets, imported or not yet."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    if "huggingface_hub" in sys.modules:
+        import huggingface_hub.constants
+
+        huggingface_hub.constants.HF_HUB_OFFLINE = True
+    if "datasets" in sys.modules:
+        import datasets.config
+
+        datasets.config.HF_HUB_OFFLINE = True
+
+
+OFFLINE_HINT = "for an offline evaluation use tiny models and offline rewards: python eval.py --tiny"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Prompt sets
+
+
+@dataclass
+class PromptSet:
+    name: str                # "pickapic", "parti", "hpsv2" or "file:<name>"
+    description: str
+    prompts: list[str]       # the whole set; a prompt's index in this list is its key
+    groups: list[str] | None = None  # HPSv2 style of each prompt
+    default_seeds: int = 1
+
+
+def read_prompt_file(path: str | os.PathLike) -> list[str]:
+    """One prompt per line; blank lines are skipped. An empty file is an error."""
+    path = Path(path)
+    if not path.is_file():
+        raise EvalError(f"prompt file not found: {path}")
+    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise EvalError(f"prompt file is empty: {path}")
+    return prompts
+
+
+def load_prompt_set(spec: str, pickapic_dataset: str = PICKAPIC_DATASET, cache_dir: Path | None = None) -> PromptSet:
+    """A prompt set by name (pickapic, parti, hpsv2) or a text file path.
+
+    Hub sets are loaded with datasets / huggingface_hub and saved to cache_dir/prompts.json, so that
+    a rerun in the same output folder (resume, re-scoring) needs no network."""
+    if spec not in PROMPT_SETS:
+        if os.path.isfile(spec):
+            prompts = read_prompt_file(spec)
+            return PromptSet(f"file:{Path(spec).name}", f"{spec} ({len(prompts)} prompts)", prompts, None, FILE_SET_SEEDS)
+        if os.sep in spec or "." in spec:
+            raise EvalError(f"prompt file not found: {spec}")
+        raise EvalError(f"unknown prompt set {spec!r}; use one of {', '.join(PROMPT_SETS)} or a text file")
+    description, seeds = PROMPT_SETS[spec]
+    cached = cache_dir / "prompts.json" if cache_dir is not None else None
+    if cached is not None and cached.is_file():
+        data = json.loads(cached.read_text(encoding="utf-8"))
+        if data.get("name") == spec:
+            return PromptSet(spec, description, data["prompts"], data.get("groups"), seeds)
+    loader = {"pickapic": lambda: _load_pickapic(pickapic_dataset), "parti": _load_parti, "hpsv2": _load_hpsv2}[spec]
+    online = hub_online()
+    try:
+        prompts, groups = loader()
+    except EvalError:
+        raise
+    except Exception as exc:  # datasets / hub errors vary by version; the message is what matters
+        why = "the hub is offline and it is not in the local cache" if not online else f"{type(exc).__name__}: {exc}"
+        raise EvalError(f"cannot load prompt set {spec!r} ({why}); pass a text file with one prompt per line "
+                        f"instead, or {OFFLINE_HINT}") from exc
+    if not prompts:
+        raise EvalError(f"prompt set {spec!r} loaded empty")
+    if cached is not None:
+        _write_atomic(cached, json.dumps({"name": spec, "prompts": prompts, "groups": groups}, indent=1))
+    return PromptSet(spec, description, prompts, groups, seeds)
+
+
+def _load_pickapic(dataset: str) -> tuple[list[str], None]:
+    from datasets import load_dataset
+
+    if hub_online() and not os.path.exists(dataset):
+        # Streaming reads only this split's captions instead of preparing every split of the dataset.
+        rows = load_dataset(dataset, split="test_unique", streaming=True)
+    else:
+        rows = load_dataset(dataset, split="test_unique")
+    prompts = list(dict.fromkeys(str(row["caption"]).strip() for row in rows))  # unique, in order
+    if len(prompts) != 500:
+        print(f"note: {dataset} test_unique has {len(prompts)} unique captions (the paper's set has 500)", file=sys.stderr)
+    return prompts, None
+
+
+def _load_parti() -> tuple[list[str], None]:
+    from datasets import load_dataset
+
+    rows = load_dataset(PARTI_DATASET, split="train")
+    return [str(p).strip() for p in rows["Prompt"]], None
+
+
+def _load_hpsv2() -> tuple[list[str], list[str]]:
+    from huggingface_hub import hf_hub_download
+
+    repo, styles = HPSV2_BENCHMARK
+    prompts, groups = [], []
+    for style in styles:
+        path = hf_hub_download(repo, f"benchmark/{style}.json", repo_type="dataset", local_files_only=not hub_online())
+        items = json.loads(Path(path).read_text(encoding="utf-8"))
+        prompts += [str(p).strip() for p in items]
+        groups += [style] * len(items)
+    return prompts, groups
+
+
+def select_prompts(prompt_set: PromptSet, limit: int | None) -> list[int]:
+    """Indices to evaluate: all, or the first `limit` (of each HPSv2 style). Indices stay those of the
+    whole set, so images made with --limit are reused by a later full run."""
+    n = len(prompt_set.prompts)
+    if limit is None:
+        return list(range(n))
+    if limit < 1:
+        raise EvalError(f"--limit must be at least 1, got {limit}")
+    if prompt_set.groups is None:
+        return list(range(min(limit, n)))
+    seen: dict[str, int] = {}
+    chosen = []
+    for i, group in enumerate(prompt_set.groups):
+        if seen.get(group, 0) < limit:
+            seen[group] = seen.get(group, 0) + 1
+            chosen.append(i)
+    return chosen
+
+
+# ----------------------------------------------------------------------------------------------------
+# Models
+
+
+@dataclass
+class ModelRef:
+    label: str               # the name in the tables
+    source: str              # pipeline folder or hub id
+    family: str              # sd15 / sdxl / sd3
+    is_local: bool
+    fingerprint: str         # changes when the weights change (stored images are then refused)
+    denoiser: tuple[str, str | None, bool] | None = None  # (folder or hub id, subfolder, is_local) of a UNet /
+                                                          # SD3 transformer that replaces the pipeline's own
+    tag: str = ""            # image folder name
+
+    def __post_init__(self):
+        identity = os.path.realpath(self.source) if self.is_local else f"hub:{self.source}"
+        if self.denoiser:
+            src, sub, local = self.denoiser
+            identity += "|" + (os.path.realpath(src) if local else f"hub:{src}") + f"/{sub or ''}"
+        slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.label).strip("_.")[-48:] or "model"
+        self.tag = f"{slug}-{hashlib.sha1(identity.encode()).hexdigest()[:8]}"
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve_model(spec: str) -> ModelRef:
+    """'[LABEL=]SOURCE' -> ModelRef, the family read from the pipeline's model_index.json.
+
+    SOURCE is a pipeline folder or hub id, or DENOISER@PIPELINE: a UNet (SD3: transformer) checkpoint,
+    with or without its unet/ (transformer/) subfolder, swapped into PIPELINE. That is how checkpoints
+    published as a UNet alone load, e.g. Diffusion-DPO's
+    mhdang/dpo-sd1.5-text2image-v1@stable-diffusion-v1-5/stable-diffusion-v1-5."""
+    label, sep, source = spec.partition("=")
+    if not sep:
+        label, source = spec, spec
+    label, source = label.strip().rstrip("/") or source, source.strip()
+    if "@" in source:
+        denoiser, _, pipeline = source.partition("@")
+        ref = resolve_model(f"{label}={pipeline}")
+        sub, local, fingerprint = _resolve_denoiser(denoiser.strip().rstrip("/"), ref.family)
+        return ModelRef(label, ref.source, ref.family, ref.is_local, f"{ref.fingerprint}+{fingerprint}",
+                        (denoiser.strip().rstrip("/"), sub, local))
+    source = source.rstrip("/") or source
+    if os.path.isdir(source):
+        index = Path(source) / "model_index.json"
+        if not index.is_file():
+            raise EvalError(f"{source} is not a diffusers pipeline folder (no model_index.json)")
+        return ModelRef(label, source, _family(index, source), True, _folder_fingerprint(Path(source)))
+    looks_local = source.startswith((".", "/", "~")) or os.path.exists(source) or not _HUB_ID.match(source)
+    if looks_local:
+        raise EvalError(f"model folder not found: {source}")
+    from huggingface_hub import hf_hub_download
+
+    online = hub_online()
+    try:
+        index = Path(hf_hub_download(source, "model_index.json", local_files_only=not online))
+    except Exception as exc:
+        if not online:
+            why = "and as a hub id it is not in the local cache (the hub is offline)"
+        else:
+            why = f"and the hub has no pipeline {source!r} ({type(exc).__name__}; gated? run `hf auth login`)"
+        raise EvalError(f"model {source!r}: no such folder, {why}; {OFFLINE_HINT}") from exc
+    # .../snapshots/<commit>/model_index.json: the commit identifies the weights.
+    return ModelRef(label, source, _family(index, source), False, f"hub:{index.parent.name}")
+
+
+def _resolve_denoiser(source: str, family: str) -> tuple[str | None, bool, str]:
+    """(subfolder, is_local, fingerprint) of a UNet / SD3 transformer checkpoint."""
+    component = "transformer" if family == "sd3" else "unet"
+    if os.path.isdir(source):
+        for sub in (component, None):
+            if (Path(source, sub or "", "config.json")).is_file():
+                return sub, True, _folder_fingerprint(Path(source, sub or ""))
+        raise EvalError(f"{source}: no {component}/config.json or config.json: not a {component} checkpoint")
+    if not _HUB_ID.match(source) or source.startswith((".", "/", "~")):
+        raise EvalError(f"{component} folder not found: {source}")
+    from huggingface_hub import hf_hub_download
+
+    online = hub_online()
+    for sub in (component, None):
+        try:
+            config = Path(hf_hub_download(source, f"{sub}/config.json" if sub else "config.json",
+                                          local_files_only=not online))
+            return sub, False, f"hub:{(config.parent.parent if sub else config.parent).name}"
+        except Exception:
+            continue
+    why = "not in the local cache (the hub is offline)" if not online else "not found on the hub"
+    raise EvalError(f"{component} checkpoint {source!r}: {why}; {OFFLINE_HINT}")
+
+
+def _family(index: Path, source: str) -> str:
+    class_name = json.loads(index.read_text(encoding="utf-8")).get("_class_name", "")
+    if class_name not in PIPELINE_FAMILIES:
+        raise EvalError(f"{source}: unsupported pipeline {class_name!r}; expected one of {', '.join(PIPELINE_FAMILIES)}")
+    return PIPELINE_FAMILIES[class_name]
+
+
+def _folder_fingerprint(folder: Path) -> str:
+    """Sizes and modification times of the pipeline's files: cheap, and changes when a run overwrites them."""
+    entries = []
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and not any(part.startswith(".") for part in path.relative_to(folder).parts):
+            st = path.stat()
+            entries.append(f"{path.relative_to(folder)}:{st.st_size}:{st.st_mtime_ns}")
+    return hashlib.sha1("\n".join(entries).encode()).hexdigest()[:16]
+
+
+def load_pipeline(model: ModelRef, device: str, dtype: torch.dtype):
+    """The model's diffusers pipeline on `device`, built with its family's class."""
+    import diffusers
+
+    cls = getattr(diffusers, {v: k for k, v in PIPELINE_FAMILIES.items()}[model.family])
+    kwargs = {"dtype": dtype, "local_files_only": not model.is_local and not hub_online()}
+    if model.family == "sd15":
+        # Scored as generated: the safety checker would replace flagged images by black ones.
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    if model.denoiser:
+        src, sub, local = model.denoiser
+        name = "transformer" if model.family == "sd3" else "unet"
+        denoiser_cls = diffusers.SD3Transformer2DModel if model.family == "sd3" else diffusers.UNet2DConditionModel
+        try:
+            kwargs[name] = denoiser_cls.from_pretrained(src, subfolder=sub, dtype=dtype,
+                                                        local_files_only=not local and not hub_online())
+        except OSError as exc:
+            raise EvalError(f"cannot load the {name} {src!r}: {exc}") from exc
+    try:
+        pipe = cls.from_pretrained(model.source, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise EvalError(f"cannot load pipeline {model.source!r}: {exc}") from exc
+    for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):
+        tokenizer, encoder = getattr(pipe, name, None), getattr(pipe, name.replace("tokenizer", "text_encoder"), None)
+        # transformers 5 silently returns a tiny tokenizer when an uncached hub tokenizer cannot be fetched.
+        if tokenizer is not None and encoder is not None and len(tokenizer) < encoder.config.vocab_size // 2:
+            raise EvalError(f"{model.source}: {name} has {len(tokenizer)} tokens for a vocabulary of "
+                            f"{encoder.config.vocab_size}; its files were not found (offline?)")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The image store
+
+
+def image_path(store: Path, prompt_idx: int, seed: int) -> Path:
+    return store / f"{prompt_idx:05d}_{seed}.png"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _save_image_atomic(image: Image.Image, path: Path, prompt: str, seed: int) -> None:
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt("prompt", prompt)  # read back on resume: an edited prompt list must not reuse stale images
+    info.add_text("seed", str(seed))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "wb") as f:
+        f.write(buffer.getvalue())
+    os.replace(tmp, path)  # a crash leaves a hidden temp file, never a truncated image
+
+
+def _stored_prompt(path: Path) -> str | None:
+    try:
+        with Image.open(path) as im:
+            return im.info.get("prompt")  # text chunks precede the pixels: the image is not decoded
+    except OSError:
+        return None
+
+
+def _check_settings(store: Path, settings: dict) -> None:
+    """Record the sampler settings of a store; refuse to add images made with other settings."""
+    path = store / "settings.json"
+    if path.is_file():
+        old = json.loads(path.read_text(encoding="utf-8"))
+        diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+        if diff:
+            details = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in diff.items())
+            raise EvalError(f"{store} holds images made with other settings ({details}); use another "
+                            f"--output_dir, or delete that folder to sample again")
+    else:
+        _write_atomic(path, json.dumps(settings, indent=2))
+
+
+def generate_images(model: ModelRef, prompts: Mapping[int, str], keys: Sequence[tuple[int, int]], store: Path,
+                    settings: dict, device: str, dtype: torch.dtype, batch_size: int, progress: bool = True) -> int:
+    """Sample every (prompt_idx, seed) key whose image is not in `store` yet; returns how many were made.
+
+    The pipeline is loaded only when something is missing, so a complete store costs nothing."""
+    store.mkdir(parents=True, exist_ok=True)
+    _check_settings(store, settings)
+    missing = []
+    for idx, seed in keys:
+        path = image_path(store, idx, seed)
+        stored = _stored_prompt(path) if path.exists() else None
+        if stored is None:
+            missing.append((idx, seed))
+        elif stored != prompts[idx]:
+            raise EvalError(f"{path} was made for the prompt {stored!r}, but prompt {idx} is now "
+                            f"{prompts[idx]!r}: the prompt list changed; use another --output_dir")
+    if not missing:
+        return 0
+    pipe = load_pipeline(model, device, dtype)
+    extra = {}
+    if model.family == "sd3":
+        extra["max_sequence_length"] = 256
+    try:
+        with tqdm(total=len(missing), desc=f"sampling {model.label}", unit="img", disable=not progress) as bar:
+            for start in range(0, len(missing), batch_size):
+                batch = missing[start:start + batch_size]
+                # One CPU generator per image: the initial noise of a key depends only on its seed, not on
+                # the batch it lands in or the device, so model and baseline images pair up.
+                generators = [torch.Generator("cpu").manual_seed(seed) for _, seed in batch]
+                with torch.no_grad():
+                    images = pipe(
+                        prompt=[prompts[idx] for idx, _ in batch],
+                        generator=generators,
+                        num_inference_steps=settings["steps"],
+                        guidance_scale=settings["guidance_scale"],
+                        height=settings["height"],
+                        width=settings["width"],
+                        output_type="pil",
+                        **extra,
+                    ).images
+                for (idx, seed), image in zip(batch, images, strict=True):
+                    _save_image_atomic(image, image_path(store, idx, seed), prompts[idx], seed)
+                bar.update(len(batch))
+    finally:
+        del pipe
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return len(missing)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@dataclass
+class EvalResult:
+    summary: dict
+    table: str
+    rows: list[dict]
+    generated: dict[str, int]             # images sampled in this run, per model label
+    scores: dict[str, dict[str, dict]]    # reward column -> model label -> {(prompt_idx, seed): score}
+    output_dir: Path = field(default_factory=Path)
+
+
+def _resolve_device(device: str | None) -> str:
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        # fp16 on accelerators as the public evaluation scripts; fp32 on CPU (bf16 is slower there).
+        return torch.float32 if device == "cpu" else torch.float16
+    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype not in names:
+        raise EvalError(f"unknown dtype {dtype!r}; use auto, float32, float16 or bfloat16")
+    return names[dtype]
+
+
+def sampling_settings(model: ModelRef, prompt_set: PromptSet, steps=None, guidance_scale=None,
+                      resolution=None, dtype: torch.dtype = torch.float32) -> dict:
+    """The settings images of `model` are made with: the family defaults unless overridden."""
+    defaults = FAMILY_DEFAULTS[model.family]
+    size = resolution or defaults["resolution"]
+    return {
+        "eval_format": EVAL_FORMAT,
+        "model": model.source,
+        "weights": model.fingerprint,
+        "family": model.family,
+        "prompt_set": prompt_set.name,
+        "steps": int(steps or defaults["steps"]),
+        "guidance_scale": float(defaults["guidance_scale"] if guidance_scale is None else guidance_scale),
+        "height": int(size),
+        "width": int(size),
+        "dtype": str(dtype).replace("torch.", ""),
+    }
+
+
+def evaluate(model: str, baselines: Sequence[str], prompts: str, rewards: Sequence[str], output_dir,
+             *, num_seeds: int | None = None, limit: int | None = None, steps: int | None = None,
+             guidance_scale: float | None = None, resolution: int | None = None, batch_size: int = 4,
+             reward_batch_size: int = 16, device: str | None = None, dtype: str | torch.dtype | None = None,
+             pickapic_dataset: str = PICKAPIC_DATASET, progress: bool = True,
+             log: Callable[[str], None] = print) -> EvalResult:
+    """Sample (or reuse) images of `model` and each baseline, score them with each reward, and write
+    scores.csv, summary.json and table.md to output_dir. Raises EvalError on bad input, before any work."""
+    started = time.time()
+    out = Path(output_dir)
+    device = _resolve_device(device)
+    torch_dtype = _resolve_dtype(dtype, device)
+    if batch_size < 1 or reward_batch_size < 1:
+        raise EvalError("batch sizes must be at least 1")
+    if not progress:  # also the libraries' own loading bars
+        import diffusers.utils.logging
+        import transformers.utils.logging
+
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
+
+    # Validate everything cheap first: a typo must not surface after hours of sampling.
+    if isinstance(rewards, str):
+        rewards = rewards.split(",")
+    reward_specs = [s.strip() for s in rewards if s.strip()]
+    if not reward_specs:
+        raise EvalError("no reward given")
+    try:
+        for spec in reward_specs:  # names and optional packages first: a typo is the likelier mistake
+            rw.check_spec(spec)
+        if any(rw.needs_hub(spec) for spec in reward_specs) and not hub_online():
+            for spec in reward_specs:
+                rw.check_spec(spec, offline=True)
+    except rw.RewardError as exc:
+        raise EvalError(str(exc)) from exc
+    models = [resolve_model(model)] + [resolve_model(b) for b in baselines]
+    labels = [m.label for m in models]
+    if len(set(labels)) != len(labels) or len({m.tag for m in models}) != len(models):
+        raise EvalError(f"each model must appear once, with distinct names (got {', '.join(labels)}); "
+                        f"name them with NAME=PATH")
+    out.mkdir(parents=True, exist_ok=True)
+    prompt_set = load_prompt_set(prompts, pickapic_dataset, cache_dir=out)
+    indices = select_prompts(prompt_set, limit)
+    n_seeds = num_seeds or prompt_set.default_seeds
+    if n_seeds < 1:
+        raise EvalError(f"--num_seeds must be at least 1, got {n_seeds}")
+    seeds = list(range(n_seeds))
+    keys = [(idx, seed) for idx in indices for seed in seeds]
+    prompt_of = {idx: prompt_set.prompts[idx] for idx in indices}
+    log(f"{prompt_set.description}: {len(indices)} prompts x {n_seeds} seeds = {len(keys)} images per model")
+
+    # 1. Images.
+    generated, settings_of, stores = {}, {}, {}
+    for m in models:
+        settings_of[m.label] = sampling_settings(m, prompt_set, steps, guidance_scale, resolution, torch_dtype)
+        stores[m.label] = out / "images" / m.tag
+        s = settings_of[m.label]
+        log(f"{m.label}: {m.family}, {s['steps']} steps, guidance {s['guidance_scale']}, "
+            f"{s['width']}x{s['height']}, {s['dtype']} -> {stores[m.label]}")
+        generated[m.label] = generate_images(m, prompt_of, keys, stores[m.label], s, device, torch_dtype,
+                                             batch_size, progress)
+        if generated[m.label] == 0:
+            log(f"{m.label}: all {len(keys)} images already stored, none sampled")
+    sampled_s = time.time() - started
+
+    # 2. Scores, one reward model in memory at a time.
+    scores: dict[str, dict[str, dict]] = {}
+    reward_info: dict[str, dict] = {}
+    for spec in reward_specs:
+        try:
+            reward = rw.build_reward(spec, device=device, local_files_only=rw.needs_hub(spec) and not hub_online())
+        except rw.RewardError as exc:
+            raise EvalError(str(exc)) from exc
+        column = reward.name if reward.name not in scores else spec
+        reward_info[column] = {"spec": spec, "units": reward.units}
+        scores[column] = {}
+        try:
+            with tqdm(total=len(keys) * len(models), desc=f"scoring {column}", unit="img",
+                      disable=not progress) as bar:
+                for m in models:
+                    table = scores[column][m.label] = {}
+                    for start in range(0, len(keys), reward_batch_size):
+                        batch = keys[start:start + reward_batch_size]
+                        images = []
+                        for idx, seed in batch:
+                            with Image.open(image_path(stores[m.label], idx, seed)) as im:
+                                images.append(im.convert("RGB"))
+                        values = reward.score(images, [prompt_of[idx] for idx, _ in batch])
+                        table.update(zip(batch, values))
+                        bar.update(len(batch))
+        finally:
+            reward.close()
+            del reward
+            gc.collect()
+
+    # 3. Tables.
+    columns = list(scores)
+    main, base_labels = models[0].label, [m.label for m in models[1:]]
+    means = {m.label: {c: _mean(scores[c][m.label].values()) for c in columns} for m in models}
+    wins = {}
+    for b in base_labels:
+        row = {c: 100.0 * win_rate(scores[c][main], scores[c][b]) for c in columns}
+        row["Avg"] = sum(row.values()) / len(columns)
+        wins[b] = row
+    by_group = {}
+    if prompt_set.groups:  # the HPSv2 benchmark is usually reported per style as well
+        for group in dict.fromkeys(prompt_set.groups[idx] for idx in indices):
+            in_group = [k for k in keys if prompt_set.groups[k[0]] == group]
+            by_group[group] = {m.label: {c: _mean(scores[c][m.label][k] for k in in_group) for c in columns}
+                               for m in models}
+    summary = {
+        "model": main,
+        "baselines": base_labels,
+        "prompt_set": {"name": prompt_set.name, "description": prompt_set.description,
+                       "num_prompts": len(indices), "seeds": seeds, "num_pairs": len(keys)},
+        "models": {m.label: {"source": m.source, "family": m.family, "images": str(stores[m.label]),
+                             "settings": settings_of[m.label], "sampled_this_run": generated[m.label]}
+                   for m in models},
+        "rewards": reward_info,
+        "mean_scores": means,
+        "mean_scores_by_group": by_group,
+        "win_rates_percent": wins,
+        "win_rate_rule": "share of (prompt, seed) where the model's image scores higher than the baseline's "
+                         "image of the same seed; ties count 1/2; Avg = mean over rewards",
+        "device": device,
+        "seconds": {"sampling": round(sampled_s, 1), "total": round(time.time() - started, 1)},
+    }
+    table = markdown_table(summary)
+    rows = []
+    for m in models:
+        for idx, seed in keys:
+            row = {"model": m.label, "prompt_idx": idx, "seed": seed,
+                   "group": prompt_set.groups[idx] if prompt_set.groups else "",
+                   "prompt": prompt_of[idx],
+                   "image": os.path.relpath(image_path(stores[m.label], idx, seed), out)}
+            row.update({c: scores[c][m.label][(idx, seed)] for c in columns})
+            rows.append(row)
+    _write_outputs(out, rows, summary, table)
+    return EvalResult(summary, table, rows, generated, scores, out)
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values)
+
+
+def markdown_table(summary: dict) -> str:
+    """The two tables of PAPER.md §6: mean score per model and reward; win rate of the model per baseline."""
+    columns = list(summary["rewards"])
+    ps = summary["prompt_set"]
+    lines = [
+        f"Prompt set: {ps['description']}; {ps['num_prompts']} prompts x {len(ps['seeds'])} seeds = "
+        f"{ps['num_pairs']} same-seed image pairs per comparison.",
+        "",
+        "Mean score per model:",
+        "",
+        "| model | " + " | ".join(columns) + " |",
+        "|---|" + "---|" * len(columns),
+    ]
+    for label, row in summary["mean_scores"].items():
+        lines.append(f"| {label} | " + " | ".join(f"{row[c]:.2f}" for c in columns) + " |")
+    if summary["baselines"]:
+        lines += [
+            "",
+            f"Win rate (%) of {summary['model']} against each baseline (same prompt and seed; ties count half):",
+            "",
+            "| vs. | " + " | ".join(columns) + " | Avg |",
+            "|---|" + "---|" * (len(columns) + 1),
+        ]
+        for label, row in summary["win_rates_percent"].items():
+            lines.append(f"| {label} | " + " | ".join(f"{row[c]:.2f}" for c in columns + ['Avg']) + " |")
+    lines += ["", "Scales:"]
+    lines += [f"- {c}: {info['units']}" for c, info in summary["rewards"].items()]
+    settings = "; ".join(
+        f"{label}: {m['family']}, {m['settings']['steps']} steps, guidance {m['settings']['guidance_scale']}, "
+        f"{m['settings']['width']} px, {m['settings']['dtype']}" for label, m in summary["models"].items()
+    )
+    lines += ["", f"Sampling: {settings}."]
+    return "\n".join(lines) + "\n"
+
+
+def _write_outputs(out: Path, rows: list[dict], summary: dict, table: str) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    _write_atomic(out / "scores.csv", buffer.getvalue())
+    _write_atomic(out / "summary.json", json.dumps(summary, indent=2))
+    _write_atomic(out / "table.md", table)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The offline demo
+
+
+def tiny_variant_dir(seed: int) -> str:
+    """A second tiny SD1.5 pipeline with other random weights: the demo's stand-in for a trained model."""
+    import shutil
+
+    import tiny
+
+    root = tiny.default_cache_root()
+    final = root / f"tiny-sd15-seed{seed}-v{tiny.TINY_VERSION}"
+    if (final / "model_index.json").is_file():
+        return str(final)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
+    try:
+        tiny.build_tiny_sd15(tmp, seed=seed)
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if not (final / "model_index.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(final)
+
+
+def tiny_prompt_file(out: Path) -> str:
+    """The demo's prompt file: captions of the toy world's held-out prompts (toy.py), one per line."""
+    try:
+        import toy
+
+        prompts = toy.EVAL_PROMPTS[:TINY_PROMPTS]
+    except ImportError:
+        prompts = ["a red circle", "a big blue square on the left", "a small green triangle at the top",
+                   "a yellow circle at the bottom"]
+    path = out / "tiny_prompts.txt"
+    _write_atomic(path, "\n".join(prompts) + "\n")
+    return str(path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    family_defaults = "; ".join(f"{k}: {v['steps']} steps, guidance {v['guidance_scale']}, {v['resolution']} px"
+                                for k, v in FAMILY_DEFAULTS.items())
+    p = argparse.ArgumentParser(
+        description="Same-seed win rates of a model against baselines, per reward and averaged (PAPER.md §6).",
+        epilog=f"Sampler defaults per family: {family_defaults}. Rewards: "
+               + "; ".join(f"{k}: {v}" for k, v in rw.available_rewards().items()),
+    )
+    p.add_argument("--model", metavar="[NAME=]PATH",
+                   help="the evaluated model: a diffusers pipeline folder or hub id (the family, SD1.5, SDXL or "
+                        "SD3, is read from its model_index.json); NAME= names it in the tables; UNET@PIPELINE "
+                        "swaps a UNet (SD3: transformer) checkpoint into a pipeline")
+    p.add_argument("--baseline", action="append", default=[], metavar="[NAME=]PATH",
+                   help="a baseline, given as --model; repeat the flag for several")
+    p.add_argument("--prompts", help="prompt set: pickapic (Pick-a-Pic v2 test_unique, 500 prompts, 5 seeds), "
+                                     "parti (PartiPrompts, 1,632), hpsv2 (HPSv2 benchmark, 4 x 800), "
+                                     "or a text file with one prompt per line")
+    p.add_argument("--rewards", default=None,
+                   help="comma-separated reward specs (default: " + ",".join(rw.PAPER_REWARDS) + "); "
+                        "NAME:ARG selects a checkpoint, e.g. clip:openai/clip-vit-large-patch14; see --list_rewards")
+    p.add_argument("--output_dir", default=None, help="where images, scores.csv, summary.json and table.md go "
+                                                      "(default out/eval, out/eval-tiny with --tiny); reused on reruns")
+    p.add_argument("--num_seeds", type=int, default=None,
+                   help="seeds 0..N-1 per prompt (default: 5 for pickapic, 1 for the other sets)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="evaluate only the first N prompts (per style for hpsv2); images are reused by a full run")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default per family: sd15 50, sdxl 50, sd3 28)")
+    p.add_argument("--guidance_scale", type=float, default=None,
+                   help="classifier-free guidance scale (default per family: sd15 7.5, sdxl 5.0, sd3 7.0)")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="image height and width in pixels (default per family: sd15 512, sdxl 1024, sd3 1024)")
+    p.add_argument("--batch_size", type=int, default=4, help="images per pipeline call (default 4)")
+    p.add_argument("--reward_batch_size", type=int, default=16, help="images per reward forward pass (default 16)")
+    p.add_argument("--device", default=None, help="torch device (default cuda if available, else cpu)")
+    p.add_argument("--dtype", default="auto", help="pipeline dtype: auto (float16 on GPU, float32 on CPU), "
+                                                   "float32, float16 or bfloat16; rewards always run in float32")
+    p.add_argument("--pickapic_dataset", default=PICKAPIC_DATASET,
+                   help=f"hub id or local folder holding Pick-a-Pic v2's test_unique split (default {PICKAPIC_DATASET})")
+    p.add_argument("--tiny", action="store_true",
+                   help="offline demo: tiny pipelines (baseline: tiny SD1.5; model: --model or a second tiny "
+                        "pipeline), a small prompt file, rewards without downloads, 4 steps at 32 px")
+    p.add_argument("--list_rewards", action="store_true", help="print the available reward specs and exit")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.list_rewards:
+        for name, help in rw.available_rewards().items():
+            print(f"{name:16s} {help}")
+        return 0
+    try:
+        if args.tiny:
+            import tiny
+
+            args.output_dir = args.output_dir or "out/eval-tiny"
+            if not args.baseline:
+                args.baseline = [f"tiny-base={tiny.tiny_pipeline_dir('sd15')}"]
+            if not args.model:
+                args.model = f"tiny-seed1={tiny_variant_dir(1)}"
+                print("note: no --model given: evaluating a second tiny pipeline (other random weights) against "
+                      "the tiny base; pass --model out/tiny/final (python train_sd15.py --tiny) for a trained one",
+                      file=sys.stderr)
+            args.prompts = args.prompts or tiny_prompt_file(Path(args.output_dir))
+            args.rewards = args.rewards or ",".join(TINY_REWARDS)
+            args.steps = args.steps or TINY_DEFAULTS["steps"]
+            args.resolution = args.resolution or TINY_DEFAULTS["resolution"]
+            args.num_seeds = args.num_seeds or TINY_DEFAULTS["num_seeds"]
+            args.device = args.device or "cpu"
+        if not args.model:
+            raise EvalError("--model is required (or --tiny for the offline demo)")
+        if not args.prompts:
+            raise EvalError("--prompts is required: pickapic, parti, hpsv2 or a text file")
+        result = evaluate(
+            args.model, args.baseline, args.prompts, (args.rewards or ",".join(rw.PAPER_REWARDS)).split(","),
+            args.output_dir or "out/eval", num_seeds=args.num_seeds, limit=args.limit, steps=args.steps,
+            guidance_scale=args.guidance_scale, resolution=args.resolution, batch_size=args.batch_size,
+            reward_batch_size=args.reward_batch_size, device=args.device, dtype=args.dtype,
+            pickapic_dataset=args.pickapic_dataset, progress=not args.quiet,
+        )
+    except (EvalError, rw.RewardError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print()
+    print(result.table)
+    print(f"wrote {result.output_dir / 'scores.csv'}, summary.json, table.md "
+          f"({result.summary['seconds']['total']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

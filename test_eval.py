@@ -1,0 +1,326 @@
+"""eval.py and rewards.py, offline: win-rate arithmetic, the PickScore formula on a tiny CLIP, an end-to-end
+evaluation of tiny pipelines that reuses its stored images, and clear errors on bad input."""
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import eval as ev
+import rewards as rw
+import tiny
+
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny 32 px models gain nothing from intra-op threads, and on a shared 2-core machine OpenMP workers
+    spinning against other jobs made sampling 10x slower; the caller's setting is restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Win rate
+
+
+def test_win_rate_counts_wins_and_half_ties():
+    a = {(0, 0): 1.0, (0, 1): 2.0, (1, 0): 3.0, (1, 1): 4.0}
+    b = {(0, 0): 0.5, (0, 1): 2.0, (1, 0): 5.0, (1, 1): 1.0}
+    # win, tie, loss, win -> (1 + 0.5 + 0 + 1) / 4
+    assert ev.win_rate(a, b) == pytest.approx(0.625)
+    assert ev.win_rate(b, a) == pytest.approx(1 - 0.625)  # ties split evenly, so A over B + B over A = 1
+    assert ev.win_rate(a, a) == 0.5
+
+
+def test_win_rate_pairs_by_prompt_and_seed_not_by_order():
+    a = {(0, 0): 1.0, (0, 1): 0.0}
+    b = {(0, 1): 0.5, (0, 0): 0.5}  # same keys, other insertion order
+    assert ev.win_rate(a, b) == 0.5
+    with pytest.raises(ValueError, match="pairing"):
+        ev.win_rate({(0, 0): 1.0, (0, 1): 1.0}, {(0, 0): 0.0, (0, 2): 0.0})  # seed 1 has no partner
+    with pytest.raises(ValueError, match="pairing"):
+        ev.win_rate({(0, 0): 1.0, (1, 0): 1.0}, {(0, 0): 0.0})  # a missing image is not dropped
+    with pytest.raises(TypeError):
+        ev.win_rate([1.0, 2.0], [0.0, 3.0])  # bare lists cannot be paired by seed
+    with pytest.raises(ValueError, match="NaN"):
+        ev.win_rate({(0, 0): math.nan}, {(0, 0): 1.0})
+
+
+# ----------------------------------------------------------------------------------------------------
+# Rewards
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    return rw.tiny_clip_dir(root=tmp_path_factory.mktemp("clip"))
+
+
+def _images(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def test_pickscore_is_logit_scale_times_cosine_on_a_tiny_clip(tiny_clip):
+    from transformers import AutoProcessor, CLIPModel
+
+    images, prompts = _images(3), ["a red circle", "a big blue square on the left", "a small green triangle"]
+    pick = rw.PickScoreReward(tiny_clip, tiny_clip, device="cpu", local_files_only=True)
+    clip = rw.CLIPScoreReward(tiny_clip, device="cpu", local_files_only=True)
+    got_pick, got_clip = pick.score(images, prompts), clip.score(images, prompts)
+
+    # Independently: CLIPModel's own logits_per_image = logit_scale.exp() * cos(image, text) for every pair;
+    # PickScore is its diagonal (each image with its own prompt).
+    model, processor = CLIPModel.from_pretrained(tiny_clip).eval(), AutoProcessor.from_pretrained(tiny_clip)
+    inputs = processor(text=prompts, images=images, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        logits = model(**inputs).logits_per_image.diagonal()
+    scale = model.logit_scale.exp().item()
+    assert scale == pytest.approx(100.0, rel=1e-4)  # the tiny CLIP has PickScore's logit scale
+    assert got_pick == pytest.approx(logits.tolist(), abs=1e-4)
+    assert got_clip == pytest.approx((logits * 100.0 / scale).tolist(), abs=1e-4)
+    assert all(abs(v) <= 100.0 + 1e-3 for v in got_clip)  # 100 x a cosine
+    assert "logit_scale" in pick.units and "100" in clip.units
+
+
+def test_reward_registry_errors_are_clear():
+    with pytest.raises(rw.RewardError, match="unknown reward 'nope'"):
+        rw.check_spec("nope")
+    assert {"pickscore", "hpsv2", "clip", "aesthetic", "imagereward", "tiny_clip"} <= set(rw.available_rewards())
+    for name, package in (("hpsv2", "hpsv2"), ("imagereward", "image-reward")):
+        try:
+            rw.check_spec(name)
+        except rw.RewardError as exc:  # not installed here: the message names the pip package
+            assert f"pip install {package}" in str(exc)
+
+
+def test_a_pixel_function_reward_is_one_line():
+    rw.register_function("test_brightness", "test_eval:_brightness", units="mean pixel value / 255")
+    reward = rw.build_reward("test_brightness")
+    black, white = Image.new("RGB", (8, 8)), Image.new("RGB", (8, 8), (255, 255, 255))
+    assert reward.score([black, white], ["x", "y"]) == [0.0, 1.0]
+
+
+def _brightness(images, prompts):
+    return [float(np.asarray(im).mean() / 255) for im in images]
+
+
+# ----------------------------------------------------------------------------------------------------
+# End to end, offline
+
+
+class CountingLoader:
+    """Wraps eval.load_pipeline to count pipeline loads and sampling calls."""
+
+    def __init__(self, real):
+        self.real, self.loads, self.calls = real, 0, 0
+
+    def __call__(self, model, device, dtype):
+        self.loads += 1
+        pipe = self.real(model, device, dtype)
+        counter = self
+
+        class Counted:
+            def __call__(self, *args, **kwargs):
+                counter.calls += 1
+                return pipe(*args, **kwargs)
+
+        return Counted()
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """The tiny SD1.5 base, a copy of it at another path, and the base trained for 2 steps by
+    `train_sd15.py --tiny` (in-process: a subprocess would pay the imports again) as the evaluated model."""
+    import train_sd15
+    import trainer
+
+    base = tiny.tiny_pipeline_dir("sd15")
+    run = tmp_path_factory.mktemp("train")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as one_thread (a function-scoped fixture does not cover module set-up)
+    try:
+        trainer.main("tiny", train_sd15.RECIPE, train_sd15.SD15,
+                     argv=["--tiny", "--max_steps", "2", "--output_dir", str(run), "--pretrained_model", base])
+    finally:
+        torch.set_num_threads(threads)
+    copy = tmp_path_factory.mktemp("copy") / "base-copy"
+    shutil.copytree(base, copy)
+    return {"model": str(run / "final"), "base": base, "copy": str(copy)}
+
+
+def _prompt_file(path):
+    path.write_text("a red circle\n\na big blue square on the left\n")  # the blank line is skipped
+    return str(path)
+
+
+def test_end_to_end_offline_evaluation_and_rerun_reuses_images(tmp_path, models, monkeypatch):
+    loader = CountingLoader(ev.load_pipeline)
+    monkeypatch.setattr(ev, "load_pipeline", loader)
+    prompts = _prompt_file(tmp_path / "prompts.txt")
+    out = tmp_path / "out"
+    kwargs = dict(num_seeds=2, steps=2, resolution=32, batch_size=3, device="cpu", progress=False, log=lambda s: None)
+    first = ev.evaluate(f"ours={models['model']}", [f"base={models['base']}", f"copy={models['copy']}"], prompts,
+                        ["tiny_pickscore", "toy_fidelity"], out, **kwargs)
+
+    # 3 models x 2 prompts x 2 seeds, in batches of 3: 2 calls per model.
+    assert first.generated == {"ours": 4, "base": 4, "copy": 4}
+    assert (loader.loads, loader.calls) == (3, 6)
+    assert len(list((out / "images").rglob("*.png"))) == 12
+    for name in ("scores.csv", "summary.json", "table.md"):
+        assert (out / name).is_file()
+    table = (out / "table.md").read_text()
+    assert "| vs. | tiny_pickscore | toy_fidelity | Avg |" in table and "| base |" in table
+    assert len(first.rows) == 12
+    wins = first.summary["win_rates_percent"]
+    for row in wins.values():
+        assert all(0.0 <= v <= 100.0 for v in row.values())
+        assert row["Avg"] == pytest.approx((row["tiny_pickscore"] + row["toy_fidelity"]) / 2)
+
+    # Same weights at two paths, sampled separately: same seed -> same image, so every pair ties.
+    for key in first.scores["tiny_pickscore"]["base"]:
+        a = np.asarray(Image.open(out / "images" / ev.resolve_model(f"base={models['base']}").tag / f"{key[0]:05d}_{key[1]}.png"))
+        b = np.asarray(Image.open(out / "images" / ev.resolve_model(f"copy={models['copy']}").tag / f"{key[0]:05d}_{key[1]}.png"))
+        assert np.array_equal(a, b)
+    assert wins["base"] == wins["copy"]
+    assert ev.win_rate(first.scores["tiny_pickscore"]["base"], first.scores["tiny_pickscore"]["copy"]) == 0.5
+
+    # Rerun with one more reward: nothing is sampled, nothing is even loaded, the files are untouched.
+    mtimes = {p: p.stat().st_mtime_ns for p in (out / "images").rglob("*.png")}
+    second = ev.evaluate(f"ours={models['model']}", [f"base={models['base']}", f"copy={models['copy']}"], prompts,
+                         ["tiny_pickscore", "toy_fidelity", "tiny_clip"], out, **kwargs)
+    assert second.generated == {"ours": 0, "base": 0, "copy": 0}
+    assert (loader.loads, loader.calls) == (3, 6)
+    assert {p: p.stat().st_mtime_ns for p in (out / "images").rglob("*.png")} == mtimes
+    assert second.scores["tiny_pickscore"] == first.scores["tiny_pickscore"]
+    assert "tiny_clip" in second.summary["win_rates_percent"]["base"]
+
+    # An interrupted run resumes: a missing image is the only one sampled again, and comes out the same.
+    victim = sorted((out / "images" / ev.resolve_model(f"ours={models['model']}").tag).glob("*.png"))[3]
+    before = np.asarray(Image.open(victim)).astype(int)
+    victim.unlink()
+    third = ev.evaluate(f"ours={models['model']}", [f"base={models['base']}"], prompts, ["toy_fidelity"], out, **kwargs)
+    assert third.generated == {"ours": 1, "base": 0}
+    assert (loader.loads, loader.calls) == (4, 7)
+    assert np.abs(np.asarray(Image.open(victim)).astype(int) - before).max() <= 1  # batch of 1 vs 3: same noise
+
+    # Other sampler settings are refused, not mixed into the stored images.
+    with pytest.raises(ev.EvalError, match="other settings"):
+        ev.evaluate(f"ours={models['model']}", [f"base={models['base']}"], prompts, ["toy_fidelity"], out,
+                    **{**kwargs, "steps": 3})
+
+
+def test_cli_tiny_demo_prints_the_table(tmp_path, capsys):
+    rc = ev.main(["--tiny", "--output_dir", str(tmp_path), "--limit", "1", "--num_seeds", "1", "--quiet"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "Win rate (%) of tiny-seed1" in printed and "| tiny-base |" in printed
+    assert (tmp_path / "tiny_prompts.txt").is_file() and (tmp_path / "table.md").is_file()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Bad input: one `error:` line and exit code 2
+
+
+def _cli_error(capsys, argv):
+    rc = ev.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert err and err[-1].startswith("error: ") and "Traceback" not in "\n".join(err)
+    return err[-1]
+
+
+def test_bad_input_gives_one_line_errors(tmp_path, capsys, models):
+    prompts = _prompt_file(tmp_path / "p.txt")
+    base = models["base"]
+    msg = _cli_error(capsys, ["--model", base, "--prompts", prompts, "--rewards", "pickscore,nope"])
+    assert "unknown reward 'nope'" in msg
+    msg = _cli_error(capsys, ["--model", str(tmp_path / "no-such-run" / "final"), "--prompts", prompts,
+                              "--rewards", "toy_fidelity"])
+    assert "model folder not found" in msg
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    msg = _cli_error(capsys, ["--model", base, "--prompts", str(empty), "--rewards", "toy_fidelity",
+                              "--output_dir", str(tmp_path / "o")])
+    assert "prompt file is empty" in msg
+    msg = _cli_error(capsys, ["--model", base, "--prompts", "drawbench", "--rewards", "toy_fidelity",
+                              "--output_dir", str(tmp_path / "o")])
+    assert "unknown prompt set 'drawbench'" in msg
+    # A hub id that is not cached, with the hub offline (conftest): fails at once and names the offline option.
+    msg = _cli_error(capsys, ["--model", "no-such-org/no-such-model", "--prompts", prompts, "--rewards", "toy_fidelity"])
+    assert "not in the local cache" in msg and "--tiny" in msg
+    # A hub prompt set that is not cached, offline: the same.
+    msg = _cli_error(capsys, ["--model", base, "--prompts", "parti", "--rewards", "toy_fidelity",
+                              "--output_dir", str(tmp_path / "o2")])
+    assert "cannot load prompt set 'parti'" in msg and "offline" in msg
+    # A hub reward whose weights are not cached, offline: refused before any image is sampled.
+    msg = _cli_error(capsys, ["--model", base, "--prompts", prompts, "--rewards", "toy_fidelity,pickscore",
+                              "--output_dir", str(tmp_path / "o3")])
+    assert "yuvalkirstain/PickScore_v1" in msg and "not in the local cache" in msg
+    assert not (tmp_path / "o3" / "images").exists()
+    # A folder that is not a pipeline.
+    msg = _cli_error(capsys, ["--model", str(tmp_path), "--prompts", prompts, "--rewards", "toy_fidelity"])
+    assert "no model_index.json" in msg
+
+
+def test_aesthetic_is_the_mlp_on_normalised_clip_image_embeddings(tiny_clip, tmp_path):
+    from transformers import AutoProcessor, CLIPModel
+
+    mlp = rw.AestheticMLP(32)  # the tiny CLIP's projection width; the real predictor takes ViT-L/14's 768
+    torch.save(mlp.state_dict(), tmp_path / "mlp.pth")
+    reward = rw.AestheticReward(str(tmp_path / "mlp.pth"), clip_id=tiny_clip, local_files_only=True)
+    images = _images(2, seed=1)
+    got = reward.score(images, ["unused", "unused"])
+    model, processor = CLIPModel.from_pretrained(tiny_clip).eval(), AutoProcessor.from_pretrained(tiny_clip)
+    with torch.no_grad():
+        emb = model.get_image_features(**processor(images=images, return_tensors="pt"))
+        emb = getattr(emb, "pooler_output", emb)
+        expected = mlp.eval()(emb / emb.norm(dim=-1, keepdim=True)).squeeze(-1)
+    assert got == pytest.approx(expected.tolist(), abs=1e-5)
+    with pytest.raises(rw.RewardError, match="not found"):
+        rw.AestheticReward(str(tmp_path / "missing.pth"), clip_id=tiny_clip, local_files_only=True)
+
+
+@pytest.mark.parametrize("kind", ["sdxl", "sd3"])
+def test_sdxl_and_sd3_pipelines_are_detected_and_sampled(kind, tmp_path):
+    folder = tiny.tiny_pipeline_dir(kind)
+    assert ev.resolve_model(folder).family == kind
+    result = ev.evaluate(folder, [], _prompt_file(tmp_path / "p.txt"), ["toy_aesthetic"], tmp_path / "out",
+                         limit=1, steps=2, resolution=32, device="cpu", progress=False, log=lambda s: None)
+    assert result.generated == {folder: 1}
+    settings = result.summary["models"][folder]["settings"]
+    assert (settings["family"], settings["guidance_scale"]) == (kind, ev.FAMILY_DEFAULTS[kind]["guidance_scale"])
+    assert "Mean score per model" in result.table
+
+
+def test_a_unet_checkpoint_swapped_into_a_pipeline(models):
+    """UNET@PIPELINE: how Diffusion-DPO's released UNet-only checkpoints are evaluated."""
+    ref = ev.resolve_model(f"mixed={models['model']}/unet@{models['base']}")
+    assert (ref.family, ref.denoiser[1]) == ("sd15", None)
+    assert ev.resolve_model(f"mixed={models['model']}@{models['base']}").denoiser[1] == "unet"
+    assert ref.tag != ev.resolve_model(f"mixed={models['base']}").tag  # its own image folder
+    pipe = ev.load_pipeline(ref, "cpu", torch.float32)
+    trained = ev.load_pipeline(ev.resolve_model(models["model"]), "cpu", torch.float32)
+    for (name, a), (_, b) in zip(pipe.unet.state_dict().items(), trained.unet.state_dict().items()):
+        assert torch.equal(a, b), name
+    with pytest.raises(ev.EvalError, match="not a unet checkpoint"):
+        ev.resolve_model(f"{models['base']}/scheduler@{models['base']}")
+
+
+def test_hub_prompt_sets_are_kept_in_the_output_folder_for_offline_reruns(tmp_path, models):
+    """A hub set (here hpsv2, as a previous online run would have saved it) reloads from OUT/prompts.json."""
+    import json
+
+    out = tmp_path / "out"
+    out.mkdir()
+    styles = {"anime": ["a red circle", "a blue square"], "photo": ["a green triangle", "a big red circle"]}
+    (out / "prompts.json").write_text(json.dumps({
+        "name": "hpsv2", "prompts": sum(styles.values(), []), "groups": [s for s in styles for _ in styles[s]]}))
+    result = ev.evaluate(models["base"], [], "hpsv2", ["toy_fidelity"], out, limit=1, steps=2, resolution=32,
+                         device="cpu", progress=False, log=lambda s: None)
+    assert [(r["prompt_idx"], r["group"]) for r in result.rows] == [(0, "anime"), (2, "photo")]  # first of each style
+    assert set(result.summary["mean_scores_by_group"]) == {"anime", "photo"}

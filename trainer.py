@@ -54,9 +54,11 @@ def fail(message: str) -> None:
     raise UsageError(message)
 
 
+# --tiny's small-scale recipe. One CPU thread: a 32 px model gains little from a second one, and two
+# spinning OpenMP threads on a busy 2-core laptop made the demo ~5× slower (measured).
 TINY_RECIPE = dict(resolution=32, train_batch_size=4, effective_batch_size=4, learning_rate=2e-5,
                    scale_lr=False, warmup_steps=0, max_steps=60, checkpoint_every=30, beta=500.0,
-                   tau=8, delta=0.05, dataloader_workers=0, divergence_every=5)
+                   tau=8, delta=0.05, dataloader_workers=0, divergence_every=5, cpu_threads=1)
 
 
 def build_parser(description: str, recipe: dict) -> argparse.ArgumentParser:
@@ -138,6 +140,8 @@ def build_parser(description: str, recipe: dict) -> argparse.ArgumentParser:
 
     g = p.add_argument_group("speed and memory")
     g.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
+    g.add_argument("--cpu_threads", type=int, default=None,
+                   help="torch intra-op threads on CPU (default: torch's own; 1 with --tiny)")
     g.add_argument("--mixed_precision", default="auto", choices=["auto", "no", "bf16", "fp16"],
                    help="autocast dtype; auto = bf16 on CUDA, none on CPU (bf16 is slower there)")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
@@ -733,6 +737,8 @@ def main(description: str, recipe: dict, model_class, argv=None) -> None:
     try:
         runtime = setup_runtime(args)
         args = finalize_args(args, recipe, runtime.world_size)
+        if runtime.device.type == "cpu" and args.cpu_threads:
+            torch.set_num_threads(args.cpu_threads)
         if args.tiny:
             prepare_tiny(args, model_class.tiny_kind, runtime)
         else:

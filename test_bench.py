@@ -8,18 +8,6 @@ import pytest
 import bench
 
 
-@pytest.fixture(scope="module", autouse=True)
-def tiny_cache(tmp_path_factory):
-    root = tmp_path_factory.mktemp("rdpo-cache")
-    old = os.environ.get("RDPO_CACHE")
-    os.environ["RDPO_CACHE"] = str(root)
-    yield root
-    if old is None:
-        os.environ.pop("RDPO_CACHE")
-    else:
-        os.environ["RDPO_CACHE"] = old
-
-
 def available(name):
     try:
         importlib.import_module(f"train_{name}")

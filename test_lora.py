@@ -15,18 +15,6 @@ import train_sd15
 from losses import LOSSES
 
 
-@pytest.fixture(scope="module", autouse=True)
-def tiny_cache(tmp_path_factory):
-    root = tmp_path_factory.mktemp("rdpo-cache")
-    old = os.environ.get("RDPO_CACHE")
-    os.environ["RDPO_CACHE"] = str(root)
-    yield root
-    if old is None:
-        os.environ.pop("RDPO_CACHE")
-    else:
-        os.environ["RDPO_CACHE"] = old
-
-
 def setup(output_dir, *flags):
     args = trainer.build_parser("test", train_sd15.RECIPE).parse_args(["--tiny", "--output_dir", str(output_dir),
                                                                        *map(str, flags)])

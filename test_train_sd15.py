@@ -16,19 +16,6 @@ import train_sd15
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def tiny_cache(tmp_path_factory):
-    """Build the tiny model and pairs once for this file, in a private cache."""
-    root = tmp_path_factory.mktemp("rdpo-cache")
-    old = os.environ.get("RDPO_CACHE")
-    os.environ["RDPO_CACHE"] = str(root)
-    yield root
-    if old is None:
-        os.environ.pop("RDPO_CACHE")
-    else:
-        os.environ["RDPO_CACHE"] = old
-
-
 def run(output_dir, *flags):
     """One in-process training run (saves the 5 s import of a subprocess); returns the log lines."""
     argv = ["--tiny", "--output_dir", str(output_dir), *map(str, flags)]

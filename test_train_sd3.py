@@ -13,19 +13,6 @@ import trainer
 import train_sd3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def tiny_cache(tmp_path_factory):
-    """Build the tiny model and pairs once for this file, in a private cache."""
-    root = tmp_path_factory.mktemp("rdpo-cache")
-    old = os.environ.get("RDPO_CACHE")
-    os.environ["RDPO_CACHE"] = str(root)
-    yield root
-    if old is None:
-        os.environ.pop("RDPO_CACHE")
-    else:
-        os.environ["RDPO_CACHE"] = old
-
-
 def load_model(**flags):
     args = argparse.Namespace(pretrained_model=tiny.tiny_pipeline_dir("sd3"), **{"drop_t5": False, **flags})
     return train_sd3.SD3(args, trainer.Runtime(torch.device("cpu")))

@@ -1,7 +1,6 @@
 """bench.py runs each trainer on its tiny model and prints (and writes) every field. Numbers are not checked."""
 import importlib
 import json
-import os
 
 import pytest
 

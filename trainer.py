@@ -36,7 +36,6 @@ from tqdm import tqdm
 import data
 from losses import LOSSES, per_sample_error, reward_margin
 from reference import ON_DIVERGE, Reference
-from schedule import sample_timesteps
 
 logger = logging.getLogger("train")
 
@@ -65,7 +64,6 @@ def build_parser(description: str, recipe: dict) -> argparse.ArgumentParser:
     """Every flag of the three trainers. `recipe` holds the script's paper defaults (PAPER.md §5)."""
     p = argparse.ArgumentParser(description=description,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add = p.add_argument
     g = p.add_argument_group("model and data")
     g.add_argument("--pretrained_model", default=None,
                    help=f"hub id or local folder of the diffusers pipeline to fine-tune (recipe: {recipe['pretrained_model']})")

@@ -3,8 +3,8 @@ preference pairs made the way Pick-a-Pic was made (DESIGN.md, "The toy miniature
 
 World. A caption is "a [small|big] COLOUR SHAPE [on the left|on the right|at the top|at the bottom]"
 with 6 colours × 3 shapes × 5 placements × 3 sizes = 270 captions. `render(spec)` draws the shape in a
-flat colour with hard edges on a flat light-grey background. A caption leaves geometry free (the word
-"big" still allows a range of sizes; no position word means anywhere in the frame), so `sample_spec`
+flat colour with hard edges on a flat light-grey background. A caption leaves some geometry free (the word
+"big" still allows a range of sizes, and "on the left" a range of places), so `sample_spec`
 draws the concrete centre and size from a seeded generator: the data is deterministic given the seed.
 
 Prompt split. `EVAL_PROMPTS` (54 captions, fixed by a seeded permutation) are never used to make
@@ -23,13 +23,18 @@ Each takes PIL images and captions and returns one float in [0, 1] per image; `T
 
 Pairs: `python toy.py pairs --model toy_model --out toy_pairs.parquet` samples two images per prompt from
 the base model and draws the winner from a Bradley–Terry model on the labelling reward, so the labels
-agree with the reward only most of the time, as human labels do.
+agree with the reward only most of the time, as human labels do. `cached_pairs` makes them once per
+model and keeps them in the cache; `train_sd15.py --tiny` and reproduce.py read them from there.
 """
 import argparse
+import hashlib
 import io
+import json
 import math
+import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -49,9 +54,12 @@ SHAPES = ("circle", "square", "triangle")
 POSITIONS = {None: "", "left": " on the left", "right": " on the right", "top": " at the top",
              "bottom": " at the bottom"}
 SIZES = (None, "small", "big")
-# Half-extent r (pixels) of the shape for each size word: the shape spans about 2r pixels.
-RADIUS_RANGE = {None: (4.0, 11.0), "small": (4.0, 6.0), "big": (9.0, 11.0)}
-# How far past the middle (16 px) a "left"/"right"/... object's centre must be, at most.
+# Half-extent r (pixels) of the shape for each size word: the shape spans about 2r pixels. Without a size
+# word the object is medium-sized, as a photographer would frame it.
+RADIUS_RANGE = {None: (7.0, 9.0), "small": (4.5, 6.0), "big": (10.0, 12.0)}
+# The object's centre: within ±CENTRE_JITTER of the middle on every axis the caption leaves free; on the
+# axis of a position word, between the frame's edge (as near as the shape fits) and POSITION_LIMIT px from it.
+CENTRE_JITTER = 4.0
 POSITION_LIMIT = 12.5
 
 
@@ -101,16 +109,16 @@ def sample_spec(rng: np.random.Generator, caption: str | None = None) -> ToySpec
     words = parse_caption(caption if caption is not None else ALL_PROMPTS[rng.integers(len(ALL_PROMPTS))])
     r = float(rng.uniform(*RADIUS_RANGE[words["size"]]))
     lo, hi = r, SIZE - r  # the shape stays inside the frame
-    cx, cy = (float(rng.uniform(lo, hi)) for _ in range(2))
-    near, far = lo, min(max(POSITION_LIMIT, lo), hi)  # the band next to the named edge
+    cx, cy = (float(np.clip(SIZE / 2 + rng.uniform(-CENTRE_JITTER, CENTRE_JITTER), lo, hi)) for _ in range(2))
+    near = float(rng.uniform(lo, max(POSITION_LIMIT, lo)))  # distance of the centre from the named edge
     if words["position"] == "left":
-        cx = float(rng.uniform(near, far))
+        cx = near
     elif words["position"] == "right":
-        cx = SIZE - float(rng.uniform(near, far))
+        cx = SIZE - near
     elif words["position"] == "top":
-        cy = float(rng.uniform(near, far))
+        cy = near
     elif words["position"] == "bottom":
-        cy = SIZE - float(rng.uniform(near, far))
+        cy = SIZE - near
     return ToySpec(words["colour"], words["shape"], words["position"], words["size"], cx, cy, r)
 
 
@@ -309,7 +317,7 @@ def load_pipeline(model: str, sampler: str = SAMPLER):
 def sample(pipe, prompts: list[str], seeds: list[int], num_inference_steps: int = NUM_INFERENCE_STEPS,
            guidance_scale: float = GUIDANCE_SCALE, batch_size: int = 64, progress: bool = False):
     """One image per (prompt, seed). Each image has its own generator, so it depends only on its prompt and
-    seed, not on the batch it was drawn in."""
+    seed, not on the batch it was drawn in (up to float rounding, which moves a pixel by a level or two)."""
     import torch
     from tqdm import tqdm
 
@@ -394,6 +402,41 @@ def write_parquet(cols: dict, path: str) -> None:
 
     table = pa.table({k: pa.array(v, type=pa.binary()) if k.startswith("jpg_") else v for k, v in cols.items()})
     pq.write_table(table, path)
+
+
+TOY_MODEL = Path(__file__).resolve().parent / "toy_model"  # the committed base model (toy_pretrain.py)
+
+
+def model_fingerprint(model: str | os.PathLike) -> str:
+    """A short hash of a pipeline folder's weights and configs: pairs cached for one model are never
+    mistaken for another's (a retrained toy_model gets new pairs)."""
+    digest = hashlib.sha1()
+    for f in sorted(Path(model).rglob("*")):
+        if f.is_file() and f.suffix in (".safetensors", ".json", ".txt"):
+            digest.update(str(f.relative_to(model)).encode())
+            digest.update(f.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def cached_pairs(model: str | os.PathLike = TOY_MODEL, num_pairs: int = 1000, seed: int = 0,
+                 progress: bool = True) -> Path:
+    """`make_pairs` of `model` on `pair_prompts(num_pairs, seed)`, written once as Pick-a-Pic parquet under
+    tiny.default_cache_root() (~/.cache/rethinking-dpo, or $RDPO_CACHE) and reused: sampling 1000 pairs
+    takes a few CPU minutes. The file appears complete or not at all (written aside, then renamed)."""
+    import tiny
+
+    root = tiny.default_cache_root()
+    path = root / f"toy-pairs-{model_fingerprint(model)}-n{num_pairs}-s{seed}.parquet"
+    if not path.is_file():
+        root.mkdir(parents=True, exist_ok=True)
+        if progress:
+            print(f"making {num_pairs} toy preference pairs from {model} (once; cached in {path})", flush=True)
+        cols, stats = make_pairs(load_pipeline(str(model)), pair_prompts(num_pairs, seed), seed, progress=progress)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        write_parquet(cols, str(tmp))
+        os.replace(tmp, path)
+        path.with_suffix(".json").write_text(json.dumps(stats, indent=1))
+    return path
 
 
 def pair_prompts(num_prompts: int, seed: int) -> list[str]:

@@ -2,7 +2,7 @@
 
     python toy_pretrain.py --output_dir toy_model --seed 0
 
-Three stages, all on CPU in a few minutes:
+Three stages, all on CPU:
 1. Autoencoder: a random VAE decodes garbage, so the tiny AutoencoderKL is first fitted to toy images
    (reconstruction MSE plus a small KL term, as the SD VAE was trained), and its `scaling_factor` is set
    to 1 / std of the latents, the rule that gave SD1.5 its 0.18215.
@@ -17,7 +17,10 @@ Three stages, all on CPU in a few minutes:
 Training is deliberately short: the base model should draw most captions recognisably but imperfectly
 (blurred edges, wrong colour or shape now and then, stray marks), leaving preference learning room.
 
-The result is saved in the hub layout and loads with StableDiffusionPipeline.from_pretrained. With
+The result is saved in the hub layout, with a DDIM sampling scheduler, and loads with
+StableDiffusionPipeline.from_pretrained. The project commits it as toy_model/ (with its README.md) rather
+than building it on first use: the pretraining takes longer than a demo should wait (about 13 minutes on
+one core of the development machine), and everyone then starts from the same weights. With
 `--save_dtype float16` (default) the safetensors files hold float16 tensors to halve the folder (the
 committed toy_model/ must stay under 5 MB); the configs still say float32, so loaders upcast on load.
 A README.md with the command, seed, time taken and final losses is written beside the weights.
@@ -55,7 +58,7 @@ def parse_args(argv=None):
                    help="images per autoencoder step (small batches, many steps: fastest per CPU-second here)")
     p.add_argument("--vae_lr", type=float, default=1e-3, help="autoencoder learning rate (AdamW, cosine decay)")
     p.add_argument("--kl_weight", type=float, default=1e-6, help="weight of the VAE's KL term (SD: 1e-6)")
-    p.add_argument("--unet_steps", type=int, default=1000, help="optimizer steps of the UNet/text-encoder stage")
+    p.add_argument("--unet_steps", type=int, default=1400, help="optimizer steps of the UNet/text-encoder stage")
     p.add_argument("--batch_size", type=int, default=32, help="images per UNet step")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of the UNet stage (AdamW, cosine decay)")
     p.add_argument("--warmup_steps", type=int, default=20, help="linear warm-up steps of the UNet stage")
@@ -72,6 +75,11 @@ def parse_args(argv=None):
                    help="latent resolution of the UNet's attention blocks: 16 is tiny.py's SD1.5 default (attention "
                         "on the full 16x16 latent, like SD1.5's first level); 8 puts it one level down (like "
                         "SDXL), which halves the CPU time of a step and so doubles the steps the budget buys")
+    p.add_argument("--max_caption_tokens", type=int, default=16,
+                   help="the tokenizer's model_max_length, which the pipeline and the trainers pad every caption to. "
+                        "The longest toy caption is 12 tokens; at CLIP's 77, some 70 padding tokens (which see the "
+                        "words only through the causal text encoder) drown the words in the UNet's cross-attention, "
+                        "and in the budget the model learned colour from them but not shape or position")
     p.add_argument("--global_text_conditioning", action=argparse.BooleanOptionalAction, default=False,
                    help="also add an attention-pooled caption embedding to the UNet's time embedding (diffusers' "
                         "addition_embed_type='text', as in DeepFloyd IF), so that every ResNet block sees the "
@@ -196,6 +204,19 @@ def train_unet(unet, text_encoder, tokenizer, scheduler, latent_mean, latent_std
     return float(np.mean(recent))
 
 
+def write_tokenizer(folder: Path, max_length: int) -> None:
+    """tiny.py's CLIP tokenizer in the hub form (vocab.json + merges.txt), padding to `max_length` tokens.
+
+    (save_pretrained would write transformers-5's tokenizer.json instead of the hub's files.)"""
+    if folder.exists():
+        shutil.rmtree(folder)
+    tiny.build_clip_tokenizer(folder)
+    config_file = folder / "tokenizer_config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    config["model_max_length"] = max_length
+    config_file.write_text(json.dumps(config, indent=2), encoding="utf-8")
+
+
 def store_as(folder: Path, dtype: torch.dtype) -> None:
     """Rewrite every safetensors file of the pipeline folder with floating tensors in `dtype`."""
     from safetensors import safe_open
@@ -250,7 +271,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     start, cpu_start, load_start = time.time(), time.process_time(), os.getloadavg()[0]
     torch.manual_seed(args.seed)
@@ -260,6 +281,7 @@ def main(argv=None):
         tiny.build_tiny_sd15(tmp, seed=args.seed, **unet_overrides(args))
         pipe = StableDiffusionPipeline.from_pretrained(tmp)
 
+    pipe.tokenizer.model_max_length = args.max_caption_tokens
     specs = toy.sample_specs(args.num_images, seed=args.seed)
     captions = [s.caption for s in specs]
     pixels = to_tensor([toy.render(s) for s in specs])
@@ -279,10 +301,11 @@ def main(argv=None):
 
     if out.exists():
         shutil.rmtree(out)
+    # The sampling scheduler the pipeline ships with, as SD1.5 ships PNDM: DDIM, with which toy.py samples the
+    # pairs and the evaluation (the trainers read the same config into their DDPMScheduler).
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.save_pretrained(out, safe_serialization=True)
-    # save_pretrained writes transformers-5's tokenizer.json; keep the hub form (vocab.json + merges.txt).
-    shutil.rmtree(out / "tokenizer")
-    tiny.build_clip_tokenizer(out / "tokenizer")
+    write_tokenizer(out / "tokenizer", args.max_caption_tokens)
     store_as(out, getattr(torch, args.save_dtype))
     total = time.time() - start
     report = {

@@ -123,7 +123,7 @@ def instrument_encoders(model, timer: SectionTimer) -> None:
                 module.forward = timed("encode:text", module.forward)
 
 
-# ------------------------------------------------------------------------------------------ real-size SD1.5
+# Real-size SD1.5
 
 # The published configs of stable-diffusion-v1-5 (unet/, vae/, text_encoder/ config.json), written out so that
 # nothing is downloaded; only the text encoder's vocabulary is sized to the offline tokenizer.
@@ -184,7 +184,7 @@ def real_pairs(root: Path, resolution: int) -> str:
     return str(path)
 
 
-# ------------------------------------------------------------------------------------------------- the run
+# The run
 
 def machine() -> dict:
     cpu = platform.processor() or platform.machine()

@@ -45,7 +45,7 @@ class DataError(Exception):
     """A fatal data problem; the message is one line. Trainers print `error: <message>` and exit with code 2."""
 
 
-# ----------------------------------------------------------------------------------------------- loading
+# Loading
 
 
 def load_pairs(source: Any = DEFAULT_DATASET, split: str = "train", streaming: bool = False,
@@ -233,7 +233,7 @@ class PairStream:
                 yield "pair", pos, _raw_pair(row, 0 if l0[0] > 0.75 else 1, pos)
 
 
-# ------------------------------------------------------------------------------------------ transforms
+# Transforms
 
 
 def decode_image(value: Any) -> Image.Image:
@@ -338,7 +338,7 @@ def collate_pairs(items: list[dict | None]) -> dict:
     return batch
 
 
-# --------------------------------------------------------------------------------------------- loading loop
+# Loading loop
 
 
 class _Keyed(torch.utils.data.Dataset):
@@ -498,7 +498,7 @@ class PairLoader:
             yield batch
 
 
-# ----------------------------------------------------------------------------------------- tiny dataset
+# Tiny dataset
 
 _TINY_COLOURS = {"red": (220, 35, 35), "green": (40, 170, 60), "blue": (45, 80, 220), "yellow": (235, 210, 45),
                  "purple": (135, 55, 175), "orange": (240, 140, 35), "cyan": (45, 200, 210), "pink": (240, 135, 185)}

@@ -22,9 +22,9 @@ Real models (GPU, network on first use; the paper's settings are the defaults):
 Offline (no GPU, no network; tiny pipelines, a small prompt file, rewards without downloaded weights,
 through the same code path):
 
-    python eval.py --tiny                                   # a second tiny pipeline vs the tiny base
     python train_sd15.py --tiny --output_dir out/tiny && python eval.py --tiny --model out/tiny/final
-                                                            # a tiny trained model vs the tiny base
+                                                            # the demo's trained model vs the toy base model
+    python eval.py --tiny                                   # a random-init tiny pipeline vs the toy base model
 
 How it works. Every (prompt, seed) is sampled with its own CPU generator seeded with `seed`, so a model's
 image and a baseline's image of the same key start from the same noise, whatever the batching. Images go to
@@ -94,8 +94,9 @@ PICKAPIC_DATASET = "yuvalkirstain/pickapic_v2_no_images"
 PARTI_DATASET = "nateraw/parti-prompts"
 HPSV2_BENCHMARK = ("zhwang/HPDv2", ("anime", "concept-art", "paintings", "photo"))
 
-TINY_REWARDS = ("tiny_pickscore", "tiny_clip", "toy_fidelity", "toy_aesthetic")
-TINY_DEFAULTS = {"steps": 4, "resolution": 32, "num_seeds": 2, "limit": None}
+TINY_REWARDS = ("tiny_pickscore", "tiny_clip", "toy_fidelity", "toy_aesthetic", "toy_label")
+# The offline demo samples as the toy world's pairs were sampled (toy.py: DDIM, 8 steps, guidance 3).
+TINY_DEFAULTS = {"steps": 8, "guidance_scale": 3.0, "resolution": 32, "num_seeds": 2, "limit": None}
 TINY_PROMPTS = 8  # captions of the toy world's held-out prompts written to the demo's prompt file
 
 
@@ -103,7 +104,6 @@ class EvalError(Exception):
     """Bad input or an unusable environment: the CLI prints it as one `error: ...` line (exit code 2)."""
 
 
-# ----------------------------------------------------------------------------------------------------
 # Win rate
 
 
@@ -131,7 +131,6 @@ def win_rate(scores_a: Mapping, scores_b: Mapping) -> float:
     return total / len(scores_a)
 
 
-# ----------------------------------------------------------------------------------------------------
 # The hub: a short reachability check instead of minutes of DNS retries (ENVIRONMENT.md)
 
 _hub_online: bool | None = None
@@ -196,7 +195,6 @@ def _go_offline() -> None:
 OFFLINE_HINT = "for an offline evaluation use tiny models and offline rewards: python eval.py --tiny"
 
 
-# ----------------------------------------------------------------------------------------------------
 # Prompt sets
 
 
@@ -308,7 +306,6 @@ def select_prompts(prompt_set: PromptSet, limit: int | None) -> list[int]:
     return chosen
 
 
-# ----------------------------------------------------------------------------------------------------
 # Models
 
 
@@ -449,7 +446,6 @@ def load_pipeline(model: ModelRef, device: str, dtype: torch.dtype):
     return pipe.to(device)
 
 
-# ----------------------------------------------------------------------------------------------------
 # The image store
 
 
@@ -550,7 +546,6 @@ def generate_images(model: ModelRef, prompts: Mapping[int, str], keys: Sequence[
     return len(missing)
 
 
-# ----------------------------------------------------------------------------------------------------
 # Evaluation
 
 
@@ -791,12 +786,11 @@ def _write_outputs(out: Path, rows: list[dict], summary: dict, table: str) -> No
     _write_atomic(out / "table.md", table)
 
 
-# ----------------------------------------------------------------------------------------------------
 # The offline demo
 
 
 def tiny_variant_dir(seed: int) -> str:
-    """A second tiny SD1.5 pipeline with other random weights: the demo's stand-in for a trained model."""
+    """A tiny SD1.5 pipeline with random weights of `seed`: the demo's stand-in when no --model is given."""
     import shutil
 
     import tiny
@@ -833,7 +827,6 @@ def tiny_prompt_file(out: Path) -> str:
     return str(path)
 
 
-# ----------------------------------------------------------------------------------------------------
 # CLI
 
 
@@ -876,8 +869,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pickapic_dataset", default=PICKAPIC_DATASET,
                    help=f"hub id or local folder holding Pick-a-Pic v2's test_unique split (default {PICKAPIC_DATASET})")
     p.add_argument("--tiny", action="store_true",
-                   help="offline demo: tiny pipelines (baseline: tiny SD1.5; model: --model or a second tiny "
-                        "pipeline), a small prompt file, rewards without downloads, 4 steps at 32 px")
+                   help="offline demo: baseline the toy base model (toy_model/), model --model (e.g. the final/ of "
+                        "train_sd15.py --tiny) or else a random-init tiny pipeline, held-out toy prompts, rewards "
+                        "without downloads, 8 steps, guidance 3, 32 px")
     p.add_argument("--list_rewards", action="store_true", help="print the available reward specs and exit")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
@@ -891,19 +885,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         if args.tiny:
-            import tiny
+            import toy
 
             args.output_dir = args.output_dir or "out/eval-tiny"
             if not args.baseline:
-                args.baseline = [f"tiny-base={tiny.tiny_pipeline_dir('sd15')}"]
+                args.baseline = [f"toy-base={toy.TOY_MODEL}"]
             if not args.model:
-                args.model = f"tiny-seed1={tiny_variant_dir(1)}"
-                print("note: no --model given: evaluating a second tiny pipeline (other random weights) against "
-                      "the tiny base; pass --model out/tiny/final (python train_sd15.py --tiny) for a trained one",
-                      file=sys.stderr)
+                args.model = f"tiny-random={tiny_variant_dir(1)}"
+                print("note: no --model given: evaluating a random-init tiny pipeline against the toy base model; "
+                      "pass --model out/tiny/final (python train_sd15.py --tiny) for a trained one", file=sys.stderr)
             args.prompts = args.prompts or tiny_prompt_file(Path(args.output_dir))
             args.rewards = args.rewards or ",".join(TINY_REWARDS)
             args.steps = args.steps or TINY_DEFAULTS["steps"]
+            args.guidance_scale = args.guidance_scale or TINY_DEFAULTS["guidance_scale"]
             args.resolution = args.resolution or TINY_DEFAULTS["resolution"]
             args.num_seeds = args.num_seeds or TINY_DEFAULTS["num_seeds"]
             args.device = args.device or "cpu"

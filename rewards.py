@@ -100,7 +100,6 @@ class FunctionReward(Reward):
         return self.fn(images, prompts)
 
 
-# ----------------------------------------------------------------------------------------------------
 # CLIP-based rewards (transformers)
 
 
@@ -249,7 +248,6 @@ class AestheticReward(Reward):
         return self.mlp(emb).squeeze(-1).tolist()
 
 
-# ----------------------------------------------------------------------------------------------------
 # Optional packages: HPSv2 and ImageReward (they pull torchvision / the CUDA torch, so they are not in
 # requirements.txt)
 
@@ -323,7 +321,6 @@ class ImageRewardReward(Reward):
         return [float(self.model.score(p, im)) for im, p in zip(images, prompts)]
 
 
-# ----------------------------------------------------------------------------------------------------
 # A tiny CLIP that needs no download: for tests and the offline demo, through the same CLIP code path.
 
 TINY_CLIP_VERSION = 1
@@ -390,7 +387,6 @@ def tiny_clip_dir(root: str | os.PathLike | None = None) -> str:
     return str(final)
 
 
-# ----------------------------------------------------------------------------------------------------
 # Registry
 
 # name -> (factory or "module:attribute", help). factory(arg, device=..., local_files_only=...) -> Reward

@@ -13,6 +13,7 @@ from transformers import CLIPTextModel
 
 import data
 import latent_cache
+import tiny
 import trainer
 import train_sd15
 from losses import LOSSES
@@ -86,7 +87,8 @@ def counting(cls, method, calls):
 
 def run_log(output_dir, *flags):
     trainer.main("test", train_sd15.RECIPE, train_sd15.SD15,
-                 argv=["--tiny", "--output_dir", str(output_dir), *map(str, flags)])
+                 argv=["--tiny", "--pretrained_model", tiny.tiny_pipeline_dir("sd15"), "--dataset",
+                       trainer.builtin_pairs(), "--output_dir", str(output_dir), *map(str, flags)])
     with open(os.path.join(output_dir, "log.jsonl")) as f:
         return [json.loads(line) for line in f]
 

@@ -24,7 +24,6 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-# ----------------------------------------------------------------------------------------------------
 # Win rate
 
 
@@ -51,7 +50,6 @@ def test_win_rate_pairs_by_prompt_and_seed_not_by_order():
         ev.win_rate({(0, 0): math.nan}, {(0, 0): 1.0})
 
 
-# ----------------------------------------------------------------------------------------------------
 # Rewards
 
 
@@ -109,7 +107,6 @@ def _brightness(images, prompts):
     return [float(np.asarray(im).mean() / 255) for im in images]
 
 
-# ----------------------------------------------------------------------------------------------------
 # End to end, offline
 
 
@@ -145,7 +142,8 @@ def models(tmp_path_factory):
     torch.set_num_threads(1)  # as one_thread (a function-scoped fixture does not cover module set-up)
     try:
         trainer.main("tiny", train_sd15.RECIPE, train_sd15.SD15,
-                     argv=["--tiny", "--max_steps", "2", "--output_dir", str(run), "--pretrained_model", base])
+                     argv=["--tiny", "--max_steps", "2", "--output_dir", str(run), "--pretrained_model", base,
+                           "--dataset", trainer.builtin_pairs()])
     finally:
         torch.set_num_threads(threads)
     copy = tmp_path_factory.mktemp("copy") / "base-copy"
@@ -218,11 +216,10 @@ def test_cli_tiny_demo_prints_the_table(tmp_path, capsys):
     rc = ev.main(["--tiny", "--output_dir", str(tmp_path), "--limit", "1", "--num_seeds", "1", "--quiet"])
     assert rc == 0
     printed = capsys.readouterr().out
-    assert "Win rate (%) of tiny-seed1" in printed and "| tiny-base |" in printed
+    assert "Win rate (%) of tiny-random" in printed and "| toy-base |" in printed
     assert (tmp_path / "tiny_prompts.txt").is_file() and (tmp_path / "table.md").is_file()
 
 
-# ----------------------------------------------------------------------------------------------------
 # Bad input: one `error:` line and exit code 2
 
 

@@ -10,6 +10,7 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from safetensors.torch import load_file
 
 import lora
+import tiny
 import trainer
 import train_sd15
 from losses import LOSSES
@@ -123,7 +124,8 @@ def test_reference_adapter_copies_every_tau_and_initial_model_is_adapters_off(tm
 
 def run_log(output_dir, *flags):
     trainer.main("test", train_sd15.RECIPE, train_sd15.SD15,
-                 argv=["--tiny", "--output_dir", str(output_dir), *map(str, flags)])
+                 argv=["--tiny", "--pretrained_model", tiny.tiny_pipeline_dir("sd15"), "--dataset",
+                       trainer.builtin_pairs(), "--output_dir", str(output_dir), *map(str, flags)])
     with open(os.path.join(output_dir, "log.jsonl")) as f:
         return [json.loads(line) for line in f]
 

@@ -1,4 +1,7 @@
-"""train_sd15.py end to end on the tiny SD1.5-layout model, offline (the real from_pretrained path)."""
+"""train_sd15.py end to end on the tiny SD1.5-layout model, offline (the real from_pretrained path).
+
+The runs pass the random tiny pipeline and the built-in smooth-vs-noise pairs explicitly: they test the
+mechanics in seconds, and `--tiny` alone (the toy model and its sampled pairs) is tested in test_toy.py."""
 import json
 import math
 import os
@@ -10,15 +13,20 @@ import time
 import pytest
 import torch
 
+import tiny
 import trainer
 import train_sd15
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def tiny_flags():
+    return ["--tiny", "--pretrained_model", tiny.tiny_pipeline_dir("sd15"), "--dataset", trainer.builtin_pairs()]
+
+
 def run(output_dir, *flags):
     """One in-process training run (saves the 5 s import of a subprocess); returns the log lines."""
-    argv = ["--tiny", "--output_dir", str(output_dir), *map(str, flags)]
+    argv = [*tiny_flags(), "--output_dir", str(output_dir), *map(str, flags)]
     trainer.main("test", train_sd15.RECIPE, train_sd15.SD15, argv=argv)
     with open(os.path.join(output_dir, "log.jsonl")) as f:
         return [json.loads(line) for line in f]
@@ -89,7 +97,7 @@ def test_resume_ends_with_the_same_weights_as_an_uninterrupted_run(tmp_path):
 
 
 def test_two_process_torchrun_matches_one_process_with_twice_the_accumulation(tmp_path):
-    common = ["--tiny", "--max_steps", "3", "--train_batch_size", "1", "--learning_rate", "1e-4",
+    common = [*tiny_flags(), "--max_steps", "3", "--train_batch_size", "1", "--learning_rate", "1e-4",
               "--tau", "2", "--checkpoint_every", "1000", "--no_flip", "--caption_dropout", "0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, "train_sd15.py", *common, "--effective_batch_size", "2",
@@ -110,7 +118,7 @@ def test_two_process_torchrun_matches_one_process_with_twice_the_accumulation(tm
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
-    proc = subprocess.Popen([sys.executable, "train_sd15.py", "--tiny", "--max_steps", "1000",
+    proc = subprocess.Popen([sys.executable, "train_sd15.py", *tiny_flags(), "--max_steps", "1000",
                              "--output_dir", str(tmp_path)], cwd=HERE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     log = tmp_path / "log.jsonl"
@@ -143,10 +151,11 @@ def test_offline_hub_model_fails_at_once_naming_the_offline_option(capsys, tmp_p
 
 
 def test_bad_inputs_give_one_line_errors(capsys, tmp_path):
-    expect_error(capsys, ["--tiny", "--pretrained_model", str(tmp_path / "missing"), "--output_dir", str(tmp_path)])
-    expect_error(capsys, ["--tiny", "--max_steps", "0", "--output_dir", str(tmp_path)], "--max_steps")
-    expect_error(capsys, ["--tiny", "--resume", str(tmp_path / "nowhere"), "--output_dir", str(tmp_path)], "--resume")
-    expect_error(capsys, ["--tiny", "--effective_batch_size", "6", "--output_dir", str(tmp_path)], "multiple")
+    expect_error(capsys, ["--tiny", "--pretrained_model", str(tmp_path / "missing"), "--output_dir", str(tmp_path)],
+                 "is not one: give --dataset")
+    expect_error(capsys, [*tiny_flags(), "--max_steps", "0", "--output_dir", str(tmp_path)], "--max_steps")
+    expect_error(capsys, [*tiny_flags(), "--resume", str(tmp_path / "nowhere"), "--output_dir", str(tmp_path)], "--resume")
+    expect_error(capsys, [*tiny_flags(), "--effective_batch_size", "6", "--output_dir", str(tmp_path)], "multiple")
     empty = tmp_path / "empty_model"
     empty.mkdir()
     expect_error(capsys, ["--pretrained_model", str(empty), "--dataset", str(tmp_path), "--output_dir",

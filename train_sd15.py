@@ -6,7 +6,7 @@ reference update every τ = 32 steps with monitor δ = 0.005, γ = 0.9 over-samp
 
     python train_sd15.py                                   # one GPU (accumulation 2048)
     torchrun --nproc_per_node=8 train_sd15.py              # 8 GPUs (accumulation 256 each)
-    python train_sd15.py --tiny                            # offline CPU demo: tiny model, built-in pairs (~1 min)
+    python train_sd15.py --tiny                            # offline CPU demo: the toy model and its pairs (~2 min)
     python train_sd15.py --resume latest                   # continue the run in --output_dir
     python train_sd15.py --tau 0 --gamma 1 --no_reward_scale   # plain Diffusion-DPO (Wallace et al. 2023)
     python train_sd15.py --loss sft                        # the SFT baseline (winners only)
@@ -52,6 +52,7 @@ class SD15(DDPMNoising):
 
     name = "sd15"
     tiny_kind = "sd15"
+    toy_demo = True  # --tiny trains the pretrained toy model on its preference pairs (toy.py)
 
     def __init__(self, args, runtime):
         self.path = trainer.resolve_model(args.pretrained_model)

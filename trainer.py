@@ -68,9 +68,10 @@ def build_parser(description: str, recipe: dict) -> argparse.ArgumentParser:
     g.add_argument("--pretrained_model", default=None,
                    help=f"hub id or local folder of the diffusers pipeline to fine-tune (recipe: {recipe['pretrained_model']})")
     g.add_argument("--tiny", action="store_true",
-                   help="offline demo: a tiny model of the same classes and the built-in preference pairs "
-                        f"(built on first use); also sets the small-scale defaults {TINY_RECIPE}, "
-                        "each of which an explicit flag overrides")
+                   help="offline demo. SD1.5: the committed toy base model (toy_model/) and preference pairs "
+                        "sampled from it and labelled by the toy reward (made on first use, then cached); "
+                        "SDXL/SD3: a tiny random model of the same classes and built-in pairs. Also sets the "
+                        f"small-scale defaults {TINY_RECIPE}, each of which an explicit flag overrides")
     g.add_argument("--dataset", default=None,
                    help="Pick-a-Pic-format pairs: a hub dataset id, or a local parquet file or folder "
                         f"(default: {data.DEFAULT_DATASET}, a public mirror of Pick-a-Pic v2)")
@@ -738,7 +739,7 @@ def main(description: str, recipe: dict, model_class, argv=None) -> None:
         if runtime.device.type == "cpu" and args.cpu_threads:
             torch.set_num_threads(args.cpu_threads)
         if args.tiny:
-            prepare_tiny(args, model_class.tiny_kind, runtime)
+            prepare_tiny(args, model_class.tiny_kind, runtime, getattr(model_class, "toy_demo", False))
         else:
             check_dataset_source(args.dataset)
         if runtime.is_main:
@@ -759,22 +760,53 @@ def main(description: str, recipe: dict, model_class, argv=None) -> None:
             dist.destroy_process_group()
 
 
-def prepare_tiny(args, kind: str, runtime: Runtime) -> None:
-    """--tiny: the tiny pipeline folder and the built-in pairs, built once (rank 0 first) and cached."""
+TOY_DEMO_PAIRS = 256  # toy pairs of the SD1.5 --tiny demo: 60 steps × 4 pairs see each about once
+
+
+def builtin_pairs() -> str:
+    """The built-in smooth-vs-noise pairs (data.write_tiny_pickapic), written once into the tiny cache."""
     import tiny
 
+    pairs = tiny.default_cache_root() / "tiny-pairs-v1.parquet"
+    if not pairs.exists():
+        pairs.parent.mkdir(parents=True, exist_ok=True)
+        tmp = f"{pairs}.tmp-{os.getpid()}"
+        data.write_tiny_pickapic(tmp, num_pairs=256, resolution=32, seed=0)
+        os.replace(tmp, pairs)
+    return str(pairs)
+
+
+def prepare_tiny(args, kind: str, runtime: Runtime, toy_demo: bool = False) -> None:
+    """--tiny: the model and pairs of the offline demo, built once (rank 0 first) and cached.
+
+    toy_demo (SD1.5): the committed toy base model (toy_model/, toy_pretrain.py) and preference pairs
+    sampled from it and labelled by the toy reward (toy.cached_pairs), so the demo learns a real preference.
+    Otherwise: the random tiny `kind` pipeline (tiny.py) and the built-in smooth-vs-noise pairs, which test
+    the mechanics in seconds (bench.py and the tests use these)."""
+    import tiny
+    import toy
+
     def build():
-        if args.pretrained_model is None:
-            args.pretrained_model = tiny.tiny_pipeline_dir(kind)
+        if not toy_demo:
+            args.pretrained_model = args.pretrained_model or tiny.tiny_pipeline_dir(kind)
+            args.dataset = args.dataset or builtin_pairs()
+            return
+        args.pretrained_model = args.pretrained_model or str(toy.TOY_MODEL)
         if args.dataset is None:
-            pairs = tiny.default_cache_root() / "tiny-pairs-v1.parquet"
-            if not pairs.exists():
-                tmp = f"{pairs}.tmp-{os.getpid()}"
-                data.write_tiny_pickapic(tmp, num_pairs=256, resolution=32, seed=0)
-                os.replace(tmp, pairs)
-            args.dataset = str(pairs)
+            if not os.path.isfile(os.path.join(args.pretrained_model, "model_index.json")):
+                fail(f"--tiny samples its preference pairs from a local pipeline folder, and "
+                     f"{args.pretrained_model} is not one: give --dataset, or build it with toy_pretrain.py")
+            args.dataset = str(toy.cached_pairs(args.pretrained_model, TOY_DEMO_PAIRS, seed=0))
     chosen = (args.pretrained_model, args.dataset)
     if runtime.is_main:
+        build()
+    if runtime.world_size > 1:
+        dist.barrier()
+        args.pretrained_model, args.dataset = chosen
+        build()
+    if runtime.world_size > 1:
+        dist.barrier()
+        args.pretrained_model, args.dataset = chosen
         build()
     if runtime.world_size > 1:
         dist.barrier()

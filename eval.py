@@ -94,10 +94,12 @@ PICKAPIC_DATASET = "yuvalkirstain/pickapic_v2_no_images"
 PARTI_DATASET = "nateraw/parti-prompts"
 HPSV2_BENCHMARK = ("zhwang/HPDv2", ("anime", "concept-art", "paintings", "photo"))
 
-TINY_REWARDS = ("tiny_pickscore", "tiny_clip", "toy_fidelity", "toy_aesthetic", "toy_label")
+# The toy world's rewards; tiny_pickscore / tiny_clip (random CLIP weights, numbers without meaning) exercise the
+# CLIP reward code offline and can be added with --rewards.
+TINY_REWARDS = ("toy_fidelity", "toy_aesthetic", "toy_label")
 # The offline demo samples as the toy world's pairs were sampled (toy.py: DDIM, 8 steps, guidance 3).
 TINY_DEFAULTS = {"steps": 8, "guidance_scale": 3.0, "resolution": 32, "num_seeds": 2, "limit": None}
-TINY_PROMPTS = 8  # captions of the toy world's held-out prompts written to the demo's prompt file
+TINY_PROMPTS = 54  # the toy world's held-out prompts (all of toy.EVAL_PROMPTS) in the demo's prompt file
 
 
 class EvalError(Exception):

@@ -4,10 +4,10 @@ held-out prompts, and the paper's figures drawn from the runs (DESIGN.md, "The t
     python reproduce.py                                  # the whole reproduction, 3 seeds (≤ 30 min on 2 CPU cores)
     python reproduce.py --smoke --output_dir out/repro-smoke   # the mechanics only, in ~1-2 minutes
     python reproduce.py --seeds 0 1 2 3 4 --steps 400    # more seeds, longer runs
-    python reproduce.py --model toy_model --pairs toy_pairs.parquet --output_dir out/repro
+    python reproduce.py --model my_toy_model --pairs my_pairs.parquet --output_dir out/repro2
 
 Stages (each with its own progress bar; a rerun in the same --output_dir skips finished runs and images):
-  0. pairs        the toy preference pairs (--pairs; made with toy.make_pairs from --model if absent)
+  0. pairs        the toy preference pairs (--pairs, else sampled from --model once and cached: toy.cached_pairs)
   1. calibration  τ and δ by the paper's own principle (Fig. 1c): reference updates *without* the monitor at a few
                   τ on seed 0, checkpoints along the way; each checkpoint's held-out preference score (toy_label)
                   is plotted against its divergence D from the initial model. δ is the D of the best checkpoint
@@ -37,6 +37,7 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
@@ -46,24 +47,30 @@ from tqdm import tqdm
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_MODEL = HERE / "toy_model"
-DEFAULT_PAIRS = HERE / "toy_pairs.parquet"
 REWARDS = ("toy_fidelity", "toy_aesthetic", "toy_label")
+FIGURE_DPI = 100
 NUM_BINS = 10  # trainer.NUM_LOG_BINS: the paper's 10 equal t-bins, bin 0 the cleanest
 
 # The small-scale recipe. Every value is a flag of this script; the comments say why it was chosen.
 RECIPE = dict(
     steps=200,            # optimizer steps per run: 18 runs + calibration + evaluation fit the 30-minute budget
     batch=8,              # pairs per step (no accumulation): ~0.35 CPU-s per Diffusion-DPO step on the toy model
-    learning_rate=1e-4,   # AdamW, constant after warm-up
+    # β and lr: the paper's β = 5000 (§5); with lr 3e-5 Diffusion-DPO ends at D(p_θ, p_init) ≈ 0.004 in 200
+    # steps and improves the held-out toy_label a little. At lr 1e-4 it drifted to D ≈ 0.03 and made the
+    # model worse than the base (−0.03 toy_label), at 3e-4 D ≈ 0.15 and −0.075: score against D is Fig. 1c.
+    learning_rate=3e-5,   # AdamW, constant after warm-up
     warmup=10,
-    beta=500.0,           # β of §1 at the toy's error scale (the tiny-model recipe of trainer.TINY_RECIPE)
+    beta=5000.0,
     calibration_taus=(2, 8),  # τ grid of the calibration; the smallest is also the "update without monitor" run
-    checkpoints=5,        # checkpoints per calibration run, i.e. points of the Fig. 1c curve
+    checkpoints=8,        # checkpoints per calibration run, i.e. points of the Fig. 1c curve
     divergence_every=10,  # log D(policy, p_init) for Fig. 1b
     monitor_samples=32,   # (winner, t, ε) draws of the monitor: 8 made its D too noisy for a small δ
     bin_stats_every=20,   # per-t-bin statistics for Fig. 2
-    eval_seeds=2,         # sampling seeds per held-out prompt
-    calibration_seeds=1,  # sampling seeds per held-out prompt for the calibration score (seeds apart from eval's)
+    # Sampling seeds per held-out prompt. eval.py gives every prompt the same seeds 0 … N−1, and in the toy world
+    # the initial noise largely fixes the layout, so N seeds are N layouts: 2 seeds moved the base model's mean
+    # toy_label from 0.50 (seeds 0, 1) to 0.65 (seeds 2, 3). Comparisons stay paired; 4 seeds are 4 layouts.
+    eval_seeds=4,
+    calibration_seeds=2,  # per held-out prompt for the calibration score; a distinct seed per image, apart from eval's
     probe_images=48,      # winner images of the divergence probe (Fig. 5, calibration)
 )
 SMOKE = dict(steps=4, batch=2, warmup=0, calibration_taus=(2,), checkpoints=2, divergence_every=2,
@@ -76,7 +83,7 @@ CALIBRATION_SEED_OFFSET = 10_000  # calibration samples use seeds 10000+, evalua
 CONFIGS = (
     ("sft", "SFT", lambda c: ["--loss", "sft", "--tau", "0", "--gamma", "1", "--no_reward_scale"]),
     ("dpo", "Diffusion-DPO", lambda c: ["--tau", "0", "--gamma", "1", "--no_reward_scale"]),
-    ("nomonitor", f"update without monitor", lambda c: ["--tau", str(c["tau_small"]), "--on_diverge", "ignore",
+    ("nomonitor", "update without monitor", lambda c: ["--tau", str(c["tau_small"]), "--on_diverge", "ignore",
                                                         "--gamma", "1", "--no_reward_scale"]),
     ("explore", "update + monitor (exploration only)", lambda c: ["--tau", str(c["tau"]), "--delta", str(c["delta"]),
                                                                   "--gamma", "1", "--no_reward_scale"]),
@@ -94,9 +101,10 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--output_dir", default="out/repro", help="runs, evaluation, figures and results go here")
     p.add_argument("--model", default=str(DEFAULT_MODEL), help="the toy base model (pipeline folder, hub layout)")
-    p.add_argument("--pairs", default=str(DEFAULT_PAIRS),
-                   help="toy preference pairs (Pick-a-Pic parquet); made from --model with toy.make_pairs if missing")
-    p.add_argument("--num_pairs", type=int, default=1000, help="pairs to make when --pairs does not exist")
+    p.add_argument("--pairs", default=None,
+                   help="toy preference pairs (Pick-a-Pic parquet); default: --num_pairs pairs sampled from --model "
+                        "and labelled by toy_label (toy.cached_pairs: made once, then reused from the cache)")
+    p.add_argument("--num_pairs", type=int, default=1000, help="pairs to sample when --pairs is not given")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds of every configuration")
     p.add_argument("--smoke", action="store_true",
                    help=f"mechanics only: {', '.join(SMOKE_CONFIGS)} × the first seed, {SMOKE['steps']} steps, "
@@ -135,7 +143,6 @@ def parse_args(argv=None):
     return args
 
 
-# ----------------------------------------------------------------------------------------------------
 # Running trainer.main, in this process or in a worker
 
 
@@ -242,7 +249,6 @@ def run_tasks(tasks: list[tuple], jobs: int, desc: str) -> list:
     return results
 
 
-# ----------------------------------------------------------------------------------------------------
 # The divergence probe: D(p, p_init) of PAPER.md §2, per t-bin, on many fixed draws
 
 
@@ -316,34 +322,27 @@ def probe_divergence(model_dir: str, pairs: str, num_images: int, pipelines: dic
     return {name: probe.by_bin(probe.unet_of(path)) for name, path in pipelines.items()}
 
 
-# ----------------------------------------------------------------------------------------------------
 # Stage 0: pairs
 
 
 def ensure_pairs(args) -> dict:
-    """The toy pairs: --pairs if it exists, else made from the base model with toy.make_pairs (the way
-    `python toy.py pairs` makes them) into OUTPUT_DIR/pairs.parquet."""
+    """The toy pairs: --pairs if given, else toy.cached_pairs of the base model (the pairs `train_sd15.py --tiny`
+    reads too, made once per model and cached)."""
     import toy
 
-    if os.path.exists(args.pairs):
+    if args.pairs:
+        if not os.path.exists(args.pairs):
+            sys.exit(f"error: --pairs {args.pairs} does not exist (leave it out to sample pairs from --model)")
         print(f"[0/5] pairs: {args.pairs}")
         return {"pairs": args.pairs, "made": False}
-    out = Path(args.output_dir) / "pairs.parquet"
     num = SMOKE_PAIRS if args.smoke else args.num_pairs
-    if not out.exists():
-        print(f"[0/5] pairs: {args.pairs} not found; sampling {num} pairs from {args.model} into {out}")
-        pipe = toy.load_pipeline(args.model)
-        cols, stats = toy.make_pairs(pipe, toy.pair_prompts(num, seed=0), seed=0,
-                                     num_inference_steps=4 if args.smoke else toy.NUM_INFERENCE_STEPS, progress=True)
-        tmp = out.with_suffix(".tmp")
-        toy.write_parquet(cols, str(tmp))
-        os.replace(tmp, out)
-        print(f"      {stats}")
-    args.pairs = str(out)
-    return {"pairs": str(out), "made": True}
+    path = toy.cached_pairs(args.model, num, seed=0)
+    print(f"[0/5] pairs: {path}")
+    args.pairs = str(path)
+    stats = path.with_suffix(".json")
+    return {"pairs": str(path), "made": True, **(json.loads(stats.read_text()) if stats.is_file() else {})}
 
 
-# ----------------------------------------------------------------------------------------------------
 # Stage 1: calibration (Fig. 1c)
 
 
@@ -365,8 +364,14 @@ def calibrate_run(run_dir: str, argv: list[str], model: str, pairs: str, probe_i
     (and the base model, step 0) the held-out toy_label score of its samples and its divergence D."""
     import toy
 
+    steps_ = 4 if smoke else toy.NUM_INFERENCE_STEPS
+    key = {"argv": argv, "prompts": prompts, "seeds": seeds, "probe_images": probe_images,
+           "sampler": [toy.SAMPLER, steps_, toy.GUIDANCE_SCALE]}
+    cached = Path(run_dir) / "calibration.json"
     if not run_done(Path(run_dir), argv):
         train_one(run_dir, argv)
+    elif cached.is_file() and json.loads(cached.read_text())["key"] == key:
+        return json.loads(cached.read_text())["result"]
     pipe = toy.load_pipeline(model)
     probe = DivergenceProbe(model, pairs, probe_images)
     steps = [0] + sorted(int(p.name.split("-")[1]) for p in Path(run_dir).glob("checkpoint-*"))
@@ -379,11 +384,13 @@ def calibrate_run(run_dir: str, argv: list[str], model: str, pairs: str, probe_i
             unet = probe.unet(state["policy"])
         else:
             unet = probe.init
-        images = toy.sample(pipe, prompts, seeds, num_inference_steps=4 if smoke else toy.NUM_INFERENCE_STEPS)
+        images = toy.sample(pipe, prompts, seeds, num_inference_steps=steps_)
         by_bin = probe.by_bin(unet)
         points.append({"step": step, "divergence": float(np.mean(by_bin)),
                        "score": float(np.mean(toy.label_reward(images, prompts)))})
-    return {"run_dir": run_dir, "points": points}
+    result = {"run_dir": run_dir, "points": points}
+    cached.write_text(json.dumps({"key": key, "result": result}))
+    return result
 
 
 def calibrate(args, out: Path) -> dict:
@@ -414,45 +421,14 @@ def calibrate(args, out: Path) -> dict:
         delta = positive[0] if positive else 1e-4
         note += f"; D ≤ 0 cannot serve as a threshold, δ = the smallest positive D measured, {delta:.4g}"
     chosen = {"tau": args.tau or best_tau, "delta": args.delta if args.delta is not None else float(f"{delta:.3g}"),
-              "tau_small": min(taus), "rule": note, "curves": curves, "prompts": len(prompts),
+              "tau_small": min(taus), "rule": note, "curves": curves, "prompts": len(set(prompts)),
               "checkpoint_every": every}
     if args.tau or args.delta is not None:
         chosen["rule"] += f"; overridden on the command line: τ = {chosen['tau']}, δ = {chosen['delta']}"
     return chosen
 
 
-# ----------------------------------------------------------------------------------------------------
 # Stage 3: evaluation
-
-
-def eval_view(pipeline_dir: Path, view: Path, sampler: str) -> str:
-    """The pipeline with toy.SAMPLER's scheduler, as a folder eval.py loads: hard links to its weights (no
-    copy), the scheduler swapped. The toy pairs were sampled with that scheduler (toy.load_pipeline); the
-    trained folders keep the training DDPM scheduler."""
-    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
-
-    classes = {"ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler, "ddpm": DDPMScheduler}
-    shutil.rmtree(view, ignore_errors=True)
-    for src in pipeline_dir.rglob("*"):
-        rel = src.relative_to(pipeline_dir)
-        if src.is_dir() or rel.parts[0] == "scheduler" or rel.name in ("model_index.json", "README.md"):
-            continue
-        (view / rel).parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(src, view / rel)
-        except OSError:
-            shutil.copy2(src, view / rel)
-    cls = classes[sampler]
-    cls.from_config(DDPMScheduler.load_config(pipeline_dir, subfolder="scheduler")).save_pretrained(view / "scheduler")
-    index = json.loads((pipeline_dir / "model_index.json").read_text())
-    index["scheduler"] = ["diffusers", cls.__name__]
-    (view / "model_index.json").write_text(json.dumps(index, indent=2))
-    # eval.py fingerprints a folder by its files' sizes and times: the written files take the source's time,
-    # so the view of unchanged weights keeps its fingerprint and a rerun reuses its stored images.
-    source = (pipeline_dir / "model_index.json").stat()
-    for path in [view / "model_index.json", *(view / "scheduler").iterdir()]:
-        os.utime(path, ns=(source.st_atime_ns, source.st_mtime_ns))
-    return str(view)
 
 
 def evaluate(args, out: Path, runs: dict) -> dict:
@@ -464,10 +440,11 @@ def evaluate(args, out: Path, runs: dict) -> dict:
     prompts = toy.EVAL_PROMPTS[:SMOKE_PROMPTS] if args.smoke else toy.EVAL_PROMPTS
     prompt_file = out / "eval_prompts.txt"
     prompt_file.write_text("\n".join(prompts) + "\n")
-    views = out / "eval_models"
-    specs = {"base": f"base={eval_view(Path(args.model), views / 'base', toy.SAMPLER)}"}
+    # The pipelines sample with the scheduler they were saved with: toy_model's DDIM, which the trained
+    # pipelines inherit (trainer save_pipeline), so the evaluation samples as the pairs were sampled.
+    specs = {"base": f"base={args.model}"}
     for (key, seed), run_dir in runs.items():
-        specs[(key, seed)] = f"{key}-s{seed}={eval_view(run_dir / 'final', views / f'{key}-s{seed}', toy.SAMPLER)}"
+        specs[(key, seed)] = f"{key}-s{seed}={run_dir / 'final'}"
     for spec in specs.values():  # images of weights that have since been retrained are sampled again
         ref = ev.resolve_model(spec)
         settings = out / "eval" / "images" / ref.tag / "settings.json"
@@ -528,7 +505,6 @@ def tables(args, evaluation: dict, keys: list[str]) -> dict:
     return {"means": means, "wins": wins, "main": main}
 
 
-# ----------------------------------------------------------------------------------------------------
 # Logs and figures
 
 
@@ -611,7 +587,7 @@ def draw_figures(args, out: Path, runs: dict, keys: list[str], calibration: dict
     ax.legend(fontsize=8)
     fig.tight_layout()
     paths["fig1c_calibration"] = figures / "fig1c_calibration.png"
-    fig.savefig(paths["fig1c_calibration"], dpi=120)
+    fig.savefig(paths["fig1c_calibration"], dpi=FIGURE_DPI)
     plt.close(fig)
     steps.update(1)
 
@@ -642,7 +618,7 @@ def draw_figures(args, out: Path, runs: dict, keys: list[str], calibration: dict
     fig.suptitle("Fig. 1b (toy): Diffusion-DPO, reference update without and with the monitor")
     fig.tight_layout()
     paths["fig1b"] = figures / "fig1b_margin_divergence.png"
-    fig.savefig(paths["fig1b"], dpi=120)
+    fig.savefig(paths["fig1b"], dpi=FIGURE_DPI)
     plt.close(fig)
     steps.update(1)
 
@@ -659,7 +635,9 @@ def draw_figures(args, out: Path, runs: dict, keys: list[str], calibration: dict
     for key in [k for k in ("dpo", "explore", "full") if k in keys]:
         for ax, (name, title) in zip(axes, panels):
             values = np.array([bin_profile(read_log(runs[(key, s)]), name, args.steps // 2) for s in args.seeds])
-            ax.plot(centres, np.nanmean(values, 0), "o-", color=colours[key], label=LABELS[key])
+            with warnings.catch_warnings():  # a bin no seed sampled (a smoke run's few steps) stays empty
+                warnings.simplefilter("ignore", RuntimeWarning)
+                ax.plot(centres, np.nanmean(values, 0), "o-", color=colours[key], label=LABELS[key])
             ax.set(xlabel="t (bin centre)", title=title)
     axes[2].axhline(0.5, color="k", lw=0.6, ls=":")
     axes[3].plot(np.arange(len(lam)), lam, color="k")
@@ -668,7 +646,7 @@ def draw_figures(args, out: Path, runs: dict, keys: list[str], calibration: dict
     fig.suptitle("Fig. 2 (toy): per t-bin statistics over the second half of training (mean over seeds)")
     fig.tight_layout()
     paths["fig2"] = figures / "fig2_timestep_bins.png"
-    fig.savefig(paths["fig2"], dpi=120)
+    fig.savefig(paths["fig2"], dpi=FIGURE_DPI)
     plt.close(fig)
     steps.update(1)
 
@@ -686,7 +664,7 @@ def draw_figures(args, out: Path, runs: dict, keys: list[str], calibration: dict
         axes[1].plot(centres, diff.mean(0), "o-", color=colours[pair[1]])
         axes[1].fill_between(centres, diff.min(0), diff.max(0), color=colours[pair[1]], alpha=0.15)
         axes[1].axhline(0, color="k", lw=0.6)
-        axes[1].set(title=f"{LABELS[pair[1]]} minus {LABELS[pair[0]]}")
+        axes[1].set(title=f"difference: {pair[1]} − {pair[0]}", ylabel="ΔD in bin")
     axes[0].set(title="per-bin D(p_θ, p_init) of the final models", ylabel="D in bin")
     for ax in axes:
         ax.set(xlabel="t (bin centre)")
@@ -694,7 +672,7 @@ def draw_figures(args, out: Path, runs: dict, keys: list[str], calibration: dict
     fig.suptitle("Fig. 5 (toy): per t-bin divergence, timestep-aware vs exploration only (band: min–max over seeds)")
     fig.tight_layout()
     paths["fig5"] = figures / "fig5_divergence_by_bin.png"
-    fig.savefig(paths["fig5"], dpi=120)
+    fig.savefig(paths["fig5"], dpi=FIGURE_DPI)
     plt.close(fig)
     steps.update(1)
 
@@ -705,7 +683,7 @@ def draw_figures(args, out: Path, runs: dict, keys: list[str], calibration: dict
 
     shown = [k for k in ("base", "dpo", "full") if k == "base" or k in keys]
     prompts = toy.EVAL_PROMPTS[:SMOKE_PROMPTS] if args.smoke else toy.EVAL_PROMPTS
-    rows = list(range(min(8, len(prompts))))
+    rows = sorted(set(np.linspace(0, len(prompts) - 1, min(8, len(prompts))).round().astype(int).tolist()))
     sample_seeds = list(range(min(2, args.eval_seeds)))
     fig, axes = plt.subplots(len(rows), len(shown) * len(sample_seeds),
                              figsize=(1.6 * len(shown) * len(sample_seeds) + 1.5, 1.6 * len(rows)), squeeze=False)
@@ -722,14 +700,13 @@ def draw_figures(args, out: Path, runs: dict, keys: list[str], calibration: dict
     fig.suptitle("Same-seed samples on held-out prompts (training seed %d)" % args.seeds[0], fontsize=9)
     fig.tight_layout()
     paths["samples"] = figures / "samples_grid.png"
-    fig.savefig(paths["samples"], dpi=120)
+    fig.savefig(paths["samples"], dpi=FIGURE_DPI)
     plt.close(fig)
     steps.update(1)
     steps.close()
     return {k: str(v) for k, v in paths.items()}
 
 
-# ----------------------------------------------------------------------------------------------------
 # Stage 5: the report
 
 
@@ -775,7 +752,7 @@ def render_tables(args, calibration: dict, table: dict, summary: dict, keys: lis
 
 def write_results(out: Path, args, text: str, figures: dict, timings: dict, payload: dict) -> None:
     rel = {k: os.path.relpath(v, out) for k, v in figures.items()}
-    command = "python reproduce.py " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("reproduce.py") \
+    command = " ".join(["python reproduce.py", *sys.argv[1:]]) if sys.argv and sys.argv[0].endswith("reproduce.py") \
         else "reproduce.main(...)"
     md = ["# Toy reproduction of Rethinking DPO in diffusion models", "", f"Command: `{command}`", "",
           "Timings (s): " + ", ".join(f"{k} {v['wall_s']:.0f} wall / {v['cpu_s']:.0f} CPU" for k, v in timings.items()),
@@ -794,7 +771,6 @@ def _jsonable(value):
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
-# ----------------------------------------------------------------------------------------------------
 
 
 class Clock:

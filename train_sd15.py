@@ -53,6 +53,9 @@ class SD15(DDPMNoising):
     name = "sd15"
     tiny_kind = "sd15"
     toy_demo = True  # --tiny trains the pretrained toy model on its preference pairs (toy.py)
+    # ... with reproduce.py's recipe: β, lr and the pair budget there, τ and δ from its calibration (README).
+    toy_recipe = dict(train_batch_size=8, effective_batch_size=8, max_steps=200, learning_rate=3e-5,
+                      warmup_steps=10, beta=5000.0, tau=8, delta=0.025, checkpoint_every=100)
 
     def __init__(self, args, runtime):
         self.path = trainer.resolve_model(args.pretrained_model)

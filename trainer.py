@@ -70,8 +70,9 @@ def build_parser(description: str, recipe: dict) -> argparse.ArgumentParser:
     g.add_argument("--tiny", action="store_true",
                    help="offline demo. SD1.5: the committed toy base model (toy_model/) and preference pairs "
                         "sampled from it and labelled by the toy reward (made on first use, then cached); "
-                        "SDXL/SD3: a tiny random model of the same classes and built-in pairs. Also sets the "
-                        f"small-scale defaults {TINY_RECIPE}, each of which an explicit flag overrides")
+                        "SDXL/SD3 (or with --pretrained_model): a tiny random model of the same classes and "
+                        f"built-in pairs. Also sets the small-scale defaults {TINY_RECIPE} (with the toy model: "
+                        "updated by the script's toy recipe), each of which an explicit flag overrides")
     g.add_argument("--dataset", default=None,
                    help="Pick-a-Pic-format pairs: a hub dataset id, or a local parquet file or folder "
                         f"(default: {data.DEFAULT_DATASET}, a public mirror of Pick-a-Pic v2)")
@@ -172,7 +173,7 @@ def build_parser(description: str, recipe: dict) -> argparse.ArgumentParser:
     return p
 
 
-def finalize_args(args, recipe: dict, world_size: int):
+def finalize_args(args, recipe: dict, world_size: int, tiny_recipe: dict = TINY_RECIPE):
     """Fill what was left unset: --tiny's small-scale recipe, then the script's paper recipe."""
     recipe = dict(recipe)
     if args.tiny:
@@ -181,7 +182,7 @@ def finalize_args(args, recipe: dict, world_size: int):
         recipe["dataset"] = data.DEFAULT_DATASET
     generic = dict(train_batch_size=1, scale_lr=True, learning_rate=1e-8, checkpoint_every=500,
                    dataloader_workers=4, divergence_every=0)
-    for name, default in {**generic, **recipe, **(TINY_RECIPE if args.tiny else {})}.items():
+    for name, default in {**generic, **recipe, **(tiny_recipe if args.tiny else {})}.items():
         if getattr(args, name, None) is None:
             setattr(args, name, default)
     objective = LOSSES[args.loss]
@@ -735,7 +736,10 @@ def main(description: str, recipe: dict, model_class, argv=None) -> None:
     runtime = None
     try:
         runtime = setup_runtime(args)
-        args = finalize_args(args, recipe, runtime.world_size)
+        tiny_recipe = TINY_RECIPE
+        if args.tiny and getattr(model_class, "toy_demo", False) and args.pretrained_model is None:
+            tiny_recipe = {**TINY_RECIPE, **model_class.toy_recipe}  # the toy model's own, calibrated recipe
+        args = finalize_args(args, recipe, runtime.world_size, tiny_recipe)
         if runtime.device.type == "cpu" and args.cpu_threads:
             torch.set_num_threads(args.cpu_threads)
         if args.tiny:

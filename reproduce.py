@@ -1,8 +1,8 @@
 """The paper in miniature: every configuration of PAPER.md §6 trained on the toy preference pairs, evaluated on
 held-out prompts, and the paper's figures drawn from the runs (DESIGN.md, "The toy miniature").
 
-    python reproduce.py                                  # the whole reproduction, 3 seeds (≤ 30 min on 2 CPU cores)
-    python reproduce.py --smoke --output_dir out/repro-smoke   # the mechanics only, in ~1-2 minutes
+    python reproduce.py                                  # the whole reproduction, 3 seeds: 23 min on a 2-core VM
+    python reproduce.py --smoke --output_dir out/repro-smoke   # the mechanics only, in under a minute
     python reproduce.py --seeds 0 1 2 3 4 --steps 400    # more seeds, longer runs
     python reproduce.py --model my_toy_model --pairs my_pairs.parquet --output_dir out/repro2
 
@@ -55,9 +55,9 @@ NUM_BINS = 10  # trainer.NUM_LOG_BINS: the paper's 10 equal t-bins, bin 0 the cl
 RECIPE = dict(
     steps=200,            # optimizer steps per run: 18 runs + calibration + evaluation fit the 30-minute budget
     batch=8,              # pairs per step (no accumulation): ~0.35 CPU-s per Diffusion-DPO step on the toy model
-    # β and lr: the paper's β = 5000 (§5); with lr 3e-5 Diffusion-DPO ends at D(p_θ, p_init) ≈ 0.004 in 200
-    # steps and improves the held-out toy_label a little. At lr 1e-4 it drifted to D ≈ 0.03 and made the
-    # model worse than the base (−0.03 toy_label), at 3e-4 D ≈ 0.15 and −0.075: score against D is Fig. 1c.
+    # β and lr: the paper's β = 5000 (§5); with lr 3e-5 Diffusion-DPO ends at D(p_θ, p_init) ≈ 0.003 in 200
+    # steps and raises the held-out toy_label by 0.02 (README). On an earlier toy base model, lr 1e-4 drifted
+    # to D ≈ 0.03 and ended worse than the base (−0.03 toy_label), 3e-4 to D ≈ 0.15 and −0.075 (Fig. 1c).
     learning_rate=3e-5,   # AdamW, constant after warm-up
     warmup=10,
     beta=5000.0,
@@ -118,24 +118,39 @@ def parse_args(argv=None):
     p.add_argument("--tau", type=int, default=None, help="skip the calibration's choice of τ and use this")
     p.add_argument("--delta", type=float, default=None, help="skip the calibration's choice of δ and use this")
     g = p.add_argument_group("small-scale recipe (defaults: the RECIPE of this file; --smoke: its SMOKE)")
-    g.add_argument("--steps", type=int, default=None)
-    g.add_argument("--batch", type=int, default=None, help="pairs per optimizer step")
-    g.add_argument("--learning_rate", type=float, default=None)
-    g.add_argument("--warmup", type=int, default=None, help="linear warm-up steps")
-    g.add_argument("--beta", type=float, default=None)
-    g.add_argument("--calibration_taus", type=int, nargs="+", default=None)
-    g.add_argument("--checkpoints", type=int, default=None, help="checkpoints per calibration run")
-    g.add_argument("--divergence_every", type=int, default=None)
-    g.add_argument("--monitor_samples", type=int, default=None)
-    g.add_argument("--bin_stats_every", type=int, default=None)
-    g.add_argument("--eval_seeds", type=int, default=None, help="sampling seeds per held-out prompt")
-    g.add_argument("--calibration_seeds", type=int, default=None)
-    g.add_argument("--probe_images", type=int, default=None, help="winner images of the divergence probe")
+
+    def recipe_flag(name, type_, help_, **kwargs):
+        smoke = f"; --smoke: {SMOKE[name]}" if name in SMOKE else ""
+        # SUPPRESS: unset flags stay absent, so that the recipe (or the smoke recipe) fills them in below.
+        g.add_argument(f"--{name}", type=type_, default=argparse.SUPPRESS,
+                       help=f"{help_} (default {RECIPE[name]}{smoke})".replace("%", "%%"), **kwargs)
+
+    recipe_flag("steps", int, "optimizer steps of every run")
+    recipe_flag("batch", int, "pairs per optimizer step")
+    recipe_flag("learning_rate", float, "AdamW learning rate, constant after warm-up")
+    recipe_flag("warmup", int, "linear warm-up steps")
+    recipe_flag("beta", float, "β of Diffusion-DPO (PAPER.md §1)")
+    recipe_flag("calibration_taus", int, "τ of the calibration runs; the smallest is also the 'update without "
+                "monitor' run's", nargs="+")
+    recipe_flag("checkpoints", int, "checkpoints per calibration run")
+    recipe_flag("divergence_every", int, "log D(p_θ, p_init) every N steps (Fig. 1b)")
+    recipe_flag("monitor_samples", int, "(winner, t, ε) draws of the divergence monitor")
+    recipe_flag("bin_stats_every", int, "log per-t-bin statistics every N steps (Fig. 2)")
+    recipe_flag("eval_seeds", int, "sampling seeds per held-out prompt")
+    recipe_flag("calibration_seeds", int, "sampling seeds per held-out prompt for the calibration score (apart "
+                "from the evaluation's)")
+    recipe_flag("probe_images", int, "winner images of the divergence probe")
     args = p.parse_args(argv)
     defaults = {**RECIPE, **(SMOKE if args.smoke else {})}
     for name, value in defaults.items():
-        if getattr(args, name) is None:
+        if getattr(args, name, None) is None:
             setattr(args, name, value)
+    for name in ("steps", "batch", "checkpoints", "monitor_samples", "eval_seeds", "calibration_seeds",
+                 "probe_images", "num_pairs"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be at least 1")
+    if args.learning_rate <= 0 or args.beta <= 0 or min(args.calibration_taus) < 1:
+        p.error("--learning_rate, --beta and every --calibration_taus must be positive")
     if args.smoke:
         args.seeds = args.seeds[:1]
     if args.jobs is None:  # a smoke run's few steps cost less than starting a worker process

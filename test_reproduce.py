@@ -92,3 +92,15 @@ def test_win_rates_pair_training_seed_s_with_seed_s():
     assert table["wins"]["dpo"]["r"][1] == pytest.approx(np.std([100.0, 0.0], ddof=1))
     assert table["wins"]["base"]["Avg"][0] == pytest.approx(50.0)
     assert table["means"]["full"]["r"] == pytest.approx((0.45, np.std([0.6, 0.3], ddof=1)))
+
+
+def test_bad_recipe_flags_are_refused_before_any_work(capsys, tmp_path):
+    for argv, message in ((["--steps", "0"], "--steps must be at least 1"),
+                          (["--calibration_taus", "0", "2"], "--calibration_taus must be positive")):
+        with pytest.raises(SystemExit) as exit_info:
+            reproduce.parse_args(argv)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--pairs .* does not exist"):
+        reproduce.main(["--smoke", "--output_dir", str(tmp_path), "--pairs", str(tmp_path / "missing.parquet")])
+    args = reproduce.parse_args(["--smoke", "--steps", "7"])
+    assert (args.steps, args.batch, args.seeds) == (7, reproduce.SMOKE["batch"], [0])

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 import reproduce
-import tiny
 
 
 @pytest.fixture(scope="module")

@@ -176,7 +176,6 @@ def test_tiny_demo_trains_the_toy_model_on_its_sampled_pairs(tmp_path, monkeypat
     import math
     import os
 
-    import torch
     from diffusers import UNet2DConditionModel
 
     import trainer

@@ -791,30 +791,6 @@ def _write_outputs(out: Path, rows: list[dict], summary: dict, table: str) -> No
 # The offline demo
 
 
-def tiny_variant_dir(seed: int) -> str:
-    """A tiny SD1.5 pipeline with random weights of `seed`: the demo's stand-in when no --model is given."""
-    import shutil
-
-    import tiny
-
-    root = tiny.default_cache_root()
-    final = root / f"tiny-sd15-seed{seed}-v{tiny.TINY_VERSION}"
-    if (final / "model_index.json").is_file():
-        return str(final)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
-    try:
-        tiny.build_tiny_sd15(tmp, seed=seed)
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            if not (final / "model_index.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return str(final)
-
-
 def tiny_prompt_file(out: Path) -> str:
     """The demo's prompt file: captions of the toy world's held-out prompts (toy.py), one per line."""
     try:
@@ -893,7 +869,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not args.baseline:
                 args.baseline = [f"toy-base={toy.TOY_MODEL}"]
             if not args.model:
-                args.model = f"tiny-random={tiny_variant_dir(1)}"
+                import tiny
+
+                args.model = f"tiny-random={tiny.tiny_pipeline_dir('sd15', seed=1)}"
                 print("note: no --model given: evaluating a random-init tiny pipeline against the toy base model; "
                       "pass --model out/tiny/final (python train_sd15.py --tiny) for a trained one", file=sys.stderr)
             args.prompts = args.prompts or tiny_prompt_file(Path(args.output_dir))

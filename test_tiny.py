@@ -129,9 +129,9 @@ def _counting_builder(monkeypatch, kind, before_rename=None):
     calls = []
     real_build = tiny.BUILDERS[kind]
 
-    def build(out_dir):
+    def build(out_dir, seed=0):
         calls.append(out_dir)
-        real_build(out_dir)
+        real_build(out_dir, seed=seed)
         if before_rename is not None:
             before_rename()
 
@@ -152,6 +152,11 @@ def test_tiny_pipeline_dir_caches(tmp_path, monkeypatch):
     monkeypatch.setenv("RDPO_CACHE", str(tmp_path))
     assert tiny.tiny_pipeline_dir("sd3") == first and len(calls) == 1
 
+    other = tiny.tiny_pipeline_dir("sd3", seed=1)  # other random weights, their own folder
+    assert Path(other).name == f"tiny-sd3-seed1-v{tiny.TINY_VERSION}" and len(calls) == 2
+    a, b = _weights(first), _weights(other)
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
 
 def test_tiny_pipeline_dir_lost_race_and_crash(tmp_path, monkeypatch):
     final = tmp_path / f"tiny-sd3-v{tiny.TINY_VERSION}"
@@ -164,7 +169,7 @@ def test_tiny_pipeline_dir_lost_race_and_crash(tmp_path, monkeypatch):
     assert all(torch.equal(kept[k], winner_weights[k]) for k in kept)
 
     # A crash mid-build leaves nothing that looks like a pipeline.
-    def crash(out_dir):
+    def crash(out_dir, seed=0):
         (Path(out_dir) / "model_index.json").write_text("{}")
         raise RuntimeError("killed mid-build")
 

@@ -431,8 +431,9 @@ def default_cache_root() -> Path:
     return Path(os.environ.get("RDPO_CACHE") or "~/.cache/rethinking-dpo").expanduser()
 
 
-def tiny_pipeline_dir(kind: str, root: str | os.PathLike | None = None) -> str:
-    """The folder of the tiny `kind` pipeline ("sd15", "sdxl" or "sd3"), built on first use and cached.
+def tiny_pipeline_dir(kind: str, root: str | os.PathLike | None = None, seed: int = 0) -> str:
+    """The folder of the tiny `kind` pipeline ("sd15", "sdxl" or "sd3") with weights drawn from `seed`,
+    built on first use and cached.
 
     root defaults to $RDPO_CACHE, else ~/.cache/rethinking-dpo. The pipeline is built in a temporary
     sibling folder and renamed into place in one step, so the final folder exists only when complete:
@@ -442,7 +443,7 @@ def tiny_pipeline_dir(kind: str, root: str | os.PathLike | None = None) -> str:
     if kind not in BUILDERS:
         raise ValueError(f"unknown tiny pipeline kind {kind!r}; expected one of {', '.join(KINDS)}")
     root_dir = Path(root).expanduser() if root is not None else default_cache_root()
-    final = root_dir / f"tiny-{kind}-v{TINY_VERSION}"
+    final = root_dir / (f"tiny-{kind}-v{TINY_VERSION}" if seed == 0 else f"tiny-{kind}-seed{seed}-v{TINY_VERSION}")
     if (final / "model_index.json").is_file():
         return str(final)
     root_dir.mkdir(parents=True, exist_ok=True)
@@ -450,7 +451,7 @@ def tiny_pipeline_dir(kind: str, root: str | os.PathLike | None = None) -> str:
     try:
         # mkdtemp makes the folder private (0700); the cache is readable like any other folder.
         tmp.chmod(0o755)
-        BUILDERS[kind](tmp)
+        BUILDERS[kind](tmp, seed=seed)
         try:
             os.replace(tmp, final)
         except OSError:

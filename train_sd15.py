@@ -47,7 +47,7 @@ class DDPMNoising:
         return noisy, noise
 
 
-class SD15(DDPMNoising):
+class SD15(DDPMNoising, trainer.VAEImages):
     """Stable Diffusion 1.5: one CLIP text encoder, 4-channel VAE latents, an ε-prediction UNet."""
 
     name = "sd15"
@@ -69,11 +69,6 @@ class SD15(DDPMNoising):
         self.policy = load(UNet2DConditionModel, self.path, "unet")  # fp32 master weights, trained
         self.num_train_timesteps = self.scheduler.config.num_train_timesteps
         self.reward_scale = schedule.reward_scale(self.scheduler.alphas_cumprod).to(self.device)
-
-    @torch.no_grad()
-    def encode_images(self, pixels):
-        """Pixels → the VAE posterior's parameters (mean, log-variance): what --cache_latents stores."""
-        return self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist.parameters
 
     @torch.no_grad()
     def encode_captions(self, captions):

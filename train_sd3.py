@@ -35,7 +35,7 @@ RECIPE = dict(pretrained_model="stabilityai/stable-diffusion-3-medium-diffusers"
               optimizer="adafactor", output_dir="out/sd3")
 
 
-class SD3:
+class SD3(trainer.VAEImages):
     """Stable Diffusion 3: two CLIP encoders with pooled projections and T5, 16-channel VAE latents with
     a shift, a velocity-prediction MMDiT trained by rectified flow on a shifted σ grid (PAPER.md §4)."""
 
@@ -99,11 +99,6 @@ class SD3:
         clip = torch.cat(states, dim=-1)
         clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
         return torch.cat([clip, t5], dim=-2), torch.cat(pooled, dim=-1)
-
-    @torch.no_grad()
-    def encode_images(self, pixels):
-        """Pixels → the VAE posterior's parameters (mean, log-variance): what --cache_latents stores."""
-        return self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist.parameters
 
     @torch.no_grad()
     def encode_captions(self, captions):

@@ -34,7 +34,7 @@ RECIPE = dict(pretrained_model="stabilityai/stable-diffusion-xl-base-1.0", resol
               optimizer="adafactor", output_dir="out/sdxl")
 
 
-class SDXL(DDPMNoising):
+class SDXL(DDPMNoising, trainer.VAEImages):
     """SDXL: two CLIP text encoders, micro-conditioning on image sizes, 4-channel VAE latents, an
     ε-prediction UNet trained on the same scaled-linear DDPM schedule as SD1.5 (so the same λ(t), §3)."""
 
@@ -79,11 +79,6 @@ class SDXL(DDPMNoising):
             outputs.append(encoder(ids.to(self.device), output_hidden_states=True))
         states = torch.cat([out.hidden_states[-2] for out in outputs], dim=-1)
         return states, outputs[1].text_embeds
-
-    @torch.no_grad()
-    def encode_images(self, pixels):
-        """Pixels → the VAE posterior's parameters (mean, log-variance): what --cache_latents stores."""
-        return self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist.parameters
 
     @torch.no_grad()
     def encode_captions(self, captions):

@@ -279,6 +279,16 @@ def frozen(module: nn.Module, device, dtype) -> nn.Module:
     return module.eval().requires_grad_(False)
 
 
+class VAEImages:
+    """The image half of a model's `encode`, the same for SD1.5, SDXL and SD3 (all encode with `self.vae`);
+    --cache_latents stores what it returns."""
+
+    @torch.no_grad()
+    def encode_images(self, pixels):
+        """Pixels → the VAE posterior's parameters (mean, log-variance)."""
+        return self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist.parameters
+
+
 def encoder_outputs(model, batch):
     """The VAE posterior parameters of a batch's images and its prompt embeddings: from the batch itself
     when --cache_latents filled them in (latent_cache.py), else by running the model's encoders."""

@@ -588,6 +588,13 @@ def draw_figures(args, out: Path, runs: dict, keys: list[str], calibration: dict
                "timestep": "tab:purple", "full": "tab:orange"}
     steps = tqdm(total=5, desc="[4/5] figures", unit="fig", dynamic_ncols=True)
 
+    def save(fig, key: str, filename: str) -> None:
+        fig.tight_layout()
+        paths[key] = figures / filename
+        fig.savefig(paths[key], dpi=FIGURE_DPI)
+        plt.close(fig)
+        steps.update(1)
+
     # Fig. 1c: the calibration.
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for tau, points in calibration["curves"].items():
@@ -600,11 +607,7 @@ def draw_figures(args, out: Path, runs: dict, keys: list[str], calibration: dict
     ax.set(xlabel="divergence D(p_θ, p_init)  (§2 estimate)", ylabel="held-out toy_label (mean)",
            title="Calibration (Fig. 1c principle); labels: step")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths["fig1c_calibration"] = figures / "fig1c_calibration.png"
-    fig.savefig(paths["fig1c_calibration"], dpi=FIGURE_DPI)
-    plt.close(fig)
-    steps.update(1)
+    save(fig, "fig1c_calibration", "fig1c_calibration.png")
 
     # Fig. 1b: reward margin and divergence from p_init over steps.
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -631,11 +634,7 @@ def draw_figures(args, out: Path, runs: dict, keys: list[str], calibration: dict
     for ax in axes:
         ax.legend(fontsize=8)
     fig.suptitle("Fig. 1b (toy): Diffusion-DPO, reference update without and with the monitor")
-    fig.tight_layout()
-    paths["fig1b"] = figures / "fig1b_margin_divergence.png"
-    fig.savefig(paths["fig1b"], dpi=FIGURE_DPI)
-    plt.close(fig)
-    steps.update(1)
+    save(fig, "fig1b", "fig1b_margin_divergence.png")
 
     # Fig. 2: per t-bin statistics of the second half of training.
     import schedule
@@ -659,11 +658,7 @@ def draw_figures(args, out: Path, runs: dict, keys: list[str], calibration: dict
     axes[3].set(xlabel="t", title="λ(t) = 1 + norm(1/√SNR(t))")
     axes[0].legend(fontsize=7)
     fig.suptitle("Fig. 2 (toy): per t-bin statistics over the second half of training (mean over seeds)")
-    fig.tight_layout()
-    paths["fig2"] = figures / "fig2_timestep_bins.png"
-    fig.savefig(paths["fig2"], dpi=FIGURE_DPI)
-    plt.close(fig)
-    steps.update(1)
+    save(fig, "fig2", "fig2_timestep_bins.png")
 
     # Fig. 5: per t-bin divergence of the timestep-aware run against the exploration-only run.
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -685,11 +680,7 @@ def draw_figures(args, out: Path, runs: dict, keys: list[str], calibration: dict
         ax.set(xlabel="t (bin centre)")
     axes[0].legend(fontsize=8)
     fig.suptitle("Fig. 5 (toy): per t-bin divergence, timestep-aware vs exploration only (band: min–max over seeds)")
-    fig.tight_layout()
-    paths["fig5"] = figures / "fig5_divergence_by_bin.png"
-    fig.savefig(paths["fig5"], dpi=FIGURE_DPI)
-    plt.close(fig)
-    steps.update(1)
+    save(fig, "fig5", "fig5_divergence_by_bin.png")
 
     # Same-seed samples: base / Diffusion-DPO / the method, seed 0 of training and sampling.
     from PIL import Image
@@ -713,11 +704,7 @@ def draw_figures(args, out: Path, runs: dict, keys: list[str], calibration: dict
             if j == 0:
                 ax.set_ylabel(prompts[idx], fontsize=7, rotation=0, ha="right", va="center")
     fig.suptitle("Same-seed samples on held-out prompts (training seed %d)" % args.seeds[0], fontsize=9)
-    fig.tight_layout()
-    paths["samples"] = figures / "samples_grid.png"
-    fig.savefig(paths["samples"], dpi=FIGURE_DPI)
-    plt.close(fig)
-    steps.update(1)
+    save(fig, "samples", "samples_grid.png")
     steps.close()
     return {k: str(v) for k, v in paths.items()}
 

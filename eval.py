@@ -53,7 +53,6 @@ import os
 import re
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +63,7 @@ from PIL import Image, PngImagePlugin
 from tqdm.auto import tqdm
 
 import rewards as rw
+from toolbox import hub_reachable
 
 EVAL_FORMAT = 1  # bump when the image store layout changes
 
@@ -153,31 +153,11 @@ def hub_online(timeout: float = 3.0) -> bool:
         if _truthy(os.environ.get("HF_HUB_OFFLINE")) or _truthy(os.environ.get("TRANSFORMERS_OFFLINE")):
             _hub_online = False
         else:
-            _hub_online = _probe(os.environ.get("HF_ENDPOINT", "https://huggingface.co"), timeout)
+            _hub_online = hub_reachable(timeout)
             if not _hub_online:
                 print("note: the Hugging Face hub is unreachable; using the local cache only", file=sys.stderr)
                 _go_offline()
     return _hub_online
-
-
-def _probe(endpoint: str, timeout: float) -> bool:
-    import socket
-    from urllib.parse import urlparse
-
-    url = urlparse(endpoint)
-    result = []
-
-    def connect():  # getaddrinfo has no timeout of its own, hence the thread
-        try:
-            with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
-                result.append(True)
-        except OSError:
-            pass
-
-    thread = threading.Thread(target=connect, daemon=True)
-    thread.start()
-    thread.join(timeout + 2.0)
-    return bool(result)
 
 
 def _go_offline() -> None:
@@ -794,7 +774,7 @@ def _write_outputs(out: Path, rows: list[dict], summary: dict, table: str) -> No
 def tiny_prompt_file(out: Path) -> str:
     """The demo's prompt file: captions of the toy world's held-out prompts (toy.py), one per line."""
     try:
-        import toy
+        from miniature import toy
 
         prompts = toy.EVAL_PROMPTS[:TINY_PROMPTS]
     except ImportError:
@@ -847,7 +827,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pickapic_dataset", default=PICKAPIC_DATASET,
                    help=f"hub id or local folder holding Pick-a-Pic v2's test_unique split (default {PICKAPIC_DATASET})")
     p.add_argument("--tiny", action="store_true",
-                   help="offline demo: baseline the toy base model (toy_model/), model --model (e.g. the final/ of "
+                   help="offline demo: baseline the toy base model (miniature/toy_model/), model --model (e.g. the final/ of "
                         "train_sd15.py --tiny) or else a random-init tiny pipeline, held-out toy prompts, rewards "
                         "without downloads, 8 steps, guidance 3, 32 px")
     p.add_argument("--list_rewards", action="store_true", help="print the available reward specs and exit")
@@ -863,7 +843,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         if args.tiny:
-            import toy
+            from miniature import toy
 
             args.output_dir = args.output_dir or "out/eval-tiny"
             if not args.baseline:

@@ -56,7 +56,7 @@ class Reference:
     dtype:      dtype of the reference copy (the training dtype, e.g. bf16: it is only ever run); p_init is
                 kept in that dtype too, in pinned CPU memory.
     model:      the reference module to use instead of a deep copy of the policy; it must start equal to the
-                policy, and its parameters and buffers must match the policy's one to one. LoRA (lora.py)
+                policy, and its parameters and buffers must match the policy's one to one. LoRA (speed/lora.py)
                 passes views of one shared base model through two adapters, so that only the adapter
                 weights are copied, and p_init is the initial adapter (B = 0: the base model itself).
     """

@@ -33,7 +33,7 @@ Variants and offline rewards (no downloaded weights needed for the last three gr
     hpsv2:v2.1            HPS v2.1 instead of v2.0
     tiny_pickscore, tiny_clip   the same code on a tiny, randomly initialised CLIP built and saved locally
                           (`tiny_clip_dir()`): numbers without meaning, for tests and the offline demo
-    toy_fidelity, toy_aesthetic, toy_label   toy.py's programmatic rewards of the toy world (pure pixels)
+    toy_fidelity, toy_aesthetic, toy_label   miniature/toy.py's programmatic rewards of the toy world (pure pixels)
 """
 from __future__ import annotations
 
@@ -327,7 +327,7 @@ TINY_CLIP_VERSION = 1
 
 
 def build_tiny_clip(out_dir: str | os.PathLike, seed: int = 0) -> str:
-    """Save a randomly initialised tiny CLIPModel with its processor (32 px images, tiny.py's tokenizer).
+    """Save a randomly initialised tiny CLIPModel with its processor (32 px images, tiny/'s tokenizer).
 
     Its logit scale is set to 100, PickScore's, so that tiny_pickscore has the scale of the real one."""
     import math
@@ -366,7 +366,7 @@ def build_tiny_clip(out_dir: str | os.PathLike, seed: int = 0) -> str:
 
 
 def tiny_clip_dir(root: str | os.PathLike | None = None) -> str:
-    """The tiny CLIP folder, built on first use next to tiny.py's pipelines (same atomic rename)."""
+    """The tiny CLIP folder, built on first use next to tiny/'s pipelines (same atomic rename)."""
     import tiny
 
     root_dir = Path(root) if root is not None else tiny.default_cache_root()
@@ -515,7 +515,7 @@ def _tiny_clip(arg, device="cpu", local_files_only=False):
 register_reward("tiny_pickscore", _tiny_pickscore, "offline: PickScore formula on a random tiny CLIP")
 register_reward("tiny_clip", _tiny_clip, "offline: 100·cos on a random tiny CLIP")
 
-# The toy world's programmatic rewards (toy.py), in [0, 1]: one line each.
-register_function("toy_fidelity", "toy:fidelity", units="toy world: caption fidelity in [0, 1] (toy.py)")
-register_function("toy_aesthetic", "toy:aesthetic", units="toy world: picture quality in [0, 1] (toy.py)")
-register_function("toy_label", "toy:label_reward", units="toy world: the labelling reward in [0, 1] (toy.py)")
+# The toy world's programmatic rewards (miniature/toy.py), in [0, 1]: one line each.
+register_function("toy_fidelity", "miniature.toy:fidelity", units="toy world: caption fidelity in [0, 1] (miniature/toy.py)")
+register_function("toy_aesthetic", "miniature.toy:aesthetic", units="toy world: picture quality in [0, 1] (miniature/toy.py)")
+register_function("toy_label", "miniature.toy:label_reward", units="toy world: the labelling reward in [0, 1] (miniature/toy.py)")

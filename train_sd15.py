@@ -1,8 +1,9 @@
 """Diffusion-DPO with the paper's stable reference update and timestep-aware training, for SD1.5.
 
-With no arguments this runs the paper's SD1.5 recipe (PAPER.md §5): stable-diffusion-v1-5 weights,
-Pick-a-Pic v2, β = 5000, effective batch 2048, lr 1e-8 × 2048 after 500 warm-up steps, 2000 steps,
-reference update every τ = 32 steps with monitor δ = 0.005, γ = 0.9 over-sampling and λ(t).
+Algorithm 1 of Kang et al. (AAAI 2026) for Stable Diffusion 1.5, top to bottom: flags, models, data, then
+the loop. With no arguments this runs the paper's SD1.5 recipe (PAPER.md §5): stable-diffusion-v1-5,
+Pick-a-Pic v2, β = 5000, effective batch 2048, lr 1e-8 × 2048 after 500 warm-up steps, 2000 steps, the
+reference updated every τ = 32 steps under the monitor δ = 0.005, γ = 0.9 over-sampling and λ(t).
 
     python train_sd15.py                                   # one GPU (accumulation 2048)
     torchrun --nproc_per_node=8 train_sd15.py              # 8 GPUs (accumulation 256 each)
@@ -12,98 +13,206 @@ reference update every τ = 32 steps with monitor δ = 0.005, γ = 0.9 over-samp
     python train_sd15.py --loss sft                        # the SFT baseline (winners only)
     python train_sd15.py --dataset /data/pickapic_parquet  # a local copy of Pick-a-Pic v2
 
-Output: OUTPUT_DIR/log.jsonl (one JSON line per optimizer step), OUTPUT_DIR/checkpoint-STEP/ and the
-trained pipeline in OUTPUT_DIR/final/ (StableDiffusionPipeline.from_pretrained loads it). The loop and
-every flag are shared with the SDXL and SD3 trainers (trainer.py); this file holds what is SD1.5's own.
+Output: OUTPUT_DIR/log.jsonl (one JSON line per optimizer step), OUTPUT_DIR/checkpoint-STEP/ and the trained
+pipeline in OUTPUT_DIR/final/ (StableDiffusionPipeline.from_pretrained loads it). The equations are in
+losses.py (§1), schedule.py (§3) and reference.py (§2); the run mechanics in toolbox.py.
 """
+from dataclasses import dataclass
+from functools import partial
+
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from transformers import CLIPTextModel, CLIPTokenizer
 
-import lora
+import losses
+import reference
 import schedule
-import trainer
+import toolbox
 
 RECIPE = dict(pretrained_model="stable-diffusion-v1-5/stable-diffusion-v1-5", resolution=512,
               effective_batch_size=2048, warmup_steps=500, max_steps=2000, tau=32, delta=0.005,
               output_dir="out/sd15")
+# --tiny trains the pretrained toy model (miniature/) on its preference pairs with the miniature's recipe:
+# β, lr and the pair budget from there, τ and δ from its calibration (README, "The paper in miniature").
+TOY_RECIPE = dict(train_batch_size=8, effective_batch_size=8, max_steps=200, learning_rate=3e-5,
+                  warmup_steps=10, beta=5000.0, tau=8, delta=0.025, checkpoint_every=100)
 
 
-class DDPMNoising:
-    """Noising of the ε-prediction (or v-prediction) DDPM models, SD1.5 and SDXL (PAPER.md §1, §3)."""
-
-    def sample_noise_level(self, n, generator, gamma, num_bins):
-        """One training timestep per pair, early steps over-sampled by Cat(γ^k); λ(t) per pair."""
-        timesteps = schedule.sample_timesteps(n, self.num_train_timesteps, gamma, num_bins, generator=generator)
-        timesteps = timesteps.to(self.device)
-        return timesteps, self.reward_scale[timesteps]
-
-    def add_noise(self, latents, noise, timesteps):
-        """x_t = √ᾱ_t x0 + √(1−ᾱ_t) ε, and the target the model predicts (ε, or v for v-prediction)."""
-        noisy = self.scheduler.add_noise(latents, noise, timesteps)
-        if self.scheduler.config.prediction_type == "v_prediction":
-            return noisy, self.scheduler.get_velocity(latents, noise, timesteps)
-        return noisy, noise
+@dataclass
+class Models:
+    """SD1.5: one CLIP text encoder, a 4-channel VAE and an ε-prediction UNet on a DDPM schedule."""
+    tokenizer: CLIPTokenizer
+    text_encoder: CLIPTextModel
+    vae: AutoencoderKL
+    scheduler: DDPMScheduler
+    unet: UNet2DConditionModel
+    device: torch.device
 
 
-class SD15(DDPMNoising, trainer.VAEImages):
-    """Stable Diffusion 1.5: one CLIP text encoder, 4-channel VAE latents, an ε-prediction UNet."""
+def load_models(path: str, device, dtype) -> Models:
+    """The pipeline's components: the frozen ones in the training dtype, the UNet in fp32 (it is trained)."""
+    text_encoder = toolbox.frozen(toolbox.load(CLIPTextModel, path, "text_encoder"), device, dtype)
+    tokenizer = toolbox.load(CLIPTokenizer, path, "tokenizer")
+    toolbox.check_tokenizer(tokenizer, text_encoder, "tokenizer")
+    return Models(tokenizer, text_encoder, toolbox.frozen(toolbox.load(AutoencoderKL, path, "vae"), device, dtype),
+                  toolbox.load(DDPMScheduler, path, "scheduler"), toolbox.load(UNet2DConditionModel, path, "unet"),
+                  torch.device(device))
 
-    name = "sd15"
-    tiny_kind = "sd15"
-    toy_demo = True  # --tiny trains the pretrained toy model on its preference pairs (toy.py)
-    # ... with reproduce.py's recipe: β, lr and the pair budget there, τ and δ from its calibration (README).
-    toy_recipe = dict(train_batch_size=8, effective_batch_size=8, max_steps=200, learning_rate=3e-5,
-                      warmup_steps=10, beta=5000.0, tau=8, delta=0.025, checkpoint_every=100)
 
-    def __init__(self, args, runtime):
-        self.path = trainer.resolve_model(args.pretrained_model)
-        self.device, dtype = runtime.device, runtime.weight_dtype
-        load = trainer.load_component
-        self.tokenizer = load(CLIPTokenizer, self.path, "tokenizer")
-        self.text_encoder = trainer.frozen(load(CLIPTextModel, self.path, "text_encoder"), self.device, dtype)
-        trainer.check_tokenizer(self.tokenizer, self.text_encoder, "tokenizer")
-        self.vae = trainer.frozen(load(AutoencoderKL, self.path, "vae"), self.device, dtype)
-        self.scheduler = load(DDPMScheduler, self.path, "scheduler")
-        self.policy = load(UNet2DConditionModel, self.path, "unet")  # fp32 master weights, trained
-        self.num_train_timesteps = self.scheduler.config.num_train_timesteps
-        self.reward_scale = schedule.reward_scale(self.scheduler.alphas_cumprod).to(self.device)
+@torch.no_grad()
+def encode_images(m: Models, pixels):
+    """Pixels → the VAE posterior's parameters (mean, log-variance); --cache_latents stores these."""
+    return m.vae.encode(pixels.to(m.device, m.vae.dtype)).latent_dist.parameters
+
+
+@torch.no_grad()
+def encode_captions(m: Models, captions):
+    """Captions [n] → {"encoder_hidden_states": CLIP last hidden states [n, 77, D]}."""
+    ids = m.tokenizer(captions, padding="max_length", truncation=True, max_length=m.tokenizer.model_max_length,
+                      return_tensors="pt").input_ids
+    return {"encoder_hidden_states": m.text_encoder(ids.to(m.device))[0]}
+
+
+def encode(m: Models, batch, generator):
+    """A batch → latents [2B] (winners then losers), sampled from the VAE posterior with the micro-batch's
+    generator, and the prompt states [2B] (each caption once per image); cached or encoded now."""
+    moments = batch["latent_moments"] if "latent_moments" in batch else encode_images(m, batch["pixel_values"])
+    prompts = batch.get("prompt_embeds") or encode_captions(m, batch["captions"])
+    latents = DiagonalGaussianDistribution(moments.to(m.device)).sample(generator) * m.vae.config.scaling_factor
+    return latents, {"encoder_hidden_states": prompts["encoder_hidden_states"].to(m.device).repeat(2, 1, 1)}
+
+
+def add_noise(scheduler, latents, noise, t):
+    """x_t = √ᾱ_t x0 + √(1−ᾱ_t) ε, and the target the model predicts: ε (or v for a v-prediction model)."""
+    noisy = scheduler.add_noise(latents, noise, t)
+    if scheduler.config.prediction_type == "v_prediction":
+        return noisy, scheduler.get_velocity(latents, noise, t)
+    return noisy, noise
+
+
+def predict(unet, noisy, t, cond):
+    return unet(noisy, t, encoder_hidden_states=cond["encoder_hidden_states"]).sample
+
+
+def monitor_err_fn(scheduler, latents_w, cond_w, num_samples, generators, run):
+    """The err_fn of reference.py: per-sample errors of a few winners of the batch at t ~ U and shared ε,
+    drawn once so that p_init, the new reference and the policy see the same inputs (PAPER.md §2)."""
+    cpu_generator, device_generator = generators
+    index = torch.arange(num_samples, device=latents_w.device) % latents_w.shape[0]
+    latents, cond = latents_w[index], {k: v[index] for k, v in cond_w.items()}
+    t = schedule.sample_timesteps(num_samples, scheduler.config.num_train_timesteps, gamma=None,
+                                  generator=cpu_generator).to(latents.device)
+    noise = torch.randn(latents.shape, generator=device_generator, device=latents.device, dtype=latents.dtype)
+    noisy, target = add_noise(scheduler, latents, noise, t)
 
     @torch.no_grad()
-    def encode_captions(self, captions):
-        """Captions [n] → {"encoder_hidden_states": CLIP last hidden states [n, 77, D]}."""
-        ids = self.tokenizer(captions, padding="max_length", truncation=True,
-                             max_length=self.tokenizer.model_max_length, return_tensors="pt").input_ids
-        return {"encoder_hidden_states": self.text_encoder(ids.to(self.device))[0]}
+    def err_fn(module):
+        with run.autocast():
+            return losses.per_sample_error(predict(module, noisy, t, cond), target)
+    return err_fn
 
-    @torch.no_grad()
-    def encode(self, batch, generator):
-        """Pixels [2B] (winners then losers) → VAE latents; captions [B] → CLIP states, repeated per pair.
-        The latent is drawn from the VAE posterior with the micro-batch's generator, cached or not."""
-        moments, prompts = trainer.encoder_outputs(self, batch)
-        latents = DiagonalGaussianDistribution(moments).sample(generator) * self.vae.config.scaling_factor
-        return latents, {"encoder_hidden_states": prompts["encoder_hidden_states"].repeat(2, 1, 1)}
 
-    def offload_encoders(self):
-        """Once everything is cached the VAE and the text encoder never run again: free their memory."""
-        self.vae.to("cpu")
-        self.text_encoder.to("cpu")
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+def main(argv=None):
+    args = toolbox.parser(__doc__, RECIPE).parse_args(argv)
+    run = toolbox.start(args, RECIPE, "sd15", TOY_RECIPE)
+    m = load_models(run.model_path, run.device, run.weight_dtype)
+    loader = toolbox.pair_loader(args, run, partial(encode_images, m), partial(encode_captions, m))
+    if args.cache_latents:
+        toolbox.to_cpu(m.vae, m.text_encoder, device=run.device)  # never run again
+    num_train_timesteps = m.scheduler.config.num_train_timesteps
+    reward_scale = schedule.reward_scale(m.scheduler.alphas_cumprod).to(run.device)  # λ(t) of §3, [T]
 
-    def predict(self, forward, noisy, timesteps, cond):
-        return forward(noisy, timesteps, encoder_hidden_states=cond["encoder_hidden_states"]).sample
+    unet = m.unet.to(run.device).train()
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    # The reference starts as the pretrained weights, which are also p_init (§2); with LoRA it is a second
+    # adapter (or, for τ = 0, the adapters switched off) of the same UNet.
+    if args.lora_rank:
+        from speed import lora
+        lora.add_lora(unet, args.lora_rank, args.lora_alpha, reference_adapter=args.tau > 0,
+                      base_dtype=run.weight_dtype, seed=args.seed)
+        ref, ref_source = lora.make_reference(unet, args.tau, args.delta, args.on_diverge)
+    else:
+        ref = reference.Reference(unet, tau=args.tau, delta=args.delta, on_diverge=args.on_diverge,
+                                  dtype=run.autocast_dtype)
+        ref.model.train()  # the policy's code path (diffusers' blocks differ by mode): loss exactly log 2 at step 1
+        ref_source = unet
+    params = [p for p in unet.parameters() if p.requires_grad]
+    optimizer, lr_schedule = toolbox.optimizer(args, params)
+    scaler = run.grad_scaler()
+    checkpoints = toolbox.Checkpoints(args, run, policy=unet, reference=ref, optimizer=optimizer,
+                                      lr_schedule=lr_schedule, loader=loader, scaler=scaler)
+    step = checkpoints.resume()
+    ddp_unet = toolbox.ddp(unet, run)
+    unet_forward = toolbox.maybe_compile(ddp_unet, args.compile)
+    ref_forward = toolbox.maybe_compile(ref.model, args.compile and not args.lora_rank)  # LoRA: eager
+    objective = losses.LOSSES[args.loss]
+    accumulation = args.gradient_accumulation_steps
+    log = toolbox.TrainLog(args, run, step, num_train_timesteps, desc=f"sd15 {args.loss}")
+    stop = toolbox.StopSignal()
+    batches = iter(loader)
 
-    def save_pipeline(self, policy, out_dir):
-        pipeline = StableDiffusionPipeline.from_pretrained(self.path, unet=policy)
-        pipeline.save_pretrained(out_dir)
+    while step < args.max_steps:
+        for micro in range(accumulation):
+            batch = next(batches)
+            generators = toolbox.micro_generators(args.seed, step, micro * run.world_size + run.rank, run.device)
+            latents, cond = encode(m, batch, generators[1])  # [2B]: winners, then losers
+            n = latents.shape[0] // 2
+            # §3: one t per pair, the early (noisy) steps over-sampled by Cat(γ^k), and its reward scale λ(t).
+            t = schedule.sample_timesteps(n, num_train_timesteps, args.gamma, args.num_bins,
+                                          generator=generators[0]).to(run.device)
+            scale = torch.ones_like(reward_scale[t]) if args.no_reward_scale else reward_scale[t]
+            # §1: one ε per pair, shared by its winner and loser; SFT needs the winners only.
+            noise = torch.randn(latents[:n].shape, generator=generators[1], device=run.device, dtype=latents.dtype)
+            k = 2 if objective.needs_loser else 1
+            noisy, target = add_noise(m.scheduler, latents[:k * n], noise.repeat(k, 1, 1, 1), t.repeat(k))
+            cond_k = {name: c[:k * n] for name, c in cond.items()}
+            if run.world_size > 1:  # DDP averages the gradients once, on the step's last micro-batch
+                ddp_unet.require_backward_grad_sync = micro == accumulation - 1
+            with run.autocast():
+                pred = predict(unet_forward, noisy, t.repeat(k), cond_k)
+            model_err, ref_pred = losses.per_sample_error(pred, target), None
+            ref_err = torch.zeros_like(model_err)
+            if objective.needs_reference:
+                with torch.no_grad(), run.autocast():
+                    ref_pred = predict(ref_forward, noisy, t.repeat(k), cond_k)
+                ref_err = losses.per_sample_error(ref_pred, target)
+            extra = (dict(model_pred_w=pred[:n], ref_pred_w=ref_pred[:n], target_w=target[:n])
+                     if objective.needs_predictions else {})
+            loss, metrics = objective.fn(model_err[:n], model_err[n:], ref_err[:n], ref_err[n:], args.beta,
+                                         scale, **extra)
+            scaler.scale(loss / accumulation).backward()
+            log.add(loss, metrics, batch["num_skipped"], t, scale, model_err, ref_err)
 
-    def save_lora(self, policy, out_dir):
-        """--lora_rank: the trained adapter only, in the format `pipe.load_lora_weights(out_dir)` reads."""
-        StableDiffusionPipeline.save_lora_weights(out_dir, unet_lora_layers=lora.adapter_state_dict(policy),
-                                                  unet_lora_adapter_metadata=lora.adapter_metadata(policy))
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        lr_schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+
+        # §2: every τ steps the reference becomes a copy of the policy, unless the monitor has frozen it;
+        # D(p_ref, p_init) is measured on a fixed draw over the last micro-batch's winners.
+        err_fn = monitor_err_fn(m.scheduler, latents[:n], {k: v[:n] for k, v in cond.items()}, args.monitor_samples,
+                                toolbox.micro_generators(args.seed, step, toolbox.MONITOR_STREAM, run.device), run)
+        ref_info = ref.step(step, ref_source, err_fn)
+        if args.divergence_every and step % args.divergence_every == 0:
+            ref_info["policy_divergence"] = ref.divergence(ref_source, err_fn)
+        log.write(step, grad_norm=grad_norm, lr=lr_schedule.get_last_lr()[0], **ref_info)
+
+        stopping = stop.agreed(run)
+        if step % args.checkpoint_every == 0 or (stopping and step < args.max_steps):
+            log.note(f"saved {checkpoints.save(step)}")
+        if stopping:
+            log.close()
+            return toolbox.report(args, run, None, step)
+    log.close()
+
+    final_dir = toolbox.save_final(args, run, StableDiffusionPipeline, unet=unet)
+    toolbox.report(args, run, final_dir, step)
 
 
 if __name__ == "__main__":
-    trainer.main(__doc__.split("\n")[0], RECIPE, SD15)
+    main()

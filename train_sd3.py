@@ -1,10 +1,11 @@
 """Diffusion-DPO with the paper's stable reference update and timestep-aware training, for SD3 (flow matching).
 
-With no arguments this runs the SD3 recipe (PAPER.md §4–§5): stable-diffusion-3-medium (diffusers format)
-at 1024 px, Pick-a-Pic v2, β = 5000, effective batch 2048, lr 1e-8 × 2048 after 200 warm-up steps, 2000
-steps, Adafactor, reference update every τ = 32 steps with monitor δ = 0.002, γ = 0.9 over-sampling of the
-noisy end of the shifted σ grid and the flow version of λ(t). [choice, PAPER.md §5: the paper gives no SD3
-recipe; these are SDXL's settings.]
+Algorithm 1 of Kang et al. (AAAI 2026) for Stable Diffusion 3, top to bottom: flags, models, data, then the
+loop. With no arguments this runs the SD3 recipe (PAPER.md §4–§5): stable-diffusion-3-medium (diffusers
+format) at 1024 px, Pick-a-Pic v2, β = 5000, effective batch 2048, lr 1e-8 × 2048 after 200 warm-up steps,
+2000 steps, Adafactor, the reference updated every τ = 32 steps under the monitor δ = 0.002, γ = 0.9
+over-sampling of the noisy end of the shifted σ grid and the flow version of λ(t). [choice, PAPER.md §5:
+the paper gives no SD3 recipe; these are SDXL's settings.]
 
     python train_sd3.py                                    # one GPU (accumulation 2048)
     torchrun --nproc_per_node=8 train_sd3.py               # 8 GPUs (accumulation 256 each)
@@ -14,145 +15,259 @@ recipe; these are SDXL's settings.]
     python train_sd3.py --gradient_checkpointing --optimizer adamw8bit   # less memory (needs bitsandbytes)
     python train_sd3.py --tau 0 --gamma 1 --no_reward_scale --beta 2000  # plain Diffusion-DPO
 
-β does not transfer from the ε-prediction models (ε̂ − ε = (1 − σ)(v̂ − v), PAPER.md §4): watch the logged
-errors and accuracy. Output: OUTPUT_DIR/log.jsonl, OUTPUT_DIR/checkpoint-STEP/ and the trained pipeline in
+What differs from train_sd15.py: rectified flow (x_σ = (1 − σ)x0 + σε, velocity target) on the scheduler's
+shifted σ grid, two CLIP encoders with pooled projections and T5, and latents (z − shift)·scale. β does not
+transfer from the ε-prediction models (ε̂ − ε = (1 − σ)(v̂ − v), PAPER.md §4): watch the logged errors and
+accuracy. Output: OUTPUT_DIR/log.jsonl, OUTPUT_DIR/checkpoint-STEP/ and the trained pipeline in
 OUTPUT_DIR/final/ (StableDiffusion3Pipeline.from_pretrained loads it; it keeps T5 even after --drop_t5, and
-`text_encoder_3=None, tokenizer_3=None` there samples as the model was trained). The loop and every other
-flag are shared with the SD1.5 and SDXL trainers (trainer.py); this file holds what is SD3's own.
+`text_encoder_3=None, tokenizer_3=None` there samples as the model was trained).
 """
+from dataclasses import dataclass
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-import lora
+import losses
+import reference
 import schedule
-import trainer
+import toolbox
 
 RECIPE = dict(pretrained_model="stabilityai/stable-diffusion-3-medium-diffusers", resolution=1024,
               effective_batch_size=2048, warmup_steps=200, max_steps=2000, tau=32, delta=0.002,
               optimizer="adafactor", output_dir="out/sd3")
+# [choice] T5 tokens per prompt, as diffusers' SD3 training scripts (the pipeline samples with 256).
+T5_MAX_LENGTH = 77
 
 
-class SD3(trainer.VAEImages):
-    """Stable Diffusion 3: two CLIP encoders with pooled projections and T5, 16-channel VAE latents with
-    a shift, a velocity-prediction MMDiT trained by rectified flow on a shifted σ grid (PAPER.md §4)."""
+@dataclass
+class Models:
+    """SD3: two CLIP encoders with pooled projections and T5 (or None: --drop_t5), a 16-channel VAE with a
+    latent shift, and a velocity-prediction MMDiT trained by rectified flow on a shifted σ grid (§4)."""
+    tokenizers: list
+    text_encoders: list
+    tokenizer_3: T5TokenizerFast | None
+    text_encoder_3: T5EncoderModel | None
+    vae: AutoencoderKL
+    scheduler: FlowMatchEulerDiscreteScheduler
+    transformer: SD3Transformer2DModel
+    device: torch.device
+    dtype: torch.dtype
 
-    name = "sd3"
-    tiny_kind = "sd3"
-    # [choice] T5 tokens per prompt, as diffusers' SD3 training scripts (the pipeline samples with 256).
-    t5_max_length = 77
 
-    @staticmethod
-    def add_flags(parser):
-        parser.add_argument("--drop_t5", action="store_true",
-                            help="do not load T5: zeros in place of its states, as StableDiffusion3Pipeline "
-                                 "with text_encoder_3=None (saves ~9 GB; prompts are read by CLIP only)")
+def load_models(path: str, device, dtype, drop_t5: bool = False) -> Models:
+    """The pipeline's components: the frozen ones in the training dtype, the transformer in fp32 (trained)."""
+    tokenizers = [toolbox.load(CLIPTokenizer, path, "tokenizer"), toolbox.load(CLIPTokenizer, path, "tokenizer_2")]
+    text_encoders = [toolbox.frozen(toolbox.load(CLIPTextModelWithProjection, path, folder), device, dtype)
+                     for folder in ("text_encoder", "text_encoder_2")]
+    for tokenizer, encoder, name in zip(tokenizers, text_encoders, ("tokenizer", "tokenizer_2")):
+        toolbox.check_tokenizer(tokenizer, encoder, name)
+    tokenizer_3 = text_encoder_3 = None
+    if not drop_t5:
+        tokenizer_3 = toolbox.load(T5TokenizerFast, path, "tokenizer_3")
+        text_encoder_3 = toolbox.frozen(toolbox.load(T5EncoderModel, path, "text_encoder_3"), device, dtype)
+        toolbox.check_tokenizer(tokenizer_3, text_encoder_3, "tokenizer_3")
+    vae = toolbox.load(AutoencoderKL, path, "vae")
+    # As the pipeline decodes: in fp32 if the VAE's config asks for it (SD3's does), then cast.
+    vae = toolbox.frozen(vae, device, torch.float32 if vae.config.force_upcast else dtype)
+    return Models(tokenizers, text_encoders, tokenizer_3, text_encoder_3, vae,
+                  toolbox.load(FlowMatchEulerDiscreteScheduler, path, "scheduler"),
+                  toolbox.load(SD3Transformer2DModel, path, "transformer"), torch.device(device), dtype)
 
-    def __init__(self, args, runtime):
-        self.path = trainer.resolve_model(args.pretrained_model)
-        self.device, self.dtype = runtime.device, runtime.weight_dtype
-        load = trainer.load_component
-        self.tokenizers = [load(CLIPTokenizer, self.path, "tokenizer"), load(CLIPTokenizer, self.path, "tokenizer_2")]
-        self.text_encoders = [trainer.frozen(load(CLIPTextModelWithProjection, self.path, folder), self.device,
-                                             self.dtype) for folder in ("text_encoder", "text_encoder_2")]
-        for tokenizer, encoder, name in zip(self.tokenizers, self.text_encoders, ("tokenizer", "tokenizer_2")):
-            trainer.check_tokenizer(tokenizer, encoder, name)
-        self.tokenizer_3 = self.text_encoder_3 = None
-        if not args.drop_t5:
-            self.tokenizer_3 = load(T5TokenizerFast, self.path, "tokenizer_3")
-            self.text_encoder_3 = trainer.frozen(load(T5EncoderModel, self.path, "text_encoder_3"), self.device,
-                                                 self.dtype)
-            trainer.check_tokenizer(self.tokenizer_3, self.text_encoder_3, "tokenizer_3")
-        vae = load(AutoencoderKL, self.path, "vae")
-        # As the pipeline decodes: in fp32 if the VAE's config asks for it (SD3's does), then cast.
-        self.vae = trainer.frozen(vae, self.device, torch.float32 if vae.config.force_upcast else self.dtype)
-        self.scheduler = load(FlowMatchEulerDiscreteScheduler, self.path, "scheduler")
-        self.policy = load(SD3Transformer2DModel, self.path, "transformer")  # fp32 master weights, trained
-        self.num_train_timesteps = self.scheduler.config.num_train_timesteps
-        # The scheduler's training grid: σ_i = shift·s / (1 + (shift − 1)·s), s = i/T, listed noisiest first.
-        # Reversed, it is indexed like a DDPM timestep: sigmas[t] grows with t, so the Cat(γ^k) sampler of
-        # schedule.py over-samples high σ, the early generation steps (§3).
-        self.sigmas = self.scheduler.sigmas.flip(0).to(self.device)
-        self.reward_scale = schedule.reward_scale_flow(self.sigmas)
 
-    @torch.no_grad()
-    def encode_prompts(self, captions):
-        """As StableDiffusion3Pipeline.encode_prompt: the CLIP penultimate states concatenated on the
-        channel axis and zero-padded to T5's width, followed on the sequence axis by the T5 states (zeros
-        without T5); pooled = both CLIP projections concatenated."""
-        states, pooled = [], []
-        for tokenizer, encoder in zip(self.tokenizers, self.text_encoders):
-            ids = tokenizer(captions, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
-                            return_tensors="pt").input_ids
-            out = encoder(ids.to(self.device), output_hidden_states=True)
-            states.append(out.hidden_states[-2])
-            pooled.append(out.text_embeds)
-        if self.text_encoder_3 is None:
-            t5 = torch.zeros(len(captions), self.t5_max_length, self.policy.config.joint_attention_dim,
-                             device=self.device, dtype=self.dtype)
-        else:
-            ids = self.tokenizer_3(captions, padding="max_length", truncation=True, max_length=self.t5_max_length,
-                                   add_special_tokens=True, return_tensors="pt").input_ids
-            t5 = self.text_encoder_3(ids.to(self.device))[0]
-        clip = torch.cat(states, dim=-1)
-        clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
-        return torch.cat([clip, t5], dim=-2), torch.cat(pooled, dim=-1)
+@torch.no_grad()
+def encode_images(m: Models, pixels):
+    """Pixels → the VAE posterior's parameters (mean, log-variance); --cache_latents stores these."""
+    return m.vae.encode(pixels.to(m.device, m.vae.dtype)).latent_dist.parameters
 
-    @torch.no_grad()
-    def encode_captions(self, captions):
-        states, pooled = self.encode_prompts(captions)
-        return {"encoder_hidden_states": states, "pooled_projections": pooled}
 
-    @torch.no_grad()
-    def encode(self, batch, generator):
-        """Pixels [2B] (winners then losers) → latents (z − shift)·scale (§4); captions [B] → text states,
-        repeated per pair."""
-        moments, prompts = trainer.encoder_outputs(self, batch)
-        config = self.vae.config
-        latents = (DiagonalGaussianDistribution(moments).sample(generator) - config.shift_factor) * config.scaling_factor
-        return latents.to(self.dtype), {"encoder_hidden_states": prompts["encoder_hidden_states"].repeat(2, 1, 1),
-                                        "pooled_projections": prompts["pooled_projections"].repeat(2, 1)}
+@torch.no_grad()
+def encode_prompts(m: Models, captions):
+    """As StableDiffusion3Pipeline.encode_prompt: the CLIP penultimate states concatenated on the channel
+    axis and zero-padded to T5's width, followed on the sequence axis by the T5 states (zeros without T5);
+    pooled = both CLIP projections concatenated."""
+    states, pooled = [], []
+    for tokenizer, encoder in zip(m.tokenizers, m.text_encoders):
+        ids = tokenizer(captions, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
+                        return_tensors="pt").input_ids
+        out = encoder(ids.to(m.device), output_hidden_states=True)
+        states.append(out.hidden_states[-2])
+        pooled.append(out.text_embeds)
+    if m.text_encoder_3 is None:
+        t5 = torch.zeros(len(captions), T5_MAX_LENGTH, m.transformer.config.joint_attention_dim,
+                         device=m.device, dtype=m.dtype)
+    else:
+        ids = m.tokenizer_3(captions, padding="max_length", truncation=True, max_length=T5_MAX_LENGTH,
+                            add_special_tokens=True, return_tensors="pt").input_ids
+        t5 = m.text_encoder_3(ids.to(m.device))[0]
+    clip = torch.cat(states, dim=-1)
+    clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+    return torch.cat([clip, t5], dim=-2), torch.cat(pooled, dim=-1)
 
-    def offload_encoders(self):
-        """Once everything is cached the VAE and the text encoders never run again: free their memory
-        (T5 alone is ~9 GB)."""
-        for module in (self.vae, *self.text_encoders, self.text_encoder_3):
-            if module is not None:
-                module.to("cpu")
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
 
-    def sample_noise_level(self, n, generator, gamma, num_bins):
-        """One σ per pair from the shifted grid, high σ over-sampled by Cat(γ^k); λ(σ) per pair (§3–§4).
+def encode_captions(m: Models, captions):
+    states, pooled = encode_prompts(m, captions)
+    return {"encoder_hidden_states": states, "pooled_projections": pooled}
 
-        Returned as the transformer's timestep σ·T (as the pipeline passes it), which keeps the log's
-        t-bins (trainer.BinStats) on the 0 … T scale."""
-        index = schedule.sample_timesteps(n, self.num_train_timesteps, gamma, num_bins, generator=generator)
-        index = index.to(self.device)
-        return self.sigmas[index] * self.num_train_timesteps, self.reward_scale[index]
 
-    def add_noise(self, latents, noise, timesteps):
-        """x_σ = (1 − σ)·x0 + σ·ε, and the velocity target v = ε − x0 the model predicts (§4)."""
-        sigma = (timesteps / self.num_train_timesteps).view(-1, 1, 1, 1)  # fp32, whatever the latents' dtype
-        noisy = (1 - sigma) * latents + sigma * noise
-        return noisy.to(latents.dtype), noise - latents
+def encode(m: Models, batch, generator):
+    """A batch → latents (z − shift)·scale [2B] (winners then losers; §4), sampled from the VAE posterior with
+    the micro-batch's generator, and the prompt states and pooled projections [2B] (each caption per image)."""
+    moments = batch["latent_moments"] if "latent_moments" in batch else encode_images(m, batch["pixel_values"])
+    prompts = batch.get("prompt_embeds") or encode_captions(m, batch["captions"])
+    z = DiagonalGaussianDistribution(moments.to(m.device)).sample(generator)
+    latents = (z - m.vae.config.shift_factor) * m.vae.config.scaling_factor
+    return latents.to(m.dtype), {"encoder_hidden_states": prompts["encoder_hidden_states"].to(m.device).repeat(2, 1, 1),
+                                 "pooled_projections": prompts["pooled_projections"].to(m.device).repeat(2, 1)}
 
-    def predict(self, forward, noisy, timesteps, cond):
-        return forward(hidden_states=noisy, timestep=timesteps, encoder_hidden_states=cond["encoder_hidden_states"],
+
+def sigma_grid(scheduler) -> torch.Tensor:
+    """The scheduler's training grid σ_i = shift·s / (1 + (shift − 1)·s), s = i/T, listed noisiest first;
+    reversed, it is indexed like a DDPM timestep: sigmas[t] grows with t, so the Cat(γ^k) sampler of
+    schedule.py over-samples high σ, the early generation steps (§3)."""
+    return scheduler.sigmas.flip(0)
+
+
+def add_noise(latents, noise, sigma):
+    """x_σ = (1 − σ)·x0 + σ·ε, and the velocity target v = ε − x0 the model predicts (§4)."""
+    sigma = sigma.view(-1, 1, 1, 1)  # fp32, whatever the latents' dtype
+    return ((1 - sigma) * latents + sigma * noise).to(latents.dtype), noise - latents
+
+
+def predict(transformer, noisy, t, cond):
+    """The transformer takes the timestep σ·T, as the pipeline passes it."""
+    return transformer(hidden_states=noisy, timestep=t, encoder_hidden_states=cond["encoder_hidden_states"],
                        pooled_projections=cond["pooled_projections"], return_dict=False)[0]
 
-    def save_pipeline(self, policy, out_dir):
-        pipeline = StableDiffusion3Pipeline.from_pretrained(self.path, transformer=policy)
-        pipeline.save_pretrained(out_dir)
 
-    def save_lora(self, policy, out_dir):
-        """--lora_rank: the trained adapter only, in the format `pipe.load_lora_weights(out_dir)` reads."""
-        StableDiffusion3Pipeline.save_lora_weights(
-            out_dir, transformer_lora_layers=lora.adapter_state_dict(policy),
-            transformer_lora_adapter_metadata=lora.adapter_metadata(policy))
+def monitor_err_fn(sigmas, latents_w, cond_w, num_samples, generators, run):
+    """The err_fn of reference.py: per-sample errors of a few winners of the batch at σ ~ U(grid) and shared
+    ε, drawn once so that p_init, the new reference and the policy see the same inputs (PAPER.md §2)."""
+    cpu_generator, device_generator = generators
+    index = torch.arange(num_samples, device=latents_w.device) % latents_w.shape[0]
+    latents, cond = latents_w[index], {k: v[index] for k, v in cond_w.items()}
+    sigma = sigmas[schedule.sample_timesteps(num_samples, len(sigmas), gamma=None,
+                                             generator=cpu_generator).to(latents.device)]
+    noise = torch.randn(latents.shape, generator=device_generator, device=latents.device, dtype=latents.dtype)
+    noisy, target = add_noise(latents, noise, sigma)
+    t = sigma * len(sigmas)
+
+    @torch.no_grad()
+    def err_fn(module):
+        with run.autocast():
+            return losses.per_sample_error(predict(module, noisy, t, cond), target)
+    return err_fn
+
+
+def main(argv=None):
+    parser = toolbox.parser(__doc__, RECIPE)
+    parser.add_argument("--drop_t5", action="store_true",
+                        help="do not load T5: zeros in place of its states, as StableDiffusion3Pipeline with "
+                             "text_encoder_3=None (saves ~9 GB; prompts are read by CLIP only)")
+    args = parser.parse_args(argv)
+    run = toolbox.start(args, RECIPE, "sd3")
+    m = load_models(run.model_path, run.device, run.weight_dtype, args.drop_t5)
+    loader = toolbox.pair_loader(args, run, partial(encode_images, m), partial(encode_captions, m))
+    if args.cache_latents:
+        toolbox.to_cpu(m.vae, *m.text_encoders, m.text_encoder_3, device=run.device)  # never run again
+    num_train_timesteps = m.scheduler.config.num_train_timesteps
+    sigmas = sigma_grid(m.scheduler).to(run.device)  # [T], σ grows with the index
+    reward_scale = schedule.reward_scale_flow(sigmas)  # λ(σ) of §3 for flow matching, [T]
+
+    transformer = m.transformer.to(run.device).train()
+    if args.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    # The reference starts as the pretrained weights, which are also p_init (§2); with LoRA it is a second
+    # adapter (or, for τ = 0, the adapters switched off) of the same transformer.
+    if args.lora_rank:
+        from speed import lora
+        lora.add_lora(transformer, args.lora_rank, args.lora_alpha, reference_adapter=args.tau > 0,
+                      base_dtype=run.weight_dtype, seed=args.seed)
+        ref, ref_source = lora.make_reference(transformer, args.tau, args.delta, args.on_diverge)
+    else:
+        ref = reference.Reference(transformer, tau=args.tau, delta=args.delta, on_diverge=args.on_diverge,
+                                  dtype=run.autocast_dtype)
+        ref.model.train()  # the policy's code path (diffusers' blocks differ by mode): loss exactly log 2 at step 1
+        ref_source = transformer
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    optimizer, lr_schedule = toolbox.optimizer(args, params)
+    scaler = run.grad_scaler()
+    checkpoints = toolbox.Checkpoints(args, run, policy=transformer, reference=ref, optimizer=optimizer,
+                                      lr_schedule=lr_schedule, loader=loader, scaler=scaler)
+    step = checkpoints.resume()
+    ddp_transformer = toolbox.ddp(transformer, run)
+    transformer_forward = toolbox.maybe_compile(ddp_transformer, args.compile)
+    ref_forward = toolbox.maybe_compile(ref.model, args.compile and not args.lora_rank)  # LoRA: eager
+    objective = losses.LOSSES[args.loss]
+    accumulation = args.gradient_accumulation_steps
+    log = toolbox.TrainLog(args, run, step, num_train_timesteps, desc=f"sd3 {args.loss}")
+    stop = toolbox.StopSignal()
+    batches = iter(loader)
+
+    while step < args.max_steps:
+        for micro in range(accumulation):
+            batch = next(batches)
+            generators = toolbox.micro_generators(args.seed, step, micro * run.world_size + run.rank, run.device)
+            latents, cond = encode(m, batch, generators[1])  # [2B]: winners, then losers
+            n = latents.shape[0] // 2
+            # §3: one σ per pair, the early (noisy) steps over-sampled by Cat(γ^k), and its reward scale λ(σ).
+            index = schedule.sample_timesteps(n, num_train_timesteps, args.gamma, args.num_bins,
+                                              generator=generators[0]).to(run.device)
+            sigma, t = sigmas[index], sigmas[index] * num_train_timesteps  # t: the transformer's timestep
+            scale = torch.ones_like(reward_scale[index]) if args.no_reward_scale else reward_scale[index]
+            # §1: one ε per pair, shared by its winner and loser; SFT needs the winners only.
+            noise = torch.randn(latents[:n].shape, generator=generators[1], device=run.device, dtype=latents.dtype)
+            k = 2 if objective.needs_loser else 1
+            noisy, target = add_noise(latents[:k * n], noise.repeat(k, 1, 1, 1), sigma.repeat(k))
+            cond_k = {name: c[:k * n] for name, c in cond.items()}
+            if run.world_size > 1:  # DDP averages the gradients once, on the step's last micro-batch
+                ddp_transformer.require_backward_grad_sync = micro == accumulation - 1
+            with run.autocast():
+                pred = predict(transformer_forward, noisy, t.repeat(k), cond_k)
+            model_err, ref_pred = losses.per_sample_error(pred, target), None
+            ref_err = torch.zeros_like(model_err)
+            if objective.needs_reference:
+                with torch.no_grad(), run.autocast():
+                    ref_pred = predict(ref_forward, noisy, t.repeat(k), cond_k)
+                ref_err = losses.per_sample_error(ref_pred, target)
+            extra = (dict(model_pred_w=pred[:n], ref_pred_w=ref_pred[:n], target_w=target[:n])
+                     if objective.needs_predictions else {})
+            loss, metrics = objective.fn(model_err[:n], model_err[n:], ref_err[:n], ref_err[n:], args.beta,
+                                         scale, **extra)
+            scaler.scale(loss / accumulation).backward()
+            log.add(loss, metrics, batch["num_skipped"], t, scale, model_err, ref_err)
+
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        lr_schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+
+        # §2: every τ steps the reference becomes a copy of the policy, unless the monitor has frozen it;
+        # D(p_ref, p_init) is measured on a fixed draw over the last micro-batch's winners.
+        err_fn = monitor_err_fn(sigmas, latents[:n], {k: v[:n] for k, v in cond.items()}, args.monitor_samples,
+                                toolbox.micro_generators(args.seed, step, toolbox.MONITOR_STREAM, run.device), run)
+        ref_info = ref.step(step, ref_source, err_fn)
+        if args.divergence_every and step % args.divergence_every == 0:
+            ref_info["policy_divergence"] = ref.divergence(ref_source, err_fn)
+        log.write(step, grad_norm=grad_norm, lr=lr_schedule.get_last_lr()[0], **ref_info)
+
+        stopping = stop.agreed(run)
+        if step % args.checkpoint_every == 0 or (stopping and step < args.max_steps):
+            log.note(f"saved {checkpoints.save(step)}")
+        if stopping:
+            log.close()
+            return toolbox.report(args, run, None, step)
+    log.close()
+
+    final_dir = toolbox.save_final(args, run, StableDiffusion3Pipeline, transformer=transformer)
+    toolbox.report(args, run, final_dir, step)
 
 
 if __name__ == "__main__":
-    trainer.main(__doc__.split("\n")[0], RECIPE, SD3)
+    main()

@@ -1,8 +1,9 @@
 """Diffusion-DPO with the paper's stable reference update and timestep-aware training, for SDXL.
 
-With no arguments this runs the paper's SDXL recipe (PAPER.md §5): stable-diffusion-xl-base-1.0 weights at
-1024 px, Pick-a-Pic v2, β = 5000, effective batch 2048, lr 1e-8 × 2048 after 200 warm-up steps, 2000
-steps, Adafactor, reference update every τ = 32 steps with monitor δ = 0.002, γ = 0.9 over-sampling and λ(t).
+Algorithm 1 of Kang et al. (AAAI 2026) for SDXL, top to bottom: flags, models, data, then the loop. With no
+arguments this runs the paper's SDXL recipe (PAPER.md §5): stable-diffusion-xl-base-1.0 at 1024 px, Pick-a-Pic
+v2, β = 5000, effective batch 2048, lr 1e-8 × 2048 after 200 warm-up steps, 2000 steps, Adafactor, the
+reference updated every τ = 32 steps under the monitor δ = 0.002, γ = 0.9 over-sampling and λ(t).
 
     python train_sdxl.py                                   # one GPU (accumulation 2048)
     torchrun --nproc_per_node=8 train_sdxl.py              # 8 GPUs (accumulation 256 each)
@@ -12,116 +13,237 @@ steps, Adafactor, reference update every τ = 32 steps with monitor δ = 0.002, 
     python train_sdxl.py --vae madebyollin/sdxl-vae-fp16-fix   # encode with the fp16-safe VAE
     python train_sdxl.py --tau 0 --gamma 1 --no_reward_scale   # plain Diffusion-DPO (Wallace et al. 2023)
 
-Memory: the reference stays on the accelerator next to the policy (no CPU offload: that is what makes the
-official SDXL Diffusion-DPO recipe slow); only the initial weights, needed by the monitor alone, wait in
-CPU memory (reference.py). Output: OUTPUT_DIR/log.jsonl, OUTPUT_DIR/checkpoint-STEP/ and the trained
-pipeline in OUTPUT_DIR/final/ (StableDiffusionXLPipeline.from_pretrained loads it; it keeps the base
-pipeline's VAE). The loop and every other flag are shared with the SD1.5 and SD3 trainers (trainer.py);
-this file holds what is SDXL's own.
+What differs from train_sd15.py: two text encoders (penultimate states concatenated, the second one's pooled
+embedding), the size/crop micro-conditioning of every image, and the VAE kept in fp32. Memory: the reference
+stays on the accelerator next to the policy (no CPU offload: that is what makes the official SDXL
+Diffusion-DPO recipe slow); only the initial weights, needed by the monitor alone, wait in CPU memory
+(reference.py). Output: OUTPUT_DIR/log.jsonl, OUTPUT_DIR/checkpoint-STEP/ and the trained pipeline in
+OUTPUT_DIR/final/ (StableDiffusionXLPipeline.from_pretrained loads it; it keeps the base pipeline's VAE).
 """
+from dataclasses import dataclass
+from functools import partial
+
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-import lora
+import losses
+import reference
 import schedule
-import trainer
-from train_sd15 import DDPMNoising
+import toolbox
 
 RECIPE = dict(pretrained_model="stabilityai/stable-diffusion-xl-base-1.0", resolution=1024,
               effective_batch_size=2048, warmup_steps=200, max_steps=2000, tau=32, delta=0.002,
               optimizer="adafactor", output_dir="out/sdxl")
 
 
-class SDXL(DDPMNoising, trainer.VAEImages):
-    """SDXL: two CLIP text encoders, micro-conditioning on image sizes, 4-channel VAE latents, an
-    ε-prediction UNet trained on the same scaled-linear DDPM schedule as SD1.5 (so the same λ(t), §3)."""
+@dataclass
+class Models:
+    """SDXL: two CLIP text encoders, a 4-channel VAE and an ε-prediction UNet conditioned on image sizes,
+    trained on the same scaled-linear DDPM schedule as SD1.5 (so the same λ(t), §3)."""
+    tokenizers: list
+    text_encoders: list
+    vae: AutoencoderKL
+    scheduler: DDPMScheduler
+    unet: UNet2DConditionModel
+    device: torch.device
+    dtype: torch.dtype
 
-    name = "sdxl"
-    tiny_kind = "sdxl"
 
-    @staticmethod
-    def add_flags(parser):
-        parser.add_argument("--vae", default=None,
-                            help="hub id or folder of another VAE to encode with, e.g. the fp16-safe "
-                                 "madebyollin/sdxl-vae-fp16-fix (default: the pipeline's own, kept in fp32)")
+def load_models(path: str, device, dtype, vae: str | None = None) -> Models:
+    """The pipeline's components: the frozen ones in the training dtype, the UNet in fp32 (it is trained).
+    The saved pipeline samples with Euler; training noises with the DDPM schedule of the same config."""
+    tokenizers = [toolbox.load(CLIPTokenizer, path, "tokenizer"), toolbox.load(CLIPTokenizer, path, "tokenizer_2")]
+    text_encoders = [toolbox.frozen(toolbox.load(CLIPTextModel, path, "text_encoder"), device, dtype),
+                     toolbox.frozen(toolbox.load(CLIPTextModelWithProjection, path, "text_encoder_2"), device, dtype)]
+    for tokenizer, encoder, name in zip(tokenizers, text_encoders, ("tokenizer", "tokenizer_2")):
+        toolbox.check_tokenizer(tokenizer, encoder, name)
+    vae = (toolbox.load(AutoencoderKL, path, "vae") if vae is None
+           else toolbox.load(AutoencoderKL, toolbox.resolve_model(vae, "--vae")))
+    # SDXL's VAE overflows in fp16 (its config says force_upcast): it encodes in fp32, and the latents are
+    # then cast to the training dtype. An fp16-safe VAE (force_upcast false) runs in that dtype.
+    vae = toolbox.frozen(vae, device, torch.float32 if vae.config.force_upcast else dtype)
+    return Models(tokenizers, text_encoders, vae, toolbox.load(DDPMScheduler, path, "scheduler"),
+                  toolbox.load(UNet2DConditionModel, path, "unet"), torch.device(device), dtype)
 
-    def __init__(self, args, runtime):
-        self.path = trainer.resolve_model(args.pretrained_model)
-        self.device, self.dtype = runtime.device, runtime.weight_dtype
-        load = trainer.load_component
-        self.tokenizers = [load(CLIPTokenizer, self.path, "tokenizer"), load(CLIPTokenizer, self.path, "tokenizer_2")]
-        self.text_encoders = [trainer.frozen(load(CLIPTextModel, self.path, "text_encoder"), self.device, self.dtype),
-                              trainer.frozen(load(CLIPTextModelWithProjection, self.path, "text_encoder_2"),
-                                             self.device, self.dtype)]
-        for tokenizer, encoder, name in zip(self.tokenizers, self.text_encoders, ("tokenizer", "tokenizer_2")):
-            trainer.check_tokenizer(tokenizer, encoder, name)
-        vae = (load(AutoencoderKL, self.path, "vae") if args.vae is None
-               else load(AutoencoderKL, trainer.resolve_model(args.vae, "--vae")))
-        # SDXL's VAE overflows in fp16 (its config says force_upcast): it encodes in fp32, and the latents
-        # are then cast to the training dtype. An fp16-safe VAE (force_upcast false) runs in that dtype.
-        self.vae = trainer.frozen(vae, self.device, torch.float32 if vae.config.force_upcast else self.dtype)
-        # The saved pipeline samples with Euler; training noises with the DDPM schedule of the same config.
-        self.scheduler = load(DDPMScheduler, self.path, "scheduler")
-        self.policy = load(UNet2DConditionModel, self.path, "unet")  # fp32 master weights, trained
-        self.num_train_timesteps = self.scheduler.config.num_train_timesteps
-        self.reward_scale = schedule.reward_scale(self.scheduler.alphas_cumprod).to(self.device)
+
+@torch.no_grad()
+def encode_images(m: Models, pixels):
+    """Pixels → the VAE posterior's parameters (mean, log-variance); --cache_latents stores these."""
+    return m.vae.encode(pixels.to(m.device, m.vae.dtype)).latent_dist.parameters
+
+
+@torch.no_grad()
+def encode_prompts(m: Models, captions):
+    """As StableDiffusionXLPipeline.encode_prompt: the penultimate hidden states of both encoders,
+    concatenated on the channel axis, and the pooled (projected) embedding of the second one."""
+    outputs = []
+    for tokenizer, encoder in zip(m.tokenizers, m.text_encoders):
+        ids = tokenizer(captions, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
+                        return_tensors="pt").input_ids
+        outputs.append(encoder(ids.to(m.device), output_hidden_states=True))
+    return torch.cat([out.hidden_states[-2] for out in outputs], dim=-1), outputs[1].text_embeds
+
+
+def encode_captions(m: Models, captions):
+    states, pooled = encode_prompts(m, captions)
+    return {"encoder_hidden_states": states, "text_embeds": pooled}
+
+
+def encode(m: Models, batch, generator):
+    """A batch → latents [2B] (winners then losers), sampled from the VAE posterior with the micro-batch's
+    generator, and the conditioning [2B]: prompt states and pooled embedding (each caption once per image)
+    and per image the micro-conditioning time ids (original h, w, crop top, left, target h, w)."""
+    moments = batch["latent_moments"] if "latent_moments" in batch else encode_images(m, batch["pixel_values"])
+    prompts = batch.get("prompt_embeds") or encode_captions(m, batch["captions"])
+    latents = DiagonalGaussianDistribution(moments.to(m.device)).sample(generator) * m.vae.config.scaling_factor
+    # Each image's true size before resizing and its crop offset (data.py), not constants: the two images of
+    # a pair may differ in size (PAPER.md §5). The target size is the latents' times the VAE's downsampling (a
+    # cached batch has no pixels). Float32, so that sizes such as 1023 stay exact.
+    vae_scale = 2 ** (len(m.vae.config.block_out_channels) - 1)
+    target = torch.tensor(latents.shape[-2:]).mul(vae_scale).expand(latents.shape[0], 2)
+    time_ids = torch.cat([batch["original_sizes"], batch["crop_top_lefts"], target], dim=1)
+    return latents.to(m.dtype), {"encoder_hidden_states": prompts["encoder_hidden_states"].to(m.device).repeat(2, 1, 1),
+                                 "text_embeds": prompts["text_embeds"].to(m.device).repeat(2, 1),
+                                 "time_ids": time_ids.to(m.device, torch.float32)}
+
+
+def add_noise(scheduler, latents, noise, t):
+    """x_t = √ᾱ_t x0 + √(1−ᾱ_t) ε, and the target the model predicts: ε (or v for a v-prediction model)."""
+    noisy = scheduler.add_noise(latents, noise, t)
+    if scheduler.config.prediction_type == "v_prediction":
+        return noisy, scheduler.get_velocity(latents, noise, t)
+    return noisy, noise
+
+
+def predict(unet, noisy, t, cond):
+    added = {"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]}
+    return unet(noisy, t, encoder_hidden_states=cond["encoder_hidden_states"], added_cond_kwargs=added).sample
+
+
+def monitor_err_fn(scheduler, latents_w, cond_w, num_samples, generators, run):
+    """The err_fn of reference.py: per-sample errors of a few winners of the batch at t ~ U and shared ε,
+    drawn once so that p_init, the new reference and the policy see the same inputs (PAPER.md §2)."""
+    cpu_generator, device_generator = generators
+    index = torch.arange(num_samples, device=latents_w.device) % latents_w.shape[0]
+    latents, cond = latents_w[index], {k: v[index] for k, v in cond_w.items()}
+    t = schedule.sample_timesteps(num_samples, scheduler.config.num_train_timesteps, gamma=None,
+                                  generator=cpu_generator).to(latents.device)
+    noise = torch.randn(latents.shape, generator=device_generator, device=latents.device, dtype=latents.dtype)
+    noisy, target = add_noise(scheduler, latents, noise, t)
 
     @torch.no_grad()
-    def encode_prompts(self, captions):
-        """As StableDiffusionXLPipeline.encode_prompt: the penultimate hidden states of both encoders,
-        concatenated on the channel axis, and the pooled (projected) embedding of the second one."""
-        outputs = []
-        for tokenizer, encoder in zip(self.tokenizers, self.text_encoders):
-            ids = tokenizer(captions, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
-                            return_tensors="pt").input_ids
-            outputs.append(encoder(ids.to(self.device), output_hidden_states=True))
-        states = torch.cat([out.hidden_states[-2] for out in outputs], dim=-1)
-        return states, outputs[1].text_embeds
+    def err_fn(module):
+        with run.autocast():
+            return losses.per_sample_error(predict(module, noisy, t, cond), target)
+    return err_fn
 
-    @torch.no_grad()
-    def encode_captions(self, captions):
-        states, pooled = self.encode_prompts(captions)
-        return {"encoder_hidden_states": states, "text_embeds": pooled}
 
-    @torch.no_grad()
-    def encode(self, batch, generator):
-        """Pixels [2B] (winners then losers) → latents; captions [B] → text states, repeated per pair;
-        per image, the micro-conditioning time ids (original h, w, crop top, left, target h, w)."""
-        moments, prompts = trainer.encoder_outputs(self, batch)
-        latents = DiagonalGaussianDistribution(moments).sample(generator) * self.vae.config.scaling_factor
-        # Each image's true size before resizing and its crop offset (data.py), not constants: the two
-        # images of a pair may differ in size (PAPER.md §5). The target size is the latents' times the
-        # VAE's downsampling (a cached batch has no pixels). Float32, so that sizes such as 1023 stay exact.
-        vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        target = torch.tensor(latents.shape[-2:]).mul(vae_scale).expand(latents.shape[0], 2)
-        time_ids = torch.cat([batch["original_sizes"], batch["crop_top_lefts"], target], dim=1)
-        return latents.to(self.dtype), {"encoder_hidden_states": prompts["encoder_hidden_states"].repeat(2, 1, 1),
-                                        "text_embeds": prompts["text_embeds"].repeat(2, 1),
-                                        "time_ids": time_ids.to(self.device, torch.float32)}
+def main(argv=None):
+    parser = toolbox.parser(__doc__, RECIPE)
+    parser.add_argument("--vae", default=None,
+                        help="hub id or folder of another VAE to encode with, e.g. the fp16-safe "
+                             "madebyollin/sdxl-vae-fp16-fix (default: the pipeline's own, kept in fp32)")
+    args = parser.parse_args(argv)
+    run = toolbox.start(args, RECIPE, "sdxl")
+    m = load_models(run.model_path, run.device, run.weight_dtype, args.vae)
+    loader = toolbox.pair_loader(args, run, partial(encode_images, m), partial(encode_captions, m))
+    if args.cache_latents:
+        toolbox.to_cpu(m.vae, *m.text_encoders, device=run.device)  # never run again
+    num_train_timesteps = m.scheduler.config.num_train_timesteps
+    reward_scale = schedule.reward_scale(m.scheduler.alphas_cumprod).to(run.device)  # λ(t) of §3, [T]
 
-    def offload_encoders(self):
-        """Once everything is cached the VAE and the text encoders never run again: free their memory."""
-        for module in (self.vae, *self.text_encoders):
-            module.to("cpu")
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+    unet = m.unet.to(run.device).train()
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    # The reference starts as the pretrained weights, which are also p_init (§2); with LoRA it is a second
+    # adapter (or, for τ = 0, the adapters switched off) of the same UNet.
+    if args.lora_rank:
+        from speed import lora
+        lora.add_lora(unet, args.lora_rank, args.lora_alpha, reference_adapter=args.tau > 0,
+                      base_dtype=run.weight_dtype, seed=args.seed)
+        ref, ref_source = lora.make_reference(unet, args.tau, args.delta, args.on_diverge)
+    else:
+        ref = reference.Reference(unet, tau=args.tau, delta=args.delta, on_diverge=args.on_diverge,
+                                  dtype=run.autocast_dtype)
+        ref.model.train()  # the policy's code path (diffusers' blocks differ by mode): loss exactly log 2 at step 1
+        ref_source = unet
+    params = [p for p in unet.parameters() if p.requires_grad]
+    optimizer, lr_schedule = toolbox.optimizer(args, params)
+    scaler = run.grad_scaler()
+    checkpoints = toolbox.Checkpoints(args, run, policy=unet, reference=ref, optimizer=optimizer,
+                                      lr_schedule=lr_schedule, loader=loader, scaler=scaler)
+    step = checkpoints.resume()
+    ddp_unet = toolbox.ddp(unet, run)
+    unet_forward = toolbox.maybe_compile(ddp_unet, args.compile)
+    ref_forward = toolbox.maybe_compile(ref.model, args.compile and not args.lora_rank)  # LoRA: eager
+    objective = losses.LOSSES[args.loss]
+    accumulation = args.gradient_accumulation_steps
+    log = toolbox.TrainLog(args, run, step, num_train_timesteps, desc=f"sdxl {args.loss}")
+    stop = toolbox.StopSignal()
+    batches = iter(loader)
 
-    def predict(self, forward, noisy, timesteps, cond):
-        added = {"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]}
-        return forward(noisy, timesteps, encoder_hidden_states=cond["encoder_hidden_states"],
-                       added_cond_kwargs=added).sample
+    while step < args.max_steps:
+        for micro in range(accumulation):
+            batch = next(batches)
+            generators = toolbox.micro_generators(args.seed, step, micro * run.world_size + run.rank, run.device)
+            latents, cond = encode(m, batch, generators[1])  # [2B]: winners, then losers
+            n = latents.shape[0] // 2
+            # §3: one t per pair, the early (noisy) steps over-sampled by Cat(γ^k), and its reward scale λ(t).
+            t = schedule.sample_timesteps(n, num_train_timesteps, args.gamma, args.num_bins,
+                                          generator=generators[0]).to(run.device)
+            scale = torch.ones_like(reward_scale[t]) if args.no_reward_scale else reward_scale[t]
+            # §1: one ε per pair, shared by its winner and loser; SFT needs the winners only.
+            noise = torch.randn(latents[:n].shape, generator=generators[1], device=run.device, dtype=latents.dtype)
+            k = 2 if objective.needs_loser else 1
+            noisy, target = add_noise(m.scheduler, latents[:k * n], noise.repeat(k, 1, 1, 1), t.repeat(k))
+            cond_k = {name: c[:k * n] for name, c in cond.items()}
+            if run.world_size > 1:  # DDP averages the gradients once, on the step's last micro-batch
+                ddp_unet.require_backward_grad_sync = micro == accumulation - 1
+            with run.autocast():
+                pred = predict(unet_forward, noisy, t.repeat(k), cond_k)
+            model_err, ref_pred = losses.per_sample_error(pred, target), None
+            ref_err = torch.zeros_like(model_err)
+            if objective.needs_reference:
+                with torch.no_grad(), run.autocast():
+                    ref_pred = predict(ref_forward, noisy, t.repeat(k), cond_k)
+                ref_err = losses.per_sample_error(ref_pred, target)
+            extra = (dict(model_pred_w=pred[:n], ref_pred_w=ref_pred[:n], target_w=target[:n])
+                     if objective.needs_predictions else {})
+            loss, metrics = objective.fn(model_err[:n], model_err[n:], ref_err[:n], ref_err[n:], args.beta,
+                                         scale, **extra)
+            scaler.scale(loss / accumulation).backward()
+            log.add(loss, metrics, batch["num_skipped"], t, scale, model_err, ref_err)
 
-    def save_pipeline(self, policy, out_dir):
-        pipeline = StableDiffusionXLPipeline.from_pretrained(self.path, unet=policy)
-        pipeline.save_pretrained(out_dir)
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        lr_schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
 
-    def save_lora(self, policy, out_dir):
-        """--lora_rank: the trained adapter only, in the format `pipe.load_lora_weights(out_dir)` reads."""
-        StableDiffusionXLPipeline.save_lora_weights(out_dir, unet_lora_layers=lora.adapter_state_dict(policy),
-                                                    unet_lora_adapter_metadata=lora.adapter_metadata(policy))
+        # §2: every τ steps the reference becomes a copy of the policy, unless the monitor has frozen it;
+        # D(p_ref, p_init) is measured on a fixed draw over the last micro-batch's winners.
+        err_fn = monitor_err_fn(m.scheduler, latents[:n], {k: v[:n] for k, v in cond.items()}, args.monitor_samples,
+                                toolbox.micro_generators(args.seed, step, toolbox.MONITOR_STREAM, run.device), run)
+        ref_info = ref.step(step, ref_source, err_fn)
+        if args.divergence_every and step % args.divergence_every == 0:
+            ref_info["policy_divergence"] = ref.divergence(ref_source, err_fn)
+        log.write(step, grad_norm=grad_norm, lr=lr_schedule.get_last_lr()[0], **ref_info)
+
+        stopping = stop.agreed(run)
+        if step % args.checkpoint_every == 0 or (stopping and step < args.max_steps):
+            log.note(f"saved {checkpoints.save(step)}")
+        if stopping:
+            log.close()
+            return toolbox.report(args, run, None, step)
+    log.close()
+
+    final_dir = toolbox.save_final(args, run, StableDiffusionXLPipeline, unet=unet)
+    toolbox.report(args, run, final_dir, step)
 
 
 if __name__ == "__main__":
-    trainer.main(__doc__.split("\n")[0], RECIPE, SDXL)
+    main()

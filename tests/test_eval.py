@@ -133,17 +133,16 @@ class CountingLoader:
 def models(tmp_path_factory):
     """The tiny SD1.5 base, a copy of it at another path, and the base trained for 2 steps by
     `train_sd15.py --tiny` (in-process: a subprocess would pay the imports again) as the evaluated model."""
+    import toolbox
     import train_sd15
-    import trainer
 
     base = tiny.tiny_pipeline_dir("sd15")
     run = tmp_path_factory.mktemp("train")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as one_thread (a function-scoped fixture does not cover module set-up)
     try:
-        trainer.main("tiny", train_sd15.RECIPE, train_sd15.SD15,
-                     argv=["--tiny", "--max_steps", "2", "--output_dir", str(run), "--pretrained_model", base,
-                           "--dataset", trainer.builtin_pairs()])
+        train_sd15.main(["--tiny", "--max_steps", "2", "--output_dir", str(run), "--pretrained_model", base,
+                         "--dataset", toolbox.builtin_pairs()])
     finally:
         torch.set_num_threads(threads)
     copy = tmp_path_factory.mktemp("copy") / "base-copy"

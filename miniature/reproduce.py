@@ -1,10 +1,10 @@
 """The paper in miniature: every configuration of PAPER.md §6 trained on the toy preference pairs, evaluated on
 held-out prompts, and the paper's figures drawn from the runs (DESIGN.md, "The toy miniature").
 
-    python reproduce.py                                  # the whole reproduction, 3 seeds: 23 min on a 2-core VM
-    python reproduce.py --smoke --output_dir out/repro-smoke   # the mechanics only, in under a minute
-    python reproduce.py --seeds 0 1 2 3 4 --steps 400    # more seeds, longer runs
-    python reproduce.py --model my_toy_model --pairs my_pairs.parquet --output_dir out/repro2
+    python -m miniature.reproduce                                  # the whole reproduction, 3 seeds: 23 min on a 2-core VM
+    python -m miniature.reproduce --smoke --output_dir out/repro-smoke   # the mechanics only, in under a minute
+    python -m miniature.reproduce --seeds 0 1 2 3 4 --steps 400    # more seeds, longer runs
+    python -m miniature.reproduce --model my_toy_model --pairs my_pairs.parquet --output_dir out/repro2
 
 Stages (each with its own progress bar; a rerun in the same --output_dir skips finished runs and images):
   0. pairs        the toy preference pairs (--pairs, else sampled from --model once and cached: toy.cached_pairs)
@@ -12,7 +12,7 @@ Stages (each with its own progress bar; a rerun in the same --output_dir skips f
                   τ on seed 0, checkpoints along the way; each checkpoint's held-out preference score (toy_label)
                   is plotted against its divergence D from the initial model. δ is the D of the best checkpoint
                   (past it the score stops improving) and τ the update period of that run.
-  2. training     six configurations × --seeds, in-process through trainer.main (--jobs processes at once):
+  2. training     six configurations × --seeds, in-process through train_sd15.main (--jobs processes at once):
                   SFT; Diffusion-DPO; reference update without the monitor at the smallest τ; update with the
                   monitor ("exploration only"); the timestep strategy only; the full method.
   3. evaluation   eval.evaluate on toy.EVAL_PROMPTS (never used for pairs) with fixed sampling seeds, rewards
@@ -49,7 +49,7 @@ HERE = Path(__file__).resolve().parent
 DEFAULT_MODEL = HERE / "toy_model"
 REWARDS = ("toy_fidelity", "toy_aesthetic", "toy_label")
 FIGURE_DPI = 100
-NUM_BINS = 10  # trainer.NUM_LOG_BINS: the paper's 10 equal t-bins, bin 0 the cleanest
+NUM_BINS = 10  # toolbox.NUM_LOG_BINS: the paper's 10 equal t-bins, bin 0 the cleanest
 
 # The small-scale recipe. Every value is a flag of this script; the comments say why it was chosen.
 RECIPE = dict(
@@ -158,7 +158,7 @@ def parse_args(argv=None):
     return args
 
 
-# Running trainer.main, in this process or in a worker
+# Running train_sd15.main, in this process or in a worker
 
 
 def train_argv(args, run_dir: Path, seed: int, flags: list[str]) -> list[str]:
@@ -186,8 +186,7 @@ def run_done(run_dir: Path, argv: list[str]) -> bool:
 
 
 def train_one(run_dir: str, argv: list[str]) -> dict:
-    """trainer.main(argv) with its output in RUN_DIR/train.log; returns the run's wall and CPU seconds."""
-    import trainer
+    """train_sd15.main(argv) with its output in RUN_DIR/train.log; returns the run's wall and CPU seconds."""
     import train_sd15
 
     run_dir = Path(run_dir)
@@ -195,7 +194,7 @@ def train_one(run_dir: str, argv: list[str]) -> dict:
     (run_dir / "run.json").unlink(missing_ok=True)
     start, cpu = time.time(), time.process_time()
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    root_level = logging.getLogger().level  # trainer.main sets INFO logging for its own run only
+    root_level = logging.getLogger().level  # toolbox.start sets INFO logging for its own run only
     sys.stdout.flush(), sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
     try:
@@ -204,7 +203,7 @@ def train_one(run_dir: str, argv: list[str]) -> dict:
             os.dup2(log.fileno(), 1), os.dup2(log.fileno(), 2)
             logging.getLogger().setLevel(logging.INFO)
             try:
-                trainer.main("reproduce", train_sd15.RECIPE, train_sd15.SD15, argv=argv)
+                train_sd15.main(argv)
             except SystemExit as exit_:
                 raise RuntimeError(f"training in {run_dir} failed (exit {exit_.code}); see {run_dir}/train.log")
             finally:
@@ -343,7 +342,7 @@ def probe_divergence(model_dir: str, pairs: str, num_images: int, pipelines: dic
 def ensure_pairs(args) -> dict:
     """The toy pairs: --pairs if given, else toy.cached_pairs of the base model (the pairs `train_sd15.py --tiny`
     reads too, made once per model and cached)."""
-    import toy
+    from miniature import toy
 
     if args.pairs:
         if not os.path.exists(args.pairs):
@@ -365,7 +364,7 @@ def calibration_prompts(args) -> tuple[list[str], list[int]]:
     """Held-out prompts (toy.EVAL_PROMPTS), sampled with seeds the evaluation never uses, a different seed for
     every image: in the toy world the initial noise largely fixes the layout, so one seed shared by all
     prompts would score a single layout."""
-    import toy
+    from miniature import toy
 
     prompts = toy.EVAL_PROMPTS[:SMOKE_PROMPTS] if args.smoke else toy.EVAL_PROMPTS
     keys = [(p, CALIBRATION_SEED_OFFSET + i * args.calibration_seeds + s)
@@ -377,7 +376,7 @@ def calibrate_run(run_dir: str, argv: list[str], model: str, pairs: str, probe_i
                   prompts: list[str], seeds: list[int], smoke: bool) -> dict:
     """One calibration run (updates without the monitor): train with checkpoints, then for each checkpoint
     (and the base model, step 0) the held-out toy_label score of its samples and its divergence D."""
-    import toy
+    from miniature import toy
 
     steps_ = 4 if smoke else toy.NUM_INFERENCE_STEPS
     key = {"argv": argv, "prompts": prompts, "seeds": seeds, "probe_images": probe_images,
@@ -450,13 +449,13 @@ def evaluate(args, out: Path, runs: dict) -> dict:
     """eval.py's offline mode on the held-out prompts: one evaluate() over the base model and every run, then
     the tables of PAPER.md §6 over training seeds."""
     import eval as ev
-    import toy
+    from miniature import toy
 
     prompts = toy.EVAL_PROMPTS[:SMOKE_PROMPTS] if args.smoke else toy.EVAL_PROMPTS
     prompt_file = out / "eval_prompts.txt"
     prompt_file.write_text("\n".join(prompts) + "\n")
     # The pipelines sample with the scheduler they were saved with: toy_model's DDIM, which the trained
-    # pipelines inherit (trainer save_pipeline), so the evaluation samples as the pairs were sampled.
+    # pipelines inherit (train_sd15.py's final save), so the evaluation samples as the pairs were sampled.
     specs = {"base": f"base={args.model}"}
     for (key, seed), run_dir in runs.items():
         specs[(key, seed)] = f"{key}-s{seed}={run_dir / 'final'}"
@@ -685,7 +684,7 @@ def draw_figures(args, out: Path, runs: dict, keys: list[str], calibration: dict
     # Same-seed samples: base / Diffusion-DPO / the method, seed 0 of training and sampling.
     from PIL import Image
 
-    import toy
+    from miniature import toy
 
     shown = [k for k in ("base", "dpo", "full") if k == "base" or k in keys]
     prompts = toy.EVAL_PROMPTS[:SMOKE_PROMPTS] if args.smoke else toy.EVAL_PROMPTS
@@ -754,7 +753,7 @@ def render_tables(args, calibration: dict, table: dict, summary: dict, keys: lis
 
 def write_results(out: Path, args, text: str, figures: dict, timings: dict, payload: dict) -> None:
     rel = {k: os.path.relpath(v, out) for k, v in figures.items()}
-    command = " ".join(["python reproduce.py", *sys.argv[1:]]) if sys.argv and sys.argv[0].endswith("reproduce.py") \
+    command = " ".join(["python -m miniature.reproduce", *sys.argv[1:]]) if sys.argv and sys.argv[0].endswith("reproduce.py") \
         else "reproduce.main(...)"
     md = ["# Toy reproduction of Rethinking DPO in diffusion models", "", f"Command: `{command}`", "",
           "Timings (s): " + ", ".join(f"{k} {v['wall_s']:.0f} wall / {v['cpu_s']:.0f} CPU" for k, v in timings.items()),

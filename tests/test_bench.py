@@ -1,10 +1,10 @@
-"""bench.py runs each trainer on its tiny model and prints (and writes) every field. Numbers are not checked."""
+"""speed/bench.py runs each trainer on its tiny model and prints (and writes) every field. Numbers are not checked."""
 import importlib
 import json
 
 import pytest
 
-import bench
+from speed import bench
 
 
 def available(name):

@@ -1,6 +1,4 @@
 """train_sd3.py end to end on the tiny SD3-layout model, offline (the real from_pretrained path)."""
-import argparse
-import json
 import math
 import os
 
@@ -9,13 +7,12 @@ import torch
 
 import schedule
 import tiny
-import trainer
 import train_sd3
+from helpers import read_log
 
 
-def load_model(**flags):
-    args = argparse.Namespace(pretrained_model=tiny.tiny_pipeline_dir("sd3"), **{"drop_t5": False, **flags})
-    return train_sd3.SD3(args, trainer.Runtime(torch.device("cpu")))
+def load_model(drop_t5=False):
+    return train_sd3.load_models(tiny.tiny_pipeline_dir("sd3"), torch.device("cpu"), torch.float32, drop_t5)
 
 
 @pytest.fixture(scope="module")
@@ -25,10 +22,13 @@ def model(tiny_cache):
 
 def run(output_dir, *flags):
     """One in-process training run (saves the 5 s import of a subprocess); returns the log lines."""
-    argv = ["--tiny", "--output_dir", str(output_dir), *map(str, flags)]
-    trainer.main("test", train_sd3.RECIPE, train_sd3.SD3, argv=argv)
-    with open(os.path.join(output_dir, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
+    train_sd3.main(["--tiny", "--output_dir", str(output_dir), *map(str, flags)])
+    return read_log(output_dir)
+
+
+def sample_sigmas(model, n, generator, gamma, num_bins):
+    """σ as train_sd3.main draws it: Cat(γ^k) over the index of the shifted grid (schedule.py, §3)."""
+    return train_sd3.sigma_grid(model.scheduler)[schedule.sample_timesteps(n, 1000, gamma, num_bins, generator=generator)]
 
 
 def transformer_weights(folder):
@@ -49,6 +49,12 @@ def test_tiny_run_with_the_defaults_updates_the_reference_oversamples_noise_and_
     # draws the noisiest quarter of the grid three times in four.
     assert counts[-1] > sum(counts) / 2
     assert log[-1]["bin_reward_scale"][-1] > 1.5  # λ(σ) on
+    # Bin b holds σ·1000 in [100b, 100b + 100): its mean λ lies between the flow λ at the bin's two ends
+    # (λ_flow is increasing), so each pair was scaled by λ_flow of its own σ, not by SD1.5's λ(t).
+    for b, mean_scale in enumerate(log[-1]["bin_reward_scale"]):
+        if mean_scale is not None:
+            low, high = schedule.reward_scale_flow(torch.tensor([b / 10, (b + 1) / 10 - 1e-6])).tolist()
+            assert low - 1e-5 <= mean_scale <= high + 1e-5, (b, mean_scale)
     from diffusers import StableDiffusion3Pipeline
     pipe = StableDiffusion3Pipeline.from_pretrained(tmp_path / "final")
     image = pipe("a red square", num_inference_steps=2, height=32, width=32, output_type="np",
@@ -60,21 +66,21 @@ def test_tiny_run_with_the_defaults_updates_the_reference_oversamples_noise_and_
 
 def test_noising_is_rectified_flow_with_a_velocity_target(model):
     latents, noise = torch.randn(4, 16, 16, 16), torch.randn(4, 16, 16, 16)
-    timesteps, scale = model.sample_noise_level(4, torch.Generator().manual_seed(0), gamma=0.9, num_bins=50)
-    noisy, target = model.add_noise(latents, noise, timesteps)
-    sigma = (timesteps / 1000).view(-1, 1, 1, 1)
+    sigmas = sample_sigmas(model, 4, torch.Generator().manual_seed(0), gamma=0.9, num_bins=50)
+    noisy, target = train_sd3.add_noise(latents, noise, sigmas)
+    sigma = sigmas.view(-1, 1, 1, 1)
     torch.testing.assert_close(noisy, (1 - sigma) * latents + sigma * noise)
     torch.testing.assert_close(target, noise - latents)  # v = ε − x0: the per-sample errors are velocity errors
     assert not torch.allclose(target, noise, atol=1e-2)
-    # σ comes from the scheduler's shifted grid, the timestep is σ·1000 as the pipeline passes it, λ = λ_flow(σ).
+    # σ comes from the scheduler's shifted grid: the timestep σ·1000 is one the pipeline passes.
     grid = model.scheduler.timesteps
-    assert all((grid - t).abs().min() < 1e-3 for t in timesteps)
-    torch.testing.assert_close(scale, schedule.reward_scale_flow(timesteps / 1000))
+    assert all((grid - t).abs().min() < 1e-3 for t in sigmas * 1000)
+    assert (train_sd3.sigma_grid(model.scheduler).diff() > 0).all()  # indexed like t: σ grows with the index
 
 
 def test_gamma_oversamples_high_sigma(model):
-    uniform, _ = model.sample_noise_level(4000, torch.Generator().manual_seed(0), gamma=None, num_bins=50)
-    skewed, _ = model.sample_noise_level(4000, torch.Generator().manual_seed(0), gamma=0.9, num_bins=50)
+    uniform = sample_sigmas(model, 4000, torch.Generator().manual_seed(0), gamma=None, num_bins=50) * 1000
+    skewed = sample_sigmas(model, 4000, torch.Generator().manual_seed(0), gamma=0.9, num_bins=50) * 1000
     assert skewed.mean() > uniform.mean() + 100
     assert (uniform / 1000 > 0.9).float().mean() == pytest.approx(0.25, abs=0.03)  # the shift-3 grid
 
@@ -82,7 +88,7 @@ def test_gamma_oversamples_high_sigma(model):
 def test_latents_are_shifted_and_scaled(model):
     pixels = torch.rand(2, 3, 32, 32) * 2 - 1
     batch = {"pixel_values": pixels, "captions": ["a red square"]}
-    latents, _ = model.encode(batch, torch.Generator().manual_seed(0))
+    latents, _ = train_sd3.encode(model, batch, torch.Generator().manual_seed(0))
     with torch.no_grad():
         z = model.vae.encode(pixels).latent_dist.sample(torch.Generator().manual_seed(0))
     torch.testing.assert_close(latents, (z - 0.0609) * 1.5305)
@@ -91,17 +97,17 @@ def test_latents_are_shifted_and_scaled(model):
 def test_prompts_are_encoded_as_the_sd3_pipeline_does_with_and_without_t5(model):
     from diffusers import StableDiffusion3Pipeline
     captions = ["a red square", ""]
-    pipe = StableDiffusion3Pipeline.from_pretrained(model.path)
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny.tiny_pipeline_dir("sd3"))
     for encoder, pipeline in ((model, pipe), (load_model(drop_t5=True), StableDiffusion3Pipeline.from_pretrained(
-            model.path, text_encoder_3=None, tokenizer_3=None))):
-        states, pooled = encoder.encode_prompts(captions)
+            tiny.tiny_pipeline_dir("sd3"), text_encoder_3=None, tokenizer_3=None))):
+        states, pooled = train_sd3.encode_prompts(encoder, captions)
         expected, _, expected_pooled, _ = pipeline.encode_prompt(
             captions, None, None, device="cpu", do_classifier_free_guidance=False, max_sequence_length=77)
         torch.testing.assert_close(states, expected)
         torch.testing.assert_close(pooled, expected_pooled)
         assert states.shape == (2, 77 + 77, 128) and pooled.shape == (2, 64)
     dropped = load_model(drop_t5=True)
-    assert dropped.text_encoder_3 is None and dropped.encode_prompts(captions)[0][:, 77:].abs().max() == 0
+    assert dropped.text_encoder_3 is None and train_sd3.encode_prompts(dropped, captions)[0][:, 77:].abs().max() == 0
 
 
 def test_resume_ends_with_the_same_weights_as_an_uninterrupted_run(tmp_path):

@@ -7,9 +7,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageFilter
 
-import toy
+from miniature import toy
 
-TOY_MODEL = str(Path(__file__).parent / "toy_model")
+TOY_MODEL = str(toy.TOY_MODEL)
 
 
 def test_world_is_deterministic_and_captions_match_specs():
@@ -178,13 +178,12 @@ def test_tiny_demo_trains_the_toy_model_on_its_sampled_pairs(tmp_path, monkeypat
 
     from diffusers import UNet2DConditionModel
 
-    import trainer
+    import toolbox
     import train_sd15
 
-    monkeypatch.setattr(trainer, "TOY_DEMO_PAIRS", 8)  # the demo samples 256; the mechanics are the same
-    trainer.main("test", train_sd15.RECIPE, train_sd15.SD15, argv=["--tiny", "--max_steps", "2", "--output_dir",
-                                                                   str(tmp_path), "--train_batch_size", "2",
-                                                                   "--effective_batch_size", "2"])
+    monkeypatch.setattr(toolbox, "TOY_DEMO_PAIRS", 8)  # the demo samples 256; the mechanics are the same
+    train_sd15.main(["--tiny", "--max_steps", "2", "--output_dir", str(tmp_path), "--train_batch_size", "2",
+                     "--effective_batch_size", "2"])
     pairs = list(Path(os.environ["RDPO_CACHE"]).glob("toy-pairs-*-n8-s0.parquet"))
     assert len(pairs) == 1 and pq.read_table(pairs[0]).num_rows == 8
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]

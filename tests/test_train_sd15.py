@@ -13,28 +13,9 @@ import time
 import pytest
 import torch
 
-import tiny
-import trainer
+import toolbox
 import train_sd15
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def tiny_flags():
-    return ["--tiny", "--pretrained_model", tiny.tiny_pipeline_dir("sd15"), "--dataset", trainer.builtin_pairs()]
-
-
-def run(output_dir, *flags):
-    """One in-process training run (saves the 5 s import of a subprocess); returns the log lines."""
-    argv = [*tiny_flags(), "--output_dir", str(output_dir), *map(str, flags)]
-    trainer.main("test", train_sd15.RECIPE, train_sd15.SD15, argv=argv)
-    with open(os.path.join(output_dir, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def unet_weights(folder):
-    from diffusers import UNet2DConditionModel
-    return UNet2DConditionModel.from_pretrained(folder, subfolder="unet").state_dict()
+from helpers import ROOT, run_sd15 as run, sd15_flags as tiny_flags, unet_weights
 
 
 def test_tiny_run_starts_at_log2_and_saves_a_pipeline_that_samples(tmp_path):
@@ -101,11 +82,11 @@ def test_two_process_torchrun_matches_one_process_with_twice_the_accumulation(tm
               "--tau", "2", "--checkpoint_every", "1000", "--no_flip", "--caption_dropout", "0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, "train_sd15.py", *common, "--effective_batch_size", "2",
-                          "--output_dir", str(tmp_path / "one")], cwd=HERE, env=env, capture_output=True, text=True)
+                          "--output_dir", str(tmp_path / "one")], cwd=ROOT, env=env, capture_output=True, text=True)
     assert one.returncode == 0, one.stderr[-2000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                           "--master_port", "29533", "train_sd15.py", *common, "--effective_batch_size", "2",
-                          "--output_dir", str(tmp_path / "two")], cwd=HERE, env=env, capture_output=True, text=True)
+                          "--output_dir", str(tmp_path / "two")], cwd=ROOT, env=env, capture_output=True, text=True)
     assert two.returncode == 0, two.stderr[-2000:]
     a, b = unet_weights(tmp_path / "one" / "final"), unet_weights(tmp_path / "two" / "final")
     base = unet_weights(os.environ["RDPO_CACHE"] + "/tiny-sd15-v1")
@@ -119,7 +100,7 @@ def test_two_process_torchrun_matches_one_process_with_twice_the_accumulation(tm
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     proc = subprocess.Popen([sys.executable, "train_sd15.py", *tiny_flags(), "--max_steps", "1000",
-                             "--output_dir", str(tmp_path)], cwd=HERE, stdout=subprocess.PIPE,
+                             "--output_dir", str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     log = tmp_path / "log.jsonl"
     deadline = time.time() + 120
@@ -128,7 +109,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err[-2000:]
-    checkpoints = trainer.checkpoint_dirs(str(tmp_path))
+    checkpoints = toolbox.checkpoint_dirs(str(tmp_path))
     assert len(checkpoints) == 1 and "stopped at step" in out
     step = int(checkpoints[0].rsplit("-", 1)[1])
     assert json.loads(log.read_text().splitlines()[-1])["step"] == step
@@ -136,7 +117,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
 
 def expect_error(capsys, argv, *fragments):
     with pytest.raises(SystemExit) as exit_info:
-        trainer.main("test", train_sd15.RECIPE, train_sd15.SD15, argv=argv)
+        train_sd15.main(argv)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) >= 1 and err[-1].startswith("error: ")
@@ -162,7 +143,7 @@ def test_bad_inputs_give_one_line_errors(capsys, tmp_path):
                           str(tmp_path)], "text_encoder")
 
 
-def test_tokenizer_with_a_handful_of_tokens_is_an_error():
+def test_tokenizer_with_a_handful_of_tokens_is_an_error(capsys):
     class Tok:
         def __len__(self):
             return 2
@@ -170,5 +151,6 @@ def test_tokenizer_with_a_handful_of_tokens_is_an_error():
     class Enc:
         class config:
             vocab_size = 49408
-    with pytest.raises(trainer.UsageError, match="2 tokens"):
-        trainer.check_tokenizer(Tok(), Enc(), "tokenizer")
+    with pytest.raises(SystemExit):
+        toolbox.check_tokenizer(Tok(), Enc(), "tokenizer")
+    assert "2 tokens" in capsys.readouterr().err

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import reproduce
+from miniature import reproduce
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,4 @@
 """train_sdxl.py end to end on the tiny SDXL-layout model, offline (the real from_pretrained path)."""
-import argparse
-import json
 import math
 import os
 
@@ -10,22 +8,19 @@ from PIL import Image
 
 import data
 import tiny
-import trainer
 import train_sdxl
+from helpers import read_log
 
 
 @pytest.fixture(scope="module")
 def model(tiny_cache):
-    args = argparse.Namespace(pretrained_model=tiny.tiny_pipeline_dir("sdxl"), vae=None)
-    return train_sdxl.SDXL(args, trainer.Runtime(torch.device("cpu")))
+    return train_sdxl.load_models(tiny.tiny_pipeline_dir("sdxl"), torch.device("cpu"), torch.float32)
 
 
 def run(output_dir, *flags):
     """One in-process training run (saves the 5 s import of a subprocess); returns the log lines."""
-    argv = ["--tiny", "--output_dir", str(output_dir), *map(str, flags)]
-    trainer.main("test", train_sdxl.RECIPE, train_sdxl.SDXL, argv=argv)
-    with open(os.path.join(output_dir, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
+    train_sdxl.main(["--tiny", "--output_dir", str(output_dir), *map(str, flags)])
+    return read_log(output_dir)
 
 
 def unet_weights(folder):
@@ -58,14 +53,14 @@ def test_time_ids_are_each_images_true_size_and_crop(model):
     batch = {"pixel_values": torch.rand(4, 3, 32, 32) * 2 - 1, "captions": ["a red square", "a blue circle"],
              "original_sizes": torch.tensor([[48, 64], [32, 40], [64, 48], [35, 32]]),
              "crop_top_lefts": torch.tensor([[0, 16], [0, 4], [8, 0], [1, 0]])}
-    _, cond = model.encode(batch, torch.Generator().manual_seed(0))
+    _, cond = train_sdxl.encode(model, batch, torch.Generator().manual_seed(0))
     assert cond["time_ids"].tolist() == [[48, 64, 0, 16, 32, 32], [32, 40, 0, 4, 32, 32],
                                          [64, 48, 8, 0, 32, 32], [35, 32, 1, 0, 32, 32]]
     # They condition the UNet: other sizes, another prediction.
     noisy, t = torch.randn(4, 4, 16, 16), torch.tensor([500] * 4)
     with torch.no_grad():
-        pred = model.predict(model.policy, noisy, t, cond)
-        other = model.predict(model.policy, noisy, t, {**cond, "time_ids": torch.full_like(cond["time_ids"], 32)})
+        pred = train_sdxl.predict(model.unet, noisy, t, cond)
+        other = train_sdxl.predict(model.unet, noisy, t, {**cond, "time_ids": torch.full_like(cond["time_ids"], 32)})
     assert not torch.allclose(pred, other)
 
 
@@ -77,7 +72,7 @@ def test_time_ids_of_a_pair_of_different_sizes_through_the_data_transform(model)
     pair = {"jpg_w": image(48, 64), "jpg_l": image(40, 32), "caption": "a red square", "winner_col": 0, "row": 0}
     transform = data.PairTransform(32, random_crop=True, random_flip=True, caption_dropout=0.0, seed=3)
     item = transform(pair, epoch=0, key=0)
-    _, cond = model.encode(data.collate_pairs([item]), torch.Generator().manual_seed(0))
+    _, cond = train_sdxl.encode(model, data.collate_pairs([item]), torch.Generator().manual_seed(0))
     (top_w, left_w), (top_l, left_l) = item["crop_top_lefts"]
     assert cond["time_ids"].tolist() == [[48, 64, top_w, left_w, 32, 32], [40, 32, top_l, left_l, 32, 32]]
     assert (top_w, left_w) != (0, 0) or (top_l, left_l) != (0, 0)
@@ -85,9 +80,9 @@ def test_time_ids_of_a_pair_of_different_sizes_through_the_data_transform(model)
 
 def test_prompts_are_encoded_as_the_sdxl_pipeline_does(model):
     from diffusers import StableDiffusionXLPipeline
-    pipe = StableDiffusionXLPipeline.from_pretrained(model.path)
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny.tiny_pipeline_dir("sdxl"))
     captions = ["a red square", ""]
-    states, pooled = model.encode_prompts(captions)
+    states, pooled = train_sdxl.encode_prompts(model, captions)
     expected, _, expected_pooled, _ = pipe.encode_prompt(captions, device="cpu", do_classifier_free_guidance=False)
     torch.testing.assert_close(states, expected)
     torch.testing.assert_close(pooled, expected_pooled)
@@ -95,13 +90,12 @@ def test_prompts_are_encoded_as_the_sdxl_pipeline_does(model):
 
 
 def test_vae_stays_in_fp32_and_latents_take_the_training_dtype(tiny_cache):
-    args = argparse.Namespace(pretrained_model=tiny.tiny_pipeline_dir("sdxl"), vae=None)
-    bf16 = train_sdxl.SDXL(args, trainer.Runtime(torch.device("cpu"), autocast_dtype=torch.bfloat16))
+    bf16 = train_sdxl.load_models(tiny.tiny_pipeline_dir("sdxl"), torch.device("cpu"), torch.bfloat16)
     assert bf16.vae.dtype == torch.float32 and bf16.text_encoders[1].dtype == torch.bfloat16
     batch = {"pixel_values": torch.rand(2, 3, 32, 32) * 2 - 1, "captions": ["a red square"],
              "original_sizes": torch.tensor([[32, 32], [32, 32]]),
              "crop_top_lefts": torch.zeros(2, 2, dtype=torch.long)}
-    latents, cond = bf16.encode(batch, torch.Generator().manual_seed(0))
+    latents, cond = train_sdxl.encode(bf16, batch, torch.Generator().manual_seed(0))
     assert latents.dtype == torch.bfloat16 and cond["time_ids"].dtype == torch.float32
     assert bf16.vae.config.scaling_factor == 0.13025
 

@@ -1,6 +1,5 @@
 """--cache_latents (latent_cache.py): the same batches and the same loss as the uncached path, and the VAE and
 text encoder never run once the cache is built. Tiny SD1.5, offline."""
-import json
 import math
 import os
 import threading
@@ -12,20 +11,15 @@ from diffusers import AutoencoderKL
 from transformers import CLIPTextModel
 
 import data
-import latent_cache
-import tiny
-import trainer
+import toolbox
 import train_sd15
-from losses import LOSSES
+from helpers import run_sd15 as run_log, sd15_dpo_loss, setup_sd15 as setup
+from speed import latent_cache
 
 
-def setup(output_dir, *flags):
-    args = trainer.build_parser("test", train_sd15.RECIPE).parse_args(["--tiny", "--output_dir", str(output_dir),
-                                                                       *map(str, flags)])
-    runtime = trainer.setup_runtime(args)
-    args = trainer.finalize_args(args, train_sd15.RECIPE, runtime.world_size)
-    trainer.prepare_tiny(args, "sd15", runtime)
-    return args, runtime, train_sd15.SD15(args, runtime)
+def encoders(model):
+    return (lambda pixels: train_sd15.encode_images(model, pixels),
+            lambda captions: train_sd15.encode_captions(model, captions))
 
 
 def data_of(args):
@@ -39,15 +33,13 @@ def test_cached_batches_give_the_same_loss_as_uncached_ones(tmp_path):
     args, runtime, model = setup(tmp_path, "--caption_dropout", 0.3, "--max_train_samples", 64)
     dataset, transform = data_of(args)
     uncached = data.PairLoader(dataset, transform, args.train_batch_size, seed=args.seed)
-    cached = latent_cache.cached_loader(args, model, dataset, transform, runtime)
+    cached = latent_cache.cached_loader(args, runtime, dataset, transform, *encoders(model))
     # A policy apart from its reference, so that the loss is not log 2 whatever the inputs.
-    model.policy_forward = model.policy
-    model.reference_forward = reference = train_sd15.UNet2DConditionModel.from_config(model.policy.config)
-    reference.load_state_dict(model.policy.state_dict())
+    reference = train_sd15.UNet2DConditionModel.from_config(model.unet.config)
+    reference.load_state_dict(model.unet.state_dict())
     with torch.no_grad():
         for p in reference.parameters():
             p.add_(0.01 * torch.randn_like(p))
-    objective = LOSSES["dpo"]
     flips = drops = 0
     for step, (a, b) in enumerate(zip(uncached, cached)):
         if step == 6:
@@ -55,15 +47,14 @@ def test_cached_batches_give_the_same_loss_as_uncached_ones(tmp_path):
         assert a["captions"] == b["captions"] and torch.equal(a["rows"], b["rows"])
         assert torch.equal(a["original_sizes"], b["original_sizes"]) and torch.equal(a["crop_top_lefts"], b["crop_top_lefts"])
         assert "pixel_values" not in b and b["latent_moments"].shape[0] == 2 * len(b["captions"])
-        assert torch.allclose(b["latent_moments"], model.encode_images(a["pixel_values"]), atol=1e-5)
+        assert torch.allclose(b["latent_moments"], train_sd15.encode_images(model, a["pixel_values"]), atol=1e-5)
         draws = [transform.draws(0, int(r)) for r in a["rows"]]
         flips += sum(d["flip"] for d in draws)
         drops += sum(d["drop_caption"] for d in draws)
         results = []
         for batch in (a, b):
-            generators = trainer.micro_generators(args.seed, step, 0, runtime.device)
-            loss, metrics, _, _ = trainer.micro_batch_loss(args, model, objective, batch, generators, runtime,
-                                                           trainer.NoTimer())
+            generators = toolbox.micro_generators(args.seed, step, 0, runtime.device)
+            loss, metrics = sd15_dpo_loss(args, model, batch, generators, model.unet, reference)
             results.append((loss.item(), {k: v.item() for k, v in metrics.items()}))
         (loss_a, metrics_a), (loss_b, metrics_b) = results
         # The VAE run on another batch composition rounds differently (~1e-7), and β/2 = 250 amplifies
@@ -83,14 +74,6 @@ def counting(cls, method, calls):
         calls[cls.__name__] = calls.get(cls.__name__, 0) + 1
         return original(self, *args, **kwargs)
     return counted
-
-
-def run_log(output_dir, *flags):
-    trainer.main("test", train_sd15.RECIPE, train_sd15.SD15,
-                 argv=["--tiny", "--pretrained_model", tiny.tiny_pipeline_dir("sd15"), "--dataset",
-                       trainer.builtin_pairs(), "--output_dir", str(output_dir), *map(str, flags)])
-    with open(os.path.join(output_dir, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 def test_training_from_the_cache_matches_and_never_runs_the_encoders(tmp_path, monkeypatch):
@@ -115,16 +98,16 @@ def test_cache_built_by_two_ranks_equals_one_built_by_one(tmp_path, monkeypatch)
     args, runtime, model = setup(tmp_path, "--max_train_samples", 40)
     dataset, transform = data_of(args)
     captions = latent_cache.pair_captions(dataset)
-    latent_cache.build(str(tmp_path / "one"), model, dataset, transform, captions, runtime)
+    latent_cache.build(str(tmp_path / "one"), *encoders(model), dataset, transform, captions, runtime)
     # Two ranks as two threads on one model, meeting at a thread barrier in place of torch.distributed's.
     barrier = threading.Barrier(2)
     monkeypatch.setattr(latent_cache, "_barrier", lambda runtime: barrier.wait())
-    ranks = [trainer.Runtime(runtime.device, rank=r, world_size=2) for r in (0, 1)]
+    ranks = [toolbox.Run(runtime.device, rank=r, world_size=2) for r in (0, 1)]
     errors = []
 
     def build(rank_runtime):
         try:
-            latent_cache.build(str(tmp_path / "two"), model, dataset, transform, captions, rank_runtime)
+            latent_cache.build(str(tmp_path / "two"), *encoders(model), dataset, transform, captions, rank_runtime)
         except Exception as error:  # surfaced below
             errors.append(error)
             barrier.abort()
@@ -148,12 +131,14 @@ def test_cache_built_by_two_ranks_equals_one_built_by_one(tmp_path, monkeypatch)
 def test_flips_off_halve_the_cache_and_flipped_variants_differ(tmp_path):
     args, runtime, model = setup(tmp_path, "--no_flip", "--max_train_samples", 16)
     dataset, transform = data_of(args)
-    latent_cache.build(str(tmp_path / "c"), model, dataset, transform, latent_cache.pair_captions(dataset), runtime)
+    latent_cache.build(str(tmp_path / "c"), *encoders(model), dataset, transform, latent_cache.pair_captions(dataset),
+                       runtime)
     cache = latent_cache.LatentCache(str(tmp_path / "c"))
     assert cache.num_flips == 1 and cache.moments[0].shape[1] == 1
     args, runtime, model = setup(tmp_path, "--max_train_samples", 16)
     dataset, transform = data_of(args)
-    latent_cache.build(str(tmp_path / "f"), model, dataset, transform, latent_cache.pair_captions(dataset), runtime)
+    latent_cache.build(str(tmp_path / "f"), *encoders(model), dataset, transform, latent_cache.pair_captions(dataset),
+                       runtime)
     flipped = latent_cache.LatentCache(str(tmp_path / "f"))
     assert flipped.num_flips == 2
     assert torch.equal(flipped.pair(0, False)[0], cache.pair(0, False)[0])
@@ -168,7 +153,6 @@ def test_bf16_round_trips_through_numpy():
 def test_cache_refuses_random_crops_and_streaming(tmp_path, capsys):
     for flag in ("--random_crop", "--streaming"):
         with pytest.raises(SystemExit) as exit_info:
-            trainer.main("test", train_sd15.RECIPE, train_sd15.SD15,
-                         argv=["--tiny", "--cache_latents", flag, "--output_dir", str(tmp_path)])
+            train_sd15.main(["--tiny", "--cache_latents", flag, "--output_dir", str(tmp_path)])
         assert exit_info.value.code == 2
         assert "--cache_latents" in capsys.readouterr().err

@@ -1,6 +1,5 @@
 """--lora_rank (lora.py): log 2 at init, only the adapter trains, the reference adapter is copied at multiples
 of τ, and the saved adapter is what diffusers' load_lora_weights reads. Tiny SD1.5, offline."""
-import json
 import math
 import os
 
@@ -9,20 +8,9 @@ import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from safetensors.torch import load_file
 
-import lora
-import tiny
-import trainer
-import train_sd15
-from losses import LOSSES
-
-
-def setup(output_dir, *flags):
-    args = trainer.build_parser("test", train_sd15.RECIPE).parse_args(["--tiny", "--output_dir", str(output_dir),
-                                                                       *map(str, flags)])
-    runtime = trainer.setup_runtime(args)
-    args = trainer.finalize_args(args, train_sd15.RECIPE, runtime.world_size)
-    trainer.prepare_tiny(args, "sd15", runtime)
-    return args, runtime, train_sd15.SD15(args, runtime)
+import toolbox
+from helpers import run_sd15 as run_log, sd15_dpo_loss, setup_sd15 as setup
+from speed import lora
 
 
 def unet_inputs(seed=0):
@@ -47,17 +35,15 @@ def nudge(tensors, amount=0.05, seed=1):
 @pytest.mark.parametrize("tau", [0, 2])
 def test_loss_is_log2_at_init_and_only_the_adapter_gets_gradients(tmp_path, tau):
     args, runtime, model = setup(tmp_path, "--lora_rank", 4, "--tau", tau)
-    unet = model.policy
+    unet = model.unet
     trainable = lora.add_lora(unet, 4, reference_adapter=tau > 0)
     reference, policy_view = lora.make_reference(unet, tau, 0.05, "freeze")
-    model.policy_forward, model.reference_forward = unet, reference.model
     import data
     loader = data.PairLoader(data.load_pairs(args.dataset), data.PairTransform(args.resolution, random_flip=True),
                              args.train_batch_size)
     batch = next(iter(loader))
-    loss, metrics, _, _ = trainer.micro_batch_loss(args, model, LOSSES["dpo"], batch,
-                                                   trainer.micro_generators(0, 0, 0, runtime.device), runtime,
-                                                   trainer.NoTimer())
+    loss, metrics = sd15_dpo_loss(args, model, batch, toolbox.micro_generators(0, 0, 0, runtime.device), unet,
+                                  reference.model)
     assert loss.item() == pytest.approx(math.log(2), abs=1e-7) and metrics["reward_margin"].item() == 0
     loss.backward()
     with_grad = {name for name, p in unet.named_parameters() if p.grad is not None}
@@ -120,14 +106,6 @@ def test_reference_adapter_copies_every_tau_and_initial_model_is_adapters_off(tm
     assert all(torch.equal(a, b) for a, b in zip(reference_tensors, initial))
     assert torch.equal(forward(reference.model, inputs), base)
     assert all(p.data_ptr() == q.data_ptr() for p, q in zip(reference.model.parameters(), reference_tensors))
-
-
-def run_log(output_dir, *flags):
-    trainer.main("test", train_sd15.RECIPE, train_sd15.SD15,
-                 argv=["--tiny", "--pretrained_model", tiny.tiny_pipeline_dir("sd15"), "--dataset",
-                       trainer.builtin_pairs(), "--output_dir", str(output_dir), *map(str, flags)])
-    with open(os.path.join(output_dir, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 def test_lora_run_copies_the_reference_adapter_at_multiples_of_tau_and_saves_loadable_weights(tmp_path):

@@ -26,9 +26,9 @@ numpy .npy files, opened as memory maps: a batch reads its rows, nothing is load
 from disk (about 64 KB per SD1.5 image at 512 px in bf16, ×2 for the flips, and 77×768 values per caption).
 bf16 has no numpy dtype: its bits are stored as uint16 and viewed back.
 
-The model provides the two halves of its `encode`: `encode_images(pixels) -> moments` and
-`encode_captions(captions) -> {name: Tensor[n, ...]}`, and its `encode(batch, generator)` accepts a batch that
-holds `latent_moments` and `prompt_embeds` in place of `pixel_values` and `captions` (train_sd15.py).
+The train script passes the two halves of its encoding, `encode_images(pixels) -> moments` and
+`encode_captions(captions) -> {name: Tensor[n, ...]}`; its loop then takes `latent_moments` and `prompt_embeds`
+from a batch in place of `pixel_values` and `captions` (train_sd15.py, `encode`).
 """
 from __future__ import annotations
 
@@ -101,18 +101,17 @@ def pair_captions(dataset: data.PairDataset) -> list[str]:
     return ["" if column[row] is None else str(column[row]) for row in dataset.rows]
 
 
-def fingerprint(model, args, dataset: data.PairDataset, transform: data.PairTransform, dtype: torch.dtype,
-                captions: list[str]) -> str:
+def fingerprint(run, args, dataset: data.PairDataset, transform: data.PairTransform, captions: list[str]) -> str:
     """What the cached numbers depend on; a change of any of it means another cache folder."""
     digest = hashlib.sha256()
     digest.update(np.asarray(dataset.rows, np.int64).tobytes())
     digest.update(np.asarray(dataset.winner_is_0, np.bool_).tobytes())
     digest.update("\0".join(captions).encode())
-    key = {"version": CACHE_VERSION, "model": model.name,
-           "pretrained_model": os.path.abspath(getattr(model, "path", args.pretrained_model)),
+    key = {"version": CACHE_VERSION, "model": run.family, "pretrained_model": os.path.abspath(run.model_path),
            "model_options": {k: getattr(args, k, None) for k in ("vae", "drop_t5")},
            "dataset": str(args.dataset), "split": args.split, "pairs": len(dataset), "content": digest.hexdigest(),
-           "resolution": transform.resolution, "flips": bool(transform.random_flip), "dtype": _dtype_name(dtype)}
+           "resolution": transform.resolution, "flips": bool(transform.random_flip),
+           "dtype": _dtype_name(run.weight_dtype)}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -121,10 +120,10 @@ def _barrier(runtime):
         dist.barrier()
 
 
-def build(folder: str, model, dataset: data.PairDataset, transform: data.PairTransform, captions: list[str],
-          runtime, num_workers: int = 0) -> None:
-    """The first pass: this rank encodes pairs i ≡ rank and captions j ≡ rank (mod world size); images are
-    decoded by `num_workers` DataLoader workers."""
+def build(folder: str, encode_images, encode_captions, dataset: data.PairDataset, transform: data.PairTransform,
+          captions: list[str], runtime, num_workers: int = 0) -> None:
+    """The first pass: this rank encodes pairs i ≡ rank and captions j ≡ rank (mod world size) with the train
+    script's `encode_images` and `encode_captions`; images are decoded by `num_workers` DataLoader workers."""
     rank, world = runtime.rank, runtime.world_size
     building = folder + ".building"
     if runtime.is_main:
@@ -157,7 +156,7 @@ def build(folder: str, model, dataset: data.PairDataset, transform: data.PairTra
         progress.update(len(chunk))
         if not rows:
             continue
-        moments = model.encode_images(torch.stack(pixels))
+        moments = encode_images(torch.stack(pixels))
         if moments_file is None:
             layout["moments"] = [list(moments.shape[1:]), _dtype_name(moments.dtype)]
             moments_file = np.lib.format.open_memmap(path("moments"), mode="w+", dtype=_TO_NUMPY[moments.dtype],
@@ -175,7 +174,7 @@ def build(folder: str, model, dataset: data.PairDataset, transform: data.PairTra
     my_captions = unique[rank::world]
     files = {}
     for start in range(0, len(my_captions), CAPTIONS_PER_CALL):
-        out = model.encode_captions(my_captions[start:start + CAPTIONS_PER_CALL])
+        out = encode_captions(my_captions[start:start + CAPTIONS_PER_CALL])
         for name, tensor in out.items():
             if name not in files:
                 layout["prompts"][name] = [list(tensor.shape[1:]), _dtype_name(tensor.dtype)]
@@ -292,18 +291,17 @@ class CachedPairLoader(data.PairLoader):
             epoch, start = epoch + 1, 0
 
 
-def cached_loader(args, model, dataset, transform, runtime) -> CachedPairLoader:
+def cached_loader(args, runtime, dataset, transform, encode_images, encode_captions) -> CachedPairLoader:
     """Build the cache for this run's data and model if it is not on disk yet, then a loader that reads it."""
     captions = pair_captions(dataset)
     root = args.cache_dir or os.path.join(args.output_dir, "cache")
-    folder = os.path.join(root, f"{model.name}-{fingerprint(model, args, dataset, transform, runtime.weight_dtype, captions)}")
+    folder = os.path.join(root, f"{runtime.family}-{fingerprint(runtime, args, dataset, transform, captions)}")
     if not os.path.exists(os.path.join(folder, "meta.json")):
         if runtime.is_main:
             logger.info("caching VAE latents and prompt embeddings of %d pairs in %s", len(dataset), folder)
-        build(folder, model, dataset, transform, captions, runtime, num_workers=args.dataloader_workers)
+        build(folder, encode_images, encode_captions, dataset, transform, captions, runtime,
+              num_workers=args.dataloader_workers)
     elif runtime.is_main:
         logger.info("reading cached latents and prompt embeddings from %s", folder)
-    if hasattr(model, "offload_encoders"):
-        model.offload_encoders()  # never run again: give their accelerator memory back
     return CachedPairLoader(LatentCache(folder), dataset, transform, args.train_batch_size, rank=runtime.rank,
                             world_size=runtime.world_size, seed=args.seed)

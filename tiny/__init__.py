@@ -7,7 +7,9 @@ about a million parameters each, saved with `save_pretrained` into folders laid 
 (model_index.json, unet/ or transformer/, vae/, text_encoder*/, tokenizer*/, scheduler/). The trainers
 load them with the very `from_pretrained` calls that load the real models; only the folder differs.
 
-`tiny_pipeline_dir(kind)` is the entry point: it builds a pipeline once and caches it.
+`tiny_pipeline_dir(kind)` is the entry point: it builds a pipeline once and caches it. For speed and memory
+on an accelerator, `real_sd15_pipeline_dir()` builds the real SD1.5 architecture the same way, with random
+weights.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import os
 import shutil
 import string
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -460,4 +463,60 @@ def tiny_pipeline_dir(kind: str, root: str | os.PathLike | None = None, seed: in
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return str(final)
+
+
+# The real SD1.5 architecture with random weights
+
+REAL_SD15_VERSION = 1
+# The published configs of stable-diffusion-v1-5 (unet/, vae/, text_encoder/ config.json), written out so that
+# nothing is downloaded; only the text encoder's vocabulary is sized to the offline tokenizer.
+SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, center_input_sample=False, flip_sin_to_cos=True,
+                 freq_shift=0, down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                                                 "CrossAttnDownBlock2D", "DownBlock2D"),
+                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                 block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, downsample_padding=1,
+                 mid_block_scale_factor=1, act_fn="silu", norm_num_groups=32, norm_eps=1e-5,
+                 cross_attention_dim=768, attention_head_dim=8)
+SD15_VAE = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
+                layers_per_block=2, act_fn="silu", latent_channels=4, norm_num_groups=32, sample_size=512,
+                scaling_factor=0.18215)
+SD15_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                 max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768, layer_norm_eps=1e-5)
+
+
+def real_sd15_pipeline_dir(root: str | os.PathLike | None = None) -> str:
+    """An SD1.5 pipeline folder of the real architecture (860M-parameter UNet) with random weights, built once
+    (atomically) under `root` (default: the tiny cache): the very from_pretrained path of a real run, for
+    speed and memory measurements on an accelerator (speed/bench.py --real_size). Nothing is downloaded."""
+    root = Path(root).expanduser() if root is not None else default_cache_root()
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    final = root / f"bench-sd15-real-v{REAL_SD15_VERSION}"
+    if (final / "model_index.json").is_file():
+        return str(final)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
+    start = time.perf_counter()
+    try:
+        tokenizer = build_clip_tokenizer()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                                                        eos_token_id=tokenizer.eos_token_id,
+                                                        pad_token_id=tokenizer.pad_token_id, **SD15_TEXT))
+            unet = UNet2DConditionModel(**SD15_UNET)
+            vae = AutoencoderKL(**SD15_VAE)
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                       scheduler=DDPMScheduler.from_config(SD_SCHEDULER_CONFIG),
+                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        _save_pipeline(pipe, tmp, {"tokenizer": "<|endoftext|>"})
+        del pipe, unet, vae, text_encoder
+        tmp.chmod(0o755)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"built the real-size SD1.5 pipeline (random weights) in {time.perf_counter() - start:.0f} s: {final}")
     return str(final)

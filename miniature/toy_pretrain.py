@@ -1,6 +1,6 @@
 """Pretrain the toy base model: a tiny SD1.5-layout pipeline (tiny.py) taught the toy world (toy.py).
 
-    python toy_pretrain.py --output_dir toy_model --seed 0
+    python -m miniature.toy_pretrain --output_dir miniature/toy_model --seed 0
 
 Three stages, all on CPU:
 1. Autoencoder: a random VAE decodes garbage, so the tiny AutoencoderKL is first fitted to toy images
@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import tiny
-import toy
+from miniature import toy
 
 LOSS_WINDOW = 50  # the reported final losses are means over this many last steps
 

@@ -1,0 +1,787 @@
+"""The run toolbox: what the three train scripts do the same way around their loops.
+
+A train script is the algorithm (PAPER.md, Algorithm 1 for one model); this module holds the mechanics it
+calls, written once. Nothing here calls back into a script.
+
+    parser(), start()            the shared flags, the recipe's defaults, --tiny, device / precision / DDP
+    load(), frozen(), ...        loading pipeline components with one-line errors for a wrong folder
+    pair_loader()                preference pairs (data.py) or the latent cache (speed/latent_cache.py)
+    ddp(), maybe_compile()       the policy wrapped for several processes and torch.compile
+    optimizer()                  AdamW / 8-bit AdamW / Adafactor with the recipe's linear warm-up
+    micro_generators()           per-position random streams: resume and DDP draw the same numbers
+    Checkpoints                  atomic save, pruning and resume of everything a run needs
+    TrainLog                     log.jsonl (one line per optimizer step), per-t-bin statistics, progress bar
+    StopSignal                   SIGTERM / Ctrl-C: checkpoint and exit after the current step
+    atomic_dir()                 a folder that appears complete or not at all
+
+A user mistake ends the run with one line on stderr and exit code 2 (`fail`), never a traceback.
+"""
+import argparse
+import atexit
+import glob
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import signal
+import socket
+import sys
+import threading
+import time
+from urllib.parse import urlparse
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+import data
+from losses import LOSSES, reward_margin
+from reference import ON_DIVERGE
+
+logger = logging.getLogger("train")
+
+# The paper's figures bin t into 10 equal intervals (PAPER.md §3, Fig. 2).
+NUM_LOG_BINS = 10
+# Generator stream of the monitor's inputs, apart from every micro-batch's.
+MONITOR_STREAM = 1 << 20
+EXIT_USAGE = 2
+
+# --tiny's small-scale recipe. One CPU thread: a 32 px model gains little from a second one, and two
+# spinning OpenMP threads on a busy 2-core laptop made the demo ~5× slower (measured).
+TINY_RECIPE = dict(resolution=32, train_batch_size=4, effective_batch_size=4, learning_rate=2e-5,
+                   scale_lr=False, warmup_steps=0, max_steps=60, checkpoint_every=30, beta=500.0,
+                   tau=8, delta=0.05, dataloader_workers=0, divergence_every=5, cpu_threads=1)
+
+
+def fail(message: str):
+    """End the run with `error: message` on one line and exit code 2 (a user mistake, not a bug)."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(EXIT_USAGE)
+
+
+# Flags
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in every flag's help, and the script's docstring (its commands) kept as written."""
+
+
+def parser(doc: str, recipe: dict) -> argparse.ArgumentParser:
+    """Every flag the three trainers share. `recipe` holds the script's paper defaults (PAPER.md §5); a
+    script adds its own model's flags to the returned parser."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=_HelpFormatter)
+    g = p.add_argument_group("model and data")
+    g.add_argument("--pretrained_model", default=None,
+                   help=f"hub id or local folder of the diffusers pipeline to fine-tune (recipe: {recipe['pretrained_model']})")
+    g.add_argument("--tiny", action="store_true",
+                   help="offline demo. SD1.5: the committed toy base model (miniature/toy_model/) and preference "
+                        "pairs sampled from it and labelled by the toy reward (made on first use, then cached); "
+                        "SDXL/SD3 (or with --pretrained_model): a tiny random model of the same classes and "
+                        f"built-in pairs. Also sets the small-scale defaults {TINY_RECIPE} (with the toy model: "
+                        "updated by the script's toy recipe), each of which an explicit flag overrides")
+    g.add_argument("--dataset", default=None,
+                   help="Pick-a-Pic-format pairs: a hub dataset id, or a local parquet file or folder "
+                        f"(default: {data.DEFAULT_DATASET}, a public mirror of Pick-a-Pic v2)")
+    g.add_argument("--split", default="train", help="dataset split")
+    g.add_argument("--streaming", action="store_true",
+                   help="stream the dataset instead of downloading it (Pick-a-Pic v2 is ~335 GB)")
+    g.add_argument("--max_train_samples", type=int, default=None, help="use only the first N rows")
+    g.add_argument("--resolution", type=int, default=None,
+                   help=f"training resolution in pixels (recipe: {recipe['resolution']})")
+    g.add_argument("--random_crop", action="store_true", help="random instead of center crop")
+    g.add_argument("--no_flip", action="store_true", help="disable random horizontal flips")
+    g.add_argument("--caption_dropout", type=float, default=0.2,
+                   help="probability of training a pair with the empty prompt (official recipe: 0.2)")
+    g.add_argument("--dataloader_workers", type=int, default=None,
+                   help="DataLoader worker processes for decoding (default 4; 0 with --tiny)")
+
+    g = p.add_argument_group("objective (losses.py)")
+    g.add_argument("--loss", default="dpo", choices=sorted(LOSSES),
+                   help="preference objective; 'sft' trains on the winners only")
+    g.add_argument("--beta", type=float, default=None,
+                   help="β of the objective (default: the objective's own, 5000 for dpo, PAPER.md §5)")
+
+    g = p.add_argument_group("reference update (reference.py, PAPER.md §2)")
+    g.add_argument("--tau", type=int, default=None,
+                   help="copy the policy into the reference every τ optimizer steps; 0 = plain Diffusion-DPO "
+                        f"(recipe: {recipe['tau']})")
+    g.add_argument("--delta", type=float, default=None,
+                   help=f"divergence threshold δ of the monitor (recipe: {recipe['delta']})")
+    g.add_argument("--on_diverge", default="freeze", choices=ON_DIVERGE,
+                   help="once D > δ: freeze the reference (paper), reset it to the initial model (Re-Init), "
+                        "or ignore the monitor (the unstable variant)")
+    g.add_argument("--monitor_samples", type=int, default=8,
+                   help="(winner latent, t, ε) draws used to estimate the divergence D")
+    g.add_argument("--divergence_every", type=int, default=None,
+                   help="also log D(policy, initial) every N steps (Fig. 1b); 0 = off (default 0)")
+
+    g = p.add_argument_group("timestep-aware training (schedule.py, PAPER.md §3)")
+    g.add_argument("--gamma", type=float, default=0.9,
+                   help="over-sample early (noisy) steps: bin k drawn with probability ∝ γ^k; 1 = uniform t")
+    g.add_argument("--num_bins", type=int, default=50, help="K bins of the timestep grid for --gamma")
+    g.add_argument("--no_reward_scale", action="store_true", help="λ(t) ≡ 1 instead of the §3 schedule")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--max_steps", type=int, default=None, help=f"optimizer steps (recipe: {recipe['max_steps']})")
+    g.add_argument("--train_batch_size", type=int, default=None, help="pairs per device per micro-batch (default 1)")
+    g.add_argument("--effective_batch_size", type=int, default=None,
+                   help="pairs per optimizer step; gradient accumulation = this / (batch × devices) "
+                        f"(recipe: {recipe['effective_batch_size']})")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=None,
+                   help="set accumulation directly instead of through --effective_batch_size")
+    g.add_argument("--learning_rate", type=float, default=None,
+                   help="learning rate, per pair if --scale_lr (recipe: 1e-8 × effective batch)")
+    g.add_argument("--scale_lr", action=argparse.BooleanOptionalAction, default=None,
+                   help="multiply the learning rate by the effective batch size (official recipe; default on)")
+    g.add_argument("--warmup_steps", type=int, default=None,
+                   help=f"linear warm-up, then constant lr (recipe: {recipe['warmup_steps']})")
+    g.add_argument("--optimizer", default=recipe.get("optimizer", "adamw"), choices=["adamw", "adamw8bit", "adafactor"],
+                   help="adamw8bit needs bitsandbytes; adafactor comes from transformers")
+    g.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW β1")
+    g.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW β2")
+    g.add_argument("--weight_decay", type=float, default=1e-2, help="AdamW weight decay")
+    g.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW ε")
+    g.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping norm")
+    g.add_argument("--seed", type=int, default=0, help="seed of data order, noise, timesteps and augmentation")
+
+    g = p.add_argument_group("speed and memory")
+    g.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
+    g.add_argument("--cpu_threads", type=int, default=None,
+                   help="torch intra-op threads on CPU (default: torch's own; 1 with --tiny)")
+    g.add_argument("--mixed_precision", default="auto", choices=["auto", "no", "bf16", "fp16"],
+                   help="autocast dtype; auto = bf16 on CUDA, none on CPU (bf16 is slower there)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the policy and reference forward (default: on with CUDA, off on CPU)")
+    g.add_argument("--gradient_checkpointing", action="store_true", help="trade compute for activation memory")
+    g.add_argument("--allow_tf32", action=argparse.BooleanOptionalAction, default=True,
+                   help="TF32 matmuls on Ampere+ GPUs")
+    g.add_argument("--cache_latents", action="store_true",
+                   help="encode every image (both flips) and caption once, into --cache_dir, and train from there: "
+                        "the VAE and text encoders never run again (speed/latent_cache.py; needs center crops and "
+                        "a map-style dataset)")
+    g.add_argument("--cache_dir", default=None, help="where --cache_latents keeps its files (unset: OUTPUT_DIR/cache)")
+
+    g = p.add_argument_group("LoRA (speed/lora.py)")
+    g.add_argument("--lora_rank", type=int, default=0,
+                   help="train a LoRA adapter of this rank on the attention projections instead of the full model "
+                        "(0 = full fine-tuning); the reference is the adapter-free base model, or with τ > 0 a "
+                        "second adapter: about one base model of memory in all")
+    g.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (unset: the rank, i.e. scale 1)")
+
+    g = p.add_argument_group("output")
+    g.add_argument("--output_dir", default=recipe["output_dir"], help="log.jsonl, checkpoints and final/ go here")
+    g.add_argument("--checkpoint_every", type=int, default=None, help="save a resumable checkpoint every N steps (default 500)")
+    g.add_argument("--keep_checkpoints", type=int, default=2, help="keep only the newest N checkpoints")
+    g.add_argument("--resume", default=None,
+                   help="'latest' (newest checkpoint in --output_dir) or a checkpoint folder")
+    g.add_argument("--bin_stats_every", type=int, default=10,
+                   help="emit per-t-bin statistics aggregated over this many steps")
+    return p
+
+
+def _fill_defaults(args, recipe: dict, world_size: int, tiny_recipe: dict) -> None:
+    """Fill what was left unset: --tiny's small-scale recipe, then the script's paper recipe; derive the
+    gradient accumulation and the learning rate; refuse impossible values."""
+    recipe = dict(recipe)
+    if args.tiny:
+        recipe.pop("pretrained_model")  # _prepare_tiny fills in the tiny model and the built-in pairs
+    else:
+        recipe["dataset"] = data.DEFAULT_DATASET
+    generic = dict(train_batch_size=1, scale_lr=True, learning_rate=1e-8, checkpoint_every=500,
+                   dataloader_workers=4, divergence_every=0)
+    for name, default in {**generic, **recipe, **(tiny_recipe if args.tiny else {})}.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, default)
+    if args.beta is None:
+        args.beta = LOSSES[args.loss].default_beta
+    per_step = args.train_batch_size * world_size
+    if args.gradient_accumulation_steps is None:
+        if args.effective_batch_size % per_step:
+            fail(f"--effective_batch_size {args.effective_batch_size} is not a multiple of "
+                 f"batch {args.train_batch_size} × {world_size} devices")
+        args.gradient_accumulation_steps = args.effective_batch_size // per_step
+    args.effective_batch_size = per_step * args.gradient_accumulation_steps
+    if args.scale_lr:
+        args.learning_rate *= args.effective_batch_size
+    checks = [(args.max_steps > 0, "--max_steps must be positive"),
+              (args.gradient_accumulation_steps > 0, "gradient accumulation must be positive"),
+              (args.tau >= 0, "--tau must be >= 0"),
+              (0 < args.gamma, "--gamma must be positive"),
+              (0 <= args.caption_dropout <= 1, "--caption_dropout must be in [0, 1]"),
+              (args.monitor_samples > 0, "--monitor_samples must be positive"),
+              (args.lora_rank >= 0, "--lora_rank must be >= 0"),
+              (not (args.cache_latents and args.streaming),
+               "--cache_latents needs a map-style dataset: drop --streaming (a local parquet copy works)"),
+              (not (args.cache_latents and args.random_crop),
+               "--cache_latents caches center crops: drop --random_crop")]
+    for ok, message in checks:
+        if not ok:
+            fail(message)
+
+
+@dataclass
+class Run:
+    """Where and how this process trains: its device, its rank among the torchrun processes, the autocast
+    dtype, and the local folder of the pipeline being fine-tuned."""
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    autocast_dtype: torch.dtype | None = None
+    family: str = ""
+    model_path: str | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        """dtype of the frozen models (encoders, VAE, reference): the training dtype on an accelerator."""
+        return self.autocast_dtype or torch.float32
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        """fp16 needs loss scaling; with bf16 or fp32 the scaler is disabled and every call passes through."""
+        return torch.amp.GradScaler(self.device.type, enabled=self.autocast_dtype == torch.float16)
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+
+def _setup_devices(args) -> Run:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device_type = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device_type.startswith("cuda") and not torch.cuda.is_available():
+        fail("--device cuda but no CUDA device is available")
+    if world_size > 1:
+        dist.init_process_group(backend="nccl" if device_type.startswith("cuda") else "gloo")
+        atexit.register(dist.destroy_process_group)
+    device = torch.device(f"cuda:{local_rank}" if device_type == "cuda" else device_type)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = args.allow_tf32
+        torch.backends.cudnn.allow_tf32 = args.allow_tf32
+        torch.backends.cudnn.benchmark = True  # every micro-batch has the same shapes: pick the fastest kernels once
+    precision = args.mixed_precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "no"
+    autocast_dtype = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    if args.compile is None:
+        args.compile = device.type == "cuda"
+    return Run(device, rank, world_size, local_rank, autocast_dtype)
+
+
+def start(args, recipe: dict, family: str, toy_recipe: dict | None = None) -> Run:
+    """Everything before the models load: defaults from `recipe` (and --tiny's), the device, precision and
+    torchrun processes, the --tiny model and pairs, and the hub checks. Returns the Run.
+
+    family: "sd15", "sdxl" or "sd3", the tiny model --tiny builds. toy_recipe: SD1.5's --tiny trains the
+    pretrained toy model (miniature/) with this recipe, on preference pairs sampled from the model it trains
+    (the toy model, or --pretrained_model), instead of a random model on the built-in pairs.
+    """
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    run = _setup_devices(args)
+    run.family = family
+    toy_model = toy_recipe is not None and args.tiny and args.pretrained_model is None
+    _fill_defaults(args, recipe, run.world_size, {**TINY_RECIPE, **(toy_recipe if toy_model else {})})
+    if run.device.type == "cpu" and args.cpu_threads:
+        torch.set_num_threads(args.cpu_threads)
+    if args.tiny:
+        _prepare_tiny(args, family, run, toy_demo=toy_recipe is not None)
+    else:
+        _check_dataset_source(args.dataset)
+    run.model_path = resolve_model(args.pretrained_model)
+    os.makedirs(args.output_dir, exist_ok=True)
+    if run.is_main:
+        logger.info("%s: effective batch %d pairs (%d × %d devices × %d accumulation), lr %.3g, β %s, "
+                    "τ %d, δ %g, γ %g, λ(t) %s", family, args.effective_batch_size, args.train_batch_size,
+                    run.world_size, args.gradient_accumulation_steps, args.learning_rate, args.beta, args.tau,
+                    args.delta, args.gamma, "off" if args.no_reward_scale else "on")
+    return run
+
+
+# The hub and the --tiny models
+
+
+def hub_reachable(timeout: float = 5.0) -> bool:
+    """One bounded connection attempt to the Hugging Face hub: without it, an offline hub lookup retries DNS
+    for minutes before failing (ENVIRONMENT.md); with it, an offline run fails at once with one line."""
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    result = []
+
+    def connect():  # getaddrinfo has no timeout of its own, hence the thread
+        try:
+            socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(timeout + 1)
+    return bool(result)
+
+
+def resolve_model(name_or_path: str, flag: str = "--pretrained_model") -> str:
+    """A local folder as is; a hub id from the local cache or, if the hub answers, downloaded (only the
+    files a diffusers pipeline loads, not the repo's single-file checkpoints)."""
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    if os.path.exists(name_or_path):
+        fail(f"{flag} {name_or_path} is a file, expected a diffusers folder or hub id")
+    if os.path.isabs(name_or_path) or name_or_path.startswith(".") or name_or_path.count("/") > 1:
+        fail(f"{flag} {name_or_path}: no such folder")
+    from diffusers import DiffusionPipeline
+    try:
+        return DiffusionPipeline.download(name_or_path, local_files_only=True)
+    except Exception:
+        pass
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or not hub_reachable():
+        fail(f"cannot reach the Hugging Face hub to download '{name_or_path}' and it is not cached; "
+             f"run the offline demo with --tiny, or pass {flag} a local folder")
+    return DiffusionPipeline.download(name_or_path)
+
+
+def _check_dataset_source(source: str) -> None:
+    if not os.path.exists(source) and (os.environ.get("HF_DATASETS_OFFLINE") == "1" or not hub_reachable()):
+        fail(f"cannot reach the Hugging Face hub to load dataset '{source}'; pass --dataset a local "
+             "parquet file or folder, or run the offline demo with --tiny")
+
+
+TOY_DEMO_PAIRS = 256  # toy pairs of the SD1.5 --tiny demo
+
+
+def builtin_pairs() -> str:
+    """The built-in smooth-vs-noise pairs (data.write_tiny_pickapic), written once into the tiny cache."""
+    import tiny
+
+    pairs = tiny.default_cache_root() / "tiny-pairs-v1.parquet"
+    if not pairs.exists():
+        pairs.parent.mkdir(parents=True, exist_ok=True)
+        tmp = f"{pairs}.tmp-{os.getpid()}"
+        data.write_tiny_pickapic(tmp, num_pairs=256, resolution=32, seed=0)
+        os.replace(tmp, pairs)
+    return str(pairs)
+
+
+def _prepare_tiny(args, family: str, run: Run, toy_demo: bool) -> None:
+    """--tiny: the model and pairs of the offline demo, built once (rank 0 first, then the others find them
+    cached) and reused.
+
+    toy_demo (SD1.5): the committed toy base model (miniature/toy_model/) and preference pairs sampled from
+    it and labelled by the toy reward, so the demo learns a real preference. Otherwise: the random tiny
+    pipeline of `family` (tiny/) and the built-in smooth-vs-noise pairs, which test the mechanics in seconds.
+    """
+    import tiny
+    from miniature import toy
+
+    def build():
+        if not toy_demo:
+            args.pretrained_model = args.pretrained_model or tiny.tiny_pipeline_dir(family)
+            args.dataset = args.dataset or builtin_pairs()
+            return
+        args.pretrained_model = args.pretrained_model or str(toy.TOY_MODEL)
+        if args.dataset is None:
+            if not os.path.isfile(os.path.join(args.pretrained_model, "model_index.json")):
+                fail(f"--tiny samples its preference pairs from a local pipeline folder, and "
+                     f"{args.pretrained_model} is not one: give --dataset, or build it with miniature/toy_pretrain.py")
+            args.dataset = str(toy.cached_pairs(args.pretrained_model, TOY_DEMO_PAIRS, seed=0))
+
+    if run.is_main:
+        build()
+    run.barrier()  # rank 0 has built and cached them; the other ranks now find them in the cache
+    if not run.is_main:
+        build()
+
+
+# Models
+
+
+def load(cls, path: str, subfolder: str | None = None):
+    """`cls.from_pretrained(path, subfolder=...)`, with one line instead of a traceback for a folder that
+    is not the expected pipeline."""
+    try:
+        return cls.from_pretrained(path, subfolder=subfolder)
+    except (OSError, ValueError) as error:
+        where = f"{subfolder}/ of {path}" if subfolder else path
+        fail(f"cannot load {where} as {cls.__name__}: {str(error).splitlines()[0]}")
+
+
+def frozen(module: nn.Module, device, dtype) -> nn.Module:
+    """A model that is only run, never trained: eval mode (no dropout), no grad, in `dtype` (also fp32:
+    transformers 5 loads a checkpoint in its stored dtype, which may be fp16)."""
+    module.to(device)
+    if any(p.dtype != dtype for p in module.parameters()):
+        module.to(dtype)
+    return module.eval().requires_grad_(False)
+
+
+def check_tokenizer(tokenizer, text_encoder, name: str) -> None:
+    """transformers 5 silently returns a 2- or 104-token tokenizer for an unreachable hub id
+    (ENVIRONMENT.md); training on such prompts would be garbage, so refuse."""
+    vocab = text_encoder.config.vocab_size
+    if len(tokenizer) < vocab // 2:
+        fail(f"{name} has {len(tokenizer)} tokens but its text encoder expects {vocab}: the tokenizer "
+             "files are missing or were not downloaded")
+
+
+def to_cpu(*modules, device=None) -> None:
+    """Once everything is cached, the VAE and the text encoders never run again: give their memory back."""
+    for module in modules:
+        if module is not None:
+            module.to("cpu")
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def ddp(module: nn.Module, run: Run) -> nn.Module:
+    """DistributedDataParallel when torchrun started several processes, else the module itself."""
+    if run.world_size == 1:
+        return module
+    return nn.parallel.DistributedDataParallel(
+        module, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+
+
+def maybe_compile(module: nn.Module, enabled: bool):
+    """torch.compile with fixed shapes (dynamic=False): a rare odd-sized batch (skipped pairs) recompiles
+    once, instead of turning every later step into a dynamic-shape graph."""
+    return torch.compile(module, dynamic=False) if enabled else module
+
+
+# Data
+
+
+class _OneLineDataErrors:
+    """A loader whose fatal data problems (data.DataError, raised while iterating too) end the run in one line."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __iter__(self):
+        try:
+            yield from self.loader
+        except data.DataError as error:
+            fail(str(error))
+
+    def state_dict(self):
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state):
+        try:
+            self.loader.load_state_dict(state)
+        except data.DataError as error:
+            fail(str(error))
+
+
+def pair_loader(args, run: Run, encode_images=None, encode_captions=None):
+    """Micro-batches of preference pairs for this rank, forever and resumable (data.py): pixels [2B]
+    winners then losers and B captions. With --cache_latents, the VAE posteriors and prompt embeddings
+    instead, from a cache built on first use with `encode_images` and `encode_captions`."""
+    try:
+        dataset = data.load_pairs(args.dataset, split=args.split, streaming=args.streaming,
+                                  max_samples=args.max_train_samples)
+        transform = data.PairTransform(resolution=args.resolution, random_crop=args.random_crop,
+                                       random_flip=not args.no_flip, caption_dropout=args.caption_dropout,
+                                       seed=args.seed)
+        if args.cache_latents:
+            from speed import latent_cache  # first pass: VAE and text encoders run once per image and caption
+            loader = latent_cache.cached_loader(args, run, dataset, transform, encode_images, encode_captions)
+        else:
+            loader = data.PairLoader(dataset, transform, batch_size=args.train_batch_size, rank=run.rank,
+                                     world_size=run.world_size, num_workers=args.dataloader_workers,
+                                     seed=args.seed)
+    except data.DataError as error:
+        fail(str(error))
+    return _OneLineDataErrors(loader)
+
+
+def micro_generators(seed: int, step: int, micro: int, device) -> tuple[torch.Generator, torch.Generator]:
+    """Timesteps (CPU) and noise / VAE sampling (device) of one micro-batch come from generators seeded
+    by its position (step, global micro-batch index), so a resumed run — or the same pairs split over
+    more processes — draws exactly the same numbers, with no RNG state to checkpoint."""
+    position = (seed * 1_000_003 + step) * 65_537 + micro
+    cpu = torch.Generator().manual_seed(position)
+    on_device = torch.Generator(device).manual_seed(position + 1)
+    return cpu, on_device
+
+
+# Optimizer
+
+
+def optimizer(args, params):
+    """The optimizer of --optimizer and the recipe's schedule: linear warm-up over --warmup_steps, then a
+    constant learning rate (PAPER.md §5)."""
+    if args.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            fail("--optimizer adamw8bit needs bitsandbytes: pip install bitsandbytes")
+        opt = bnb.optim.AdamW8bit(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                  weight_decay=args.weight_decay, eps=args.adam_epsilon)
+    elif args.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+        opt = Adafactor(params, lr=args.learning_rate, relative_step=False, scale_parameter=False,
+                        warmup_init=False, weight_decay=args.weight_decay)
+    else:
+        # The fused kernel (one launch for all tensors) exists for CUDA and, since torch 2.4, for CPU, where it
+        # is ~5x faster than the default per-tensor loop on a UNet's many small tensors.
+        fused = all(p.device.type in ("cuda", "cpu") for p in params)
+        opt = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                weight_decay=args.weight_decay, eps=args.adam_epsilon, fused=fused or None)
+    warmup = max(args.warmup_steps, 1)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+
+
+# Files
+
+
+@contextmanager
+def atomic_dir(final_dir: str):
+    """Yield a temporary sibling folder to write into, then rename it to `final_dir`: a crash never
+    leaves a folder that looks done."""
+    tmp = final_dir + f".tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if os.path.exists(final_dir):
+        shutil.rmtree(final_dir)
+    os.replace(tmp, final_dir)
+
+
+def save_final(args, run: Run, pipeline_class, **denoiser) -> str:
+    """The trained model in OUTPUT_DIR/final/, the base pipeline with the trained denoiser (`unet=` or
+    `transformer=`) in its place, which `pipeline_class.from_pretrained` loads; with LoRA the adapter alone in
+    OUTPUT_DIR/final_lora/, for `pipe.load_lora_weights(final_lora)` on the base pipeline."""
+    (name, module), = denoiser.items()
+    final_dir = os.path.join(args.output_dir, "final_lora" if args.lora_rank else "final")
+    if run.is_main:
+        with atomic_dir(final_dir) as tmp:
+            if args.lora_rank:
+                from speed import lora
+                pipeline_class.save_lora_weights(tmp, **{f"{name}_lora_layers": lora.adapter_state_dict(module),
+                                                         f"{name}_lora_adapter_metadata": lora.adapter_metadata(module)})
+            else:
+                pipeline_class.from_pretrained(run.model_path, **denoiser).save_pretrained(tmp)
+    run.barrier()
+    return final_dir
+
+
+def checkpoint_dirs(output_dir: str) -> list[str]:
+    """Complete checkpoints, oldest first (a checkpoint folder only exists once fully written)."""
+    found = glob.glob(os.path.join(output_dir, "checkpoint-*"))
+    found = [d for d in found if re.fullmatch(r"checkpoint-\d+", os.path.basename(d))]
+    return sorted(found, key=lambda d: int(d.rsplit("-", 1)[1]))
+
+
+class Checkpoints:
+    """OUTPUT_DIR/checkpoint-STEP/state.pt: everything a bit-exact resume needs — the trained weights, the
+    reference and its monitor's state, the optimizer, the lr schedule, the loader's position, the fp16 loss
+    scale and the flags. Written atomically; only the newest --keep_checkpoints are kept."""
+
+    def __init__(self, args, run: Run, **state):
+        self.args, self.run, self.state = args, run, state
+
+    def save(self, step: int) -> str | None:
+        path = os.path.join(self.args.output_dir, f"checkpoint-{step}")
+        if self.run.is_main:
+            scaler = self.state["scaler"]
+            state = {"step": step, **{name: obj.state_dict() for name, obj in self.state.items() if name != "scaler"},
+                     "scaler": scaler.state_dict() if scaler.is_enabled() else None, "args": vars(self.args)}
+            with atomic_dir(path) as tmp:
+                torch.save(state, os.path.join(tmp, "state.pt"))
+            for old in checkpoint_dirs(self.args.output_dir)[:-self.args.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.run.barrier()
+        return path
+
+    def _find(self) -> str | None:
+        resume = self.args.resume
+        if resume is None:
+            return None
+        if resume == "latest":
+            found = checkpoint_dirs(self.args.output_dir)
+            if not found:
+                logger.info("no checkpoint in %s: starting from scratch", self.args.output_dir)
+                return None
+            return found[-1]
+        if not os.path.isfile(os.path.join(resume, "state.pt")):
+            fail(f"--resume {resume}: no checkpoint there (expected {resume}/state.pt)")
+        return resume
+
+    def resume(self) -> int:
+        """Load the checkpoint --resume names into the state objects; returns its step (0: a fresh run)."""
+        folder = self._find()
+        if folder is None:
+            return 0
+        saved = torch.load(os.path.join(folder, "state.pt"), map_location="cpu", weights_only=False)
+        for name, obj in self.state.items():
+            if name != "scaler":
+                obj.load_state_dict(saved[name])
+        if saved["scaler"] and self.state["scaler"].is_enabled():
+            self.state["scaler"].load_state_dict(saved["scaler"])
+        if self.run.is_main:
+            logger.info("resumed from %s at step %d", folder, saved["step"])
+        return saved["step"]
+
+
+# The log
+
+
+@dataclass
+class _BinStats:
+    """Per-pair values accumulated on the device between logs (one host sync per log, not per step)."""
+    timesteps: list = field(default_factory=list)
+    margins: list = field(default_factory=list)
+    scales: list = field(default_factory=list)
+    model_errors: list = field(default_factory=list)
+
+    def add(self, t, margin, scale, model_err):
+        self.timesteps.append(t.detach())
+        self.margins.append(margin.detach())
+        self.scales.append(scale.detach().expand_as(margin))
+        self.model_errors.append(model_err.detach())
+
+    def summary(self, num_train_timesteps: int, world_size: int) -> dict:
+        """Per t-bin (10 equal intervals, bin 0 = cleanest): pair count, implicit accuracy, mean |margin|
+        (implicit-reward magnitude), mean λ(t) and mean policy error — Fig. 2's panels."""
+        if not self.timesteps:
+            return {}
+        columns = [torch.cat(c).float() for c in (self.timesteps, self.margins, self.scales, self.model_errors)]
+        t, margin, scale, model_err = columns
+        bins = (t * NUM_LOG_BINS // num_train_timesteps).long().clamp(max=NUM_LOG_BINS - 1)
+        one_hot = torch.nn.functional.one_hot(bins, NUM_LOG_BINS).float()
+        correct = (margin > 0).float() + 0.5 * (margin == 0).float()
+        sums = torch.stack([one_hot.sum(0), one_hot.T @ correct, one_hot.T @ margin.abs(),
+                            one_hot.T @ scale, one_hot.T @ model_err])
+        if world_size > 1:
+            dist.all_reduce(sums)
+        count, correct, magnitude, scale, model_err = sums.cpu().tolist()
+        per = lambda xs: [round(x / n, 6) if n else None for x, n in zip(xs, count)]
+        self.__init__()
+        return {"bin_count": [int(n) for n in count], "bin_accuracy": per(correct),
+                "bin_reward_magnitude": per(magnitude), "bin_reward_scale": per(scale),
+                "bin_model_err": per(model_err)}
+
+
+def _mean_over_ranks(values: dict, world_size: int) -> dict:
+    names = sorted(values)
+    stacked = torch.stack([values[n].detach().float().reshape(()) for n in names])
+    if world_size > 1:
+        dist.all_reduce(stacked)
+        stacked /= world_size
+    return dict(zip(names, stacked.cpu().tolist()))
+
+
+class TrainLog:
+    """OUTPUT_DIR/log.jsonl, one JSON line per optimizer step: the means over the step's micro-batches (and
+    ranks) of the loss and the objective's metrics, and what the caller adds (gradient norm, lr, the
+    reference's state); every --bin_stats_every steps the per-t-bin statistics of Fig. 2. Also the progress
+    bar. A fresh run starts a new log; a resumed one drops the lines past its step (they are run again)."""
+
+    def __init__(self, args, run: Run, step: int, num_train_timesteps: int, desc: str):
+        self.args, self.run, self.num_train_timesteps = args, run, num_train_timesteps
+        self.path = os.path.join(args.output_dir, "log.jsonl")
+        if run.is_main:
+            if step:
+                self._truncate(step)
+            elif os.path.exists(self.path):
+                os.remove(self.path)
+        self.sums, self.skipped, self.bins = {}, 0, _BinStats()
+        self.step_start = time.perf_counter()
+        self.progress = tqdm(total=args.max_steps, initial=step, disable=not run.is_main, desc=desc,
+                             dynamic_ncols=True)
+
+    def _truncate(self, last_step: int) -> None:
+        if not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
+        with open(self.path, "w") as f:
+            f.writelines(kept)
+
+    def add(self, loss, metrics: dict, num_skipped: int, t, scale, model_err, ref_err) -> None:
+        """One micro-batch: its loss and metrics (weighted 1/accumulation), and per pair its t, λ(t), reward
+        margin and mean policy error for the t-bin statistics (paired objectives only)."""
+        accumulation = self.args.gradient_accumulation_steps
+        for name, value in {**metrics, "loss": loss}.items():
+            self.sums[name] = self.sums.get(name, 0.0) + value.detach() / accumulation
+        self.skipped += num_skipped
+        n = len(t)
+        if len(model_err) == 2 * n:
+            margin = reward_margin(model_err[:n], model_err[n:], ref_err[:n], ref_err[n:])
+            self.bins.add(t, margin, scale, (model_err[:n] + model_err[n:]).detach() / 2)
+
+    def write(self, step: int, **fields) -> dict:
+        """Close optimizer step `step`: one JSON line with the accumulated means and `fields`."""
+        record = {"step": step, **_mean_over_ranks(self.sums, self.run.world_size),
+                  **{k: v.item() if torch.is_tensor(v) else v for k, v in fields.items()},
+                  "skipped_rows": self.skipped, "step_seconds": round(time.perf_counter() - self.step_start, 4)}
+        if step % self.args.bin_stats_every == 0 or step == self.args.max_steps:
+            record.update(self.bins.summary(self.num_train_timesteps, self.run.world_size))
+        self.sums, self.skipped, self.step_start = {}, 0, time.perf_counter()
+        if not (math.isfinite(record["loss"]) and math.isfinite(record.get("grad_norm", 0.0))):
+            logger.warning("step %d: non-finite loss %s or gradient norm %s", step, record["loss"],
+                           record.get("grad_norm"))
+        if self.run.is_main:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            self.progress.update(1)
+            self.progress.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record.get('accuracy', float('nan')):.2f}",
+                                      ref="frozen" if record.get("ref_frozen") else "live")
+        return record
+
+    def note(self, message: str) -> None:
+        """A line above the progress bar, from the main process only."""
+        if self.run.is_main:
+            self.progress.write(message)
+
+    def close(self) -> None:
+        self.progress.close()
+
+
+class StopSignal:
+    """SIGTERM / SIGINT ask for a checkpoint and a clean exit after the current step; a second SIGINT exits
+    at once. Every rank stops at the same step."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def agreed(self, run: Run) -> bool:
+        flag = torch.tensor([float(self.requested)], device=run.device)
+        if run.world_size > 1:
+            dist.all_reduce(flag)
+        return flag.item() > 0
+
+
+def report(args, run: Run, final_dir: str | None, step: int) -> None:
+    """The run's last lines: where the model and the log are, or how to resume a stopped run."""
+    if not run.is_main:
+        return
+    if final_dir is None:
+        print(f"stopped at step {step}; resume with --resume latest --output_dir {args.output_dir}")
+    else:
+        print(f"model: {final_dir}\nlog:   {os.path.join(args.output_dir, 'log.jsonl')}")

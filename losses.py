@@ -21,6 +21,10 @@ def per_sample_error(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1)
 
 
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def reward_margin(model_err_w, model_err_l, ref_err_w, ref_err_l) -> torch.Tensor:
     """−Δ per pair (§1): r_t(w) − r_t(l) with the implicit reward r_t(x) = −(e_θ(x) − e_ref(x))."""
     return (ref_err_w - model_err_w) - (ref_err_l - model_err_l)
@@ -67,7 +71,9 @@ def ipo_loss(model_err_w, model_err_l, ref_err_w, ref_err_l, beta, scale=1.0):
     """IPO (Azar et al. 2023, Eq. 17): (h − 1/(2β))², h the log-likelihood-ratio margin.
 
     In DPO the logit is z = β·h; here z = (β/2)·λ·(−Δ), so h = λ·(−Δ)/2 and the regression target
-    1/(2β) uses the same β. [choice: h = z/β keeps one β convention for every objective of this file]
+    1/(2β) uses the same β, as TRL's DPOTrainer does (its IPO τ is its DPO β). [choice: h = z/β] So IPO
+    regresses each pair's DPO logit z = β·h to 1/2: with β = 5000 the target margin is −Δ = 2e-4/λ, and a
+    pair past it is pushed back (IPO's bounded margin, unlike DPO's ever-growing one).
     """
     margin = reward_margin(model_err_w, model_err_l, ref_err_w, ref_err_l)
     log_ratio_margin = 0.5 * scale * margin
@@ -85,35 +91,47 @@ def sft_loss(model_err_w, model_err_l, ref_err_w, ref_err_l, beta=None, scale=1.
     return loss, {"model_err_w": model_err_w.mean()}
 
 
-def kto_loss(model_err_w, model_err_l, ref_err_w, ref_err_l, beta, scale=1.0):
-    """Diffusion-KTO (Li et al. 2024, Eq. 8), unpaired: winners are "desirable", losers "undesirable".
+def kto_loss(model_err_w, model_err_l, ref_err_w, ref_err_l, beta, scale=1.0, reference_point=None):
+    """Diffusion-KTO (Li et al. 2024, Eq. 8; jacklishufan/diffusion-kto), unpaired: winners are "desirable",
+    losers "undesirable".
 
-    Each image has its own implicit reward r(x) = −(β/2)·λ(t)·(e_θ(x) − e_ref(x)) (the §1 convention);
-    the reference point is the batch-mean KL estimate Q = max(0, mean r) over all 2B images, detached,
-    as in KTO (Ethayarajh et al. 2024). Utility: σ(r_w − Q) for winners, σ(Q − r_l) for losers;
-    loss = mean(1 − utility).
+    Each image has its own implicit reward r(x) = β·λ(t)·(e_ref(x) − e_θ(x)): the authors' β (their
+    --beta_dpo, default 1000), not the β/2 of §1. The reference point is the KL estimate Q = max(0, mean r),
+    detached: over all 2B images of this batch, as the official code does per batch, unless the caller passes
+    `reference_point` (the trainers pass the mean over a whole optimizer step's pairs and ranks).
+    Utility (sigmoid value function): σ(r_w − Q) for winners, σ(Q − r_l) for losers; loss = mean(1 − utility).
     """
-    reward_w = -0.5 * beta * scale * (model_err_w - ref_err_w)
-    reward_l = -0.5 * beta * scale * (model_err_l - ref_err_l)
-    kl = torch.cat([reward_w, reward_l]).mean().clamp(min=0).detach()
+    reward_w = beta * scale * (ref_err_w - model_err_w)
+    reward_l = beta * scale * (ref_err_l - model_err_l)
+    rewards = torch.cat([reward_w, reward_l])
+    kl = rewards.mean() if reference_point is None else torch.as_tensor(reference_point, dtype=rewards.dtype)
+    kl = kl.clamp(min=0).detach()
     loss = torch.cat([1 - torch.sigmoid(reward_w - kl), 1 - torch.sigmoid(kl - reward_l)]).mean()
     margin = reward_margin(model_err_w, model_err_l, ref_err_w, ref_err_l)
     metrics = _metrics(model_err_w, model_err_l, ref_err_w, ref_err_l, margin, reward_w - reward_l)
-    metrics["kl_baseline"] = kl
+    metrics.update(kl_baseline=kl, kto_mean_reward=rewards.mean().detach())
     return loss, metrics
 
 
-def mapo_loss(model_err_w, model_err_l, ref_err_w, ref_err_l, beta, scale=1.0, s=1.0):
-    """MaPO (Hong et al. 2024, Eq. 9), reference-free: e_θ(w) − β·log σ(λ(t)·(f(e_θ(w)) − f(e_θ(l)))).
+MAPO_SNR = 0.5           # mapo-t2i/mapo args.py --snr_value: the constant s of the likelihood proxy
+MAPO_TIMESTEPS = 1000    # their num_train_timesteps: the log-odds margin is scaled by T inside the sigmoid
 
-    f(e) = s·e / (exp(s·e) − 1) is MaPO's likelihood proxy: decreasing in the error, so the margin term
-    pushes the winner's error down relative to the loser's. β here weighs the margin term (MaPO's
-    β ≈ 0.1), it is not the DPO temperature; λ(t) scales the margin inside the sigmoid as in §3.
+
+def mapo_loss(model_err_w, model_err_l, ref_err_w, ref_err_l, beta, scale=1.0, s=MAPO_SNR,
+              num_train_timesteps=MAPO_TIMESTEPS):
+    """MaPO (Hong et al. 2024, Eq. 9; mapo-t2i/mapo utils.py), reference-free:
+
+        loss = mean e_θ(w) − β·mean log σ(T·λ(t)·(f(e_θ(w)) − f(e_θ(l)))),   f(e) = s·e / (exp(s·e) − 1)
+
+    f is MaPO's likelihood proxy, decreasing in the error, so the margin term pushes the winner's error down
+    relative to the loser's; T (the number of training timesteps) scales the log-odds margin over the whole
+    denoising process, as the authors' code does. β weighs the margin term (their --beta_mapo, 0.1), it is not
+    the DPO temperature; λ(t) scales the margin inside the sigmoid as in §3.
     """
     def likelihood_proxy(err):
         return s * err / torch.expm1(s * err).clamp(min=1e-12)
 
-    margin_term = scale * (likelihood_proxy(model_err_w) - likelihood_proxy(model_err_l))
+    margin_term = num_train_timesteps * scale * (likelihood_proxy(model_err_w) - likelihood_proxy(model_err_l))
     loss = (model_err_w - beta * F.logsigmoid(margin_term)).mean()
     return loss, {
         "accuracy": implicit_accuracy(model_err_l - model_err_w),
@@ -124,42 +142,66 @@ def mapo_loss(model_err_w, model_err_l, ref_err_w, ref_err_l, beta, scale=1.0, s
 
 
 def dspo_loss(model_err_w, model_err_l, ref_err_w, ref_err_l, beta, scale=1.0, *,
-              model_pred_w, ref_pred_w, target_w):
-    """DSPO (Zhu et al. 2025, score-matching form of Eq. 12), on the winner.
+              model_pred_w, ref_pred_w, target_w, sdxl=False):
+    """DSPO (Zhu et al. 2025, score-matching form of Eq. 12; huaishengzhu/DSPO train.py), on the winner.
 
+    SD1.5 branch (β = 0.001 in the authors' launchers/sd15.sh):
         loss = mean_CHW ((ε_θ(w) − ε) − β·(1 − σ(z))·(ε_θ(w) − ε_ref(w)))²,   z the §1 logit
-
-    The winner's denoising target is shifted along the policy−reference direction by how badly the
-    pair is still ranked, 1 − σ(z). This needs the raw predictions, not only the per-sample errors:
-    the trainer passes them because `LOSSES["dspo"].needs_predictions` is set.
+    The winner's denoising target is shifted along the policy−reference direction by how badly the pair
+    is still ranked, 1 − σ(z).
+    SDXL branch (`sdxl=True`; β = 5000 in launchers/sdxl.sh), as the authors' code has it, with no
+    denoising term: loss = mean (1 − σ(z))²·d if the batch's mean d = mean_CHW (ε_θ(w) − ε_ref(w))² is at
+    least 0.1, else mean (1 − σ(z))².
+    Both need the raw predictions, not only the per-sample errors: the trainers pass them because
+    `LOSSES["dspo"].needs_predictions` is set.
     """
     margin = reward_margin(model_err_w, model_err_l, ref_err_w, ref_err_l)
     logits = 0.5 * beta * scale * margin
-    weight = (1 - torch.sigmoid(logits)).view(-1, *([1] * (model_pred_w.dim() - 1)))
-    residual = (model_pred_w.float() - target_w.float()) - beta * weight * (model_pred_w.float() - ref_pred_w.float())
-    loss = residual.pow(2).flatten(1).mean(dim=1).mean()
+    weight = 1 - torch.sigmoid(logits)
+    model_pred_w, ref_pred_w, target_w = (_at_least_fp32(x) for x in (model_pred_w, ref_pred_w, target_w))
+    to_reference = model_pred_w - ref_pred_w
+    if sdxl:
+        distance = to_reference.pow(2).flatten(1).mean(dim=1)
+        loss = (weight.pow(2) * distance).mean() if distance.mean() >= 0.1 else weight.pow(2).mean()
+    else:
+        weight = weight.view(-1, *([1] * (model_pred_w.dim() - 1)))
+        residual = (model_pred_w - target_w) - beta * weight * to_reference
+        loss = residual.pow(2).flatten(1).mean(dim=1).mean()
     return loss, _metrics(model_err_w, model_err_l, ref_err_w, ref_err_l, margin, logits)
 
 
 @dataclass(frozen=True)
 class Objective:
-    """A loss of this file and what the trainer must compute for it (it skips the rest)."""
+    """A loss of this file and what the trainer must compute for it (it skips the rest).
+
+    betas: the default β per model family ("sd15", "sdxl", "sd3"), from the authors' published recipe where
+    there is one; "*" for the others. beta_help: what β means for this objective, for the --beta flag."""
     fn: Callable
-    default_beta: float | None
+    betas: dict
+    beta_help: str = ""
     needs_reference: bool = True
     needs_loser: bool = True
     needs_predictions: bool = False
+    needs_reference_point: bool = False
+
+    def default_beta(self, family: str) -> float | None:
+        return self.betas.get(family, self.betas.get("*"))
 
 
-# name → objective, for the trainers' --loss flag. β defaults: 5000 is Diffusion-DPO's SD1.5 value under
-# the §1 convention; MaPO's β weighs a margin term instead (0.1 in its recipes); DSPO's β both sets the
-# logit and multiplies a prediction difference, so public SD1.5 DSPO recipes use 0.001.
+# name → objective, for the trainers' --loss flag.
 LOSSES = {
-    "dpo": Objective(dpo_loss, 5000.0),
-    "hinge": Objective(hinge_loss, 5000.0),
-    "ipo": Objective(ipo_loss, 5000.0),
-    "kto": Objective(kto_loss, 5000.0),
-    "sft": Objective(sft_loss, None, needs_reference=False, needs_loser=False),
-    "mapo": Objective(mapo_loss, 0.1, needs_reference=False),
-    "dspo": Objective(dspo_loss, 0.001, needs_predictions=True),
+    "dpo": Objective(dpo_loss, {"*": 5000.0}, "logit z = (β/2)·λ(t)·(−Δ) (PAPER.md §1; Diffusion-DPO's 5000 for "
+                                              "SD1.5 and SDXL, [choice] for SD3)"),
+    "hinge": Objective(hinge_loss, {"*": 5000.0}, "on the §1 logit, relu(1 − z) [choice: DPO's 5000]"),
+    "ipo": Objective(ipo_loss, {"*": 5000.0}, "IPO's τ = the §1 β as in TRL: each pair's logit is regressed to "
+                                              "1/2, i.e. the margin −Δ to 1/(βλ) = 2e-4 at β = 5000"),
+    "kto": Objective(kto_loss, {"*": 1000.0}, "Diffusion-KTO's --beta_dpo: reward β·λ(t)·(e_ref − e_θ), no 1/2 "
+                                              "(their default 1000; [choice] for SDXL and SD3)",
+                     needs_reference_point=True),
+    "sft": Objective(sft_loss, {"*": None}, "unused", needs_reference=False, needs_loser=False),
+    "mapo": Objective(mapo_loss, {"*": 0.1}, "MaPO's --beta_mapo, the weight of the margin term (0.1)",
+                      needs_reference=False),
+    "dspo": Objective(dspo_loss, {"*": 0.001, "sdxl": 5000.0},
+                      "DSPO's --beta_dpo: 0.001 with the SD1.5 branch, 5000 with the SDXL branch (launchers/)",
+                      needs_predictions=True),
 }

@@ -6,6 +6,10 @@ divergence of each new reference from p_init: once it exceeds δ, the reference 
 "Re-Init" variant, reset to p_init). Without the monitor, small τ lets the policy widen the margin by
 inflating both errors ("error scaling") and training collapses; `on_diverge="ignore"` reproduces that.
 
+The monitor measures on inputs the caller fixes (the "probe"): `predict(model)` returns the model's
+predictions on them and `target` what they should be, so that p_init, every new reference and the policy are
+compared on exactly the same noised images.
+
 Memory: the initial weights stay in (pinned) CPU memory. They visit the accelerator only while the
 monitor measures, loaded into the reference model's own parameters, which are about to be overwritten
 by the policy anyway; so the method costs no accelerator memory beyond Diffusion-DPO's reference.
@@ -17,9 +21,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from losses import per_sample_error
+
 ON_DIVERGE = ("freeze", "reinit", "ignore")
 
-ErrFn = Callable[[nn.Module], torch.Tensor]
+PredictFn = Callable[[nn.Module], torch.Tensor]
 
 
 def _tensors(model: nn.Module) -> list[torch.Tensor]:
@@ -94,32 +100,43 @@ class Reference:
         return self._policy_tensors
 
     @torch.no_grad()
-    def _errors_of_initial(self, err_fn: ErrFn) -> torch.Tensor:
+    def _predict_initial(self, predict: PredictFn) -> torch.Tensor:
         _copy_into(self._tensors, self.initial)
         self.holds_initial = True
-        return err_fn(self.model)
+        return predict(self.model)
+
+    @staticmethod
+    def _gap(pred, pred_init, target) -> tuple[float, float]:
+        """D = mean(e(pred) − e(pred_init)) (§2: the reverse-KL estimate, per-element mean, no factor T), and
+        the output distance mean_CHW (pred − pred_init)², both averaged over the probe and all ranks. D is a
+        difference of errors and can be ≈ 0 while the model has moved; the distance cannot."""
+        gap = (per_sample_error(pred, target) - per_sample_error(pred_init, target)).mean()
+        distance = per_sample_error(pred, pred_init).mean()
+        return tuple(_mean_over_ranks(torch.stack([gap, distance])).tolist())
 
     @torch.no_grad()
-    def step(self, step: int, policy: nn.Module, err_fn: ErrFn) -> dict:
+    def step(self, step: int, policy: nn.Module, predict: PredictFn, target: torch.Tensor) -> dict:
         """Apply the §2 rule after optimizer step `step` (1-based). Returns what happened, for the log.
 
-        err_fn(model) -> Tensor[n] gives per-sample errors of a few winner images at fixed t and shared ε;
-        it must give the same inputs on every call. On an update step:
-            1. load p_init into the reference's parameters and measure e_init;
-            2. copy the policy into the reference (p_ref ← p_θ) and measure e_ref;
-            3. D = mean(e_ref − e_init)  (§2: the reverse-KL estimate, per-element mean, no factor T);
+        predict(model) -> Tensor[n, ...]: the model's predictions on the probe, a few winner images noised
+        at fixed t with fixed ε, the same inputs on every call; target: their ε (or velocity). On an update step:
+            1. load p_init into the reference's parameters and predict;
+            2. copy the policy into the reference (p_ref ← p_θ) and predict;
+            3. D(p_ref, p_init) = mean(e_ref − e_init), and the output distance E‖ε_ref − ε_init‖²;
             4. if D > δ: freeze the reference, or reset it to p_init ("reinit"), or go on ("ignore").
+        Re-Init resets to p_init, and the next check copies the policy again and measures it against p_init:
+        once the policy has diverged past δ it usually stays there, so every later check resets again and
+        the run ends as Diffusion-DPO against p_init (Table 3's weaker variant).
         """
         if not self.tau or self.frozen or step % self.tau != 0:
             return {"ref_updated": False, "ref_frozen": self.frozen}
         was_training = policy.training
         policy.eval()
-        err_init = self._errors_of_initial(err_fn)
+        pred_init = self._predict_initial(predict)
         _copy_into(self._tensors, self._tensors_of(policy))
         self.holds_initial = False
-        err_ref = err_fn(self.model)
+        divergence, distance = self._gap(predict(self.model), pred_init, target)
         policy.train(was_training)
-        divergence = _mean_over_ranks((err_ref.float() - err_init.float()).mean()).item()
         self.last_divergence = divergence
         self.num_updates += 1
         reinit = False
@@ -130,32 +147,32 @@ class Reference:
             self.holds_initial = True
             reinit = True
         return {"ref_updated": True, "ref_frozen": self.frozen, "ref_reinit": reinit,
-                "divergence": divergence}
+                "divergence": divergence, "ref_distance": distance}
 
     @torch.no_grad()
-    def divergence(self, model: nn.Module, err_fn: ErrFn) -> float:
-        """D(model, p_init) on request, without changing the reference (e.g. to log Fig. 1b for a
-        Diffusion-DPO run, where the reference is p_init and this costs two small forwards).
+    def divergence(self, model: nn.Module, predict: PredictFn, target: torch.Tensor) -> tuple[float, float]:
+        """(D(model, p_init), output distance) on request, without changing the reference (e.g. to log
+        Fig. 1b for a Diffusion-DPO run, where the reference is p_init and this costs two small forwards).
 
         If the reference has moved away from p_init, its weights are parked in CPU memory while p_init
         borrows its parameters, then put back: still no extra accelerator memory.
         """
         was_training = model.training
         model.eval()
-        err_model = err_fn(model)
+        pred = predict(model)
         model.train(was_training)
         if self.holds_initial:
-            err_init = err_fn(self.model)
+            pred_init = predict(self.model)
         else:
             if self._parked is None:
                 self._parked = [torch.empty(t.shape, dtype=t.dtype, pin_memory=torch.cuda.is_available())
                                 for t in self._tensors]
             # Stream order keeps these asynchronous copies safe: nothing reads the parked weights on the host.
             _copy_into(self._parked, self._tensors)
-            err_init = self._errors_of_initial(err_fn)
+            pred_init = self._predict_initial(predict)
             _copy_into(self._tensors, self._parked)
             self.holds_initial = False
-        return _mean_over_ranks((err_model.float() - err_init.float()).mean()).item()
+        return self._gap(pred, pred_init, target)
 
     def state_dict(self) -> dict:
         """Everything needed to resume: the reference weights and the monitor's state (p_init is the

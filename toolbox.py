@@ -47,8 +47,9 @@ logger = logging.getLogger("train")
 
 # The paper's figures bin t into 10 equal intervals (PAPER.md §3, Fig. 2).
 NUM_LOG_BINS = 10
-# Generator stream of the monitor's inputs, apart from every micro-batch's.
+# Generator stream of the monitor's inputs, apart from every micro-batch's, and the seed offset of its pairs.
 MONITOR_STREAM = 1 << 20
+PROBE_SEED = 7919
 EXIT_USAGE = 2
 
 # --tiny's small-scale recipe. One CPU thread: a 32 px model gains little from a second one, and two
@@ -104,7 +105,8 @@ def parser(doc: str, recipe: dict) -> argparse.ArgumentParser:
     g.add_argument("--loss", default="dpo", choices=sorted(LOSSES),
                    help="preference objective; 'sft' trains on the winners only")
     g.add_argument("--beta", type=float, default=None,
-                   help="β of the objective (default: the objective's own, 5000 for dpo, PAPER.md §5)")
+                   help="β of the objective; unset: the objective's published value for this model. "
+                        + "; ".join(f"{name}: {obj.beta_help}" for name, obj in LOSSES.items() if name != "sft"))
 
     g = p.add_argument_group("reference update (reference.py, PAPER.md §2)")
     g.add_argument("--tau", type=int, default=None,
@@ -115,8 +117,13 @@ def parser(doc: str, recipe: dict) -> argparse.ArgumentParser:
     g.add_argument("--on_diverge", default="freeze", choices=ON_DIVERGE,
                    help="once D > δ: freeze the reference (paper), reset it to the initial model (Re-Init), "
                         "or ignore the monitor (the unstable variant)")
-    g.add_argument("--monitor_samples", type=int, default=8,
-                   help="(winner latent, t, ε) draws used to estimate the divergence D")
+    g.add_argument("--monitor", default="probe", choices=["probe", "batch"],
+                   help="inputs of the divergence estimate D [choice, README]: 'probe' = --monitor_samples winners "
+                        "of the data with their t ~ U and ε, drawn once and kept in the checkpoint, the same at "
+                        "every check (lower noise); 'batch' = the last micro-batch's winners with fresh draws "
+                        "at every check")
+    g.add_argument("--monitor_samples", type=int, default=64,
+                   help="(winner latent, t, ε) draws of the divergence estimate D, per process")
     g.add_argument("--divergence_every", type=int, default=None,
                    help="also log D(policy, initial) every N steps (Fig. 1b); 0 = off (default 0)")
 
@@ -125,6 +132,9 @@ def parser(doc: str, recipe: dict) -> argparse.ArgumentParser:
                    help="over-sample early (noisy) steps: bin k drawn with probability ∝ γ^k; 1 = uniform t")
     g.add_argument("--num_bins", type=int, default=50, help="K bins of the timestep grid for --gamma")
     g.add_argument("--no_reward_scale", action="store_true", help="λ(t) ≡ 1 instead of the §3 schedule")
+    g.add_argument("--reward_scale_norm", action="store_true",
+                   help="ablation: λ(t) divided by its mean under the active sampler (--gamma, --num_bins), so that "
+                        "it changes the shape of β over t but not its average (under γ = 0.9 the mean λ is ≈ 1.50)")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--max_steps", type=int, default=None, help=f"optimizer steps (recipe: {recipe['max_steps']})")
@@ -184,7 +194,7 @@ def parser(doc: str, recipe: dict) -> argparse.ArgumentParser:
     return p
 
 
-def _fill_defaults(args, recipe: dict, world_size: int, tiny_recipe: dict) -> None:
+def _fill_defaults(args, recipe: dict, family: str, world_size: int, tiny_recipe: dict) -> None:
     """Fill what was left unset: --tiny's small-scale recipe, then the script's paper recipe; derive the
     gradient accumulation and the learning rate; refuse impossible values."""
     recipe = dict(recipe)
@@ -198,7 +208,7 @@ def _fill_defaults(args, recipe: dict, world_size: int, tiny_recipe: dict) -> No
         if getattr(args, name, None) is None:
             setattr(args, name, default)
     if args.beta is None:
-        args.beta = LOSSES[args.loss].default_beta
+        args.beta = LOSSES[args.loss].default_beta(family)
     per_step = args.train_batch_size * world_size
     if args.gradient_accumulation_steps is None:
         if args.effective_batch_size % per_step:
@@ -214,6 +224,7 @@ def _fill_defaults(args, recipe: dict, world_size: int, tiny_recipe: dict) -> No
               (0 < args.gamma, "--gamma must be positive"),
               (0 <= args.caption_dropout <= 1, "--caption_dropout must be in [0, 1]"),
               (args.monitor_samples > 0, "--monitor_samples must be positive"),
+              (not (args.no_reward_scale and args.reward_scale_norm), "--reward_scale_norm needs λ(t): drop --no_reward_scale"),
               (args.lora_rank >= 0, "--lora_rank must be >= 0"),
               (not (args.cache_latents and args.streaming),
                "--cache_latents needs a map-style dataset: drop --streaming (a local parquet copy works)"),
@@ -296,7 +307,7 @@ def start(args, recipe: dict, family: str, toy_recipe: dict | None = None) -> Ru
     run = _setup_devices(args)
     run.family = family
     toy_model = toy_recipe is not None and args.tiny and args.pretrained_model is None
-    _fill_defaults(args, recipe, run.world_size, {**TINY_RECIPE, **(toy_recipe if toy_model else {})})
+    _fill_defaults(args, recipe, family, run.world_size, {**TINY_RECIPE, **(toy_recipe if toy_model else {})})
     if run.device.type == "cpu" and args.cpu_threads:
         torch.set_num_threads(args.cpu_threads)
     if args.tiny:
@@ -486,26 +497,94 @@ class _OneLineDataErrors:
             fail(str(error))
 
 
-def pair_loader(args, run: Run, encode_images=None, encode_captions=None):
+def pair_loader(args, run: Run, encode_images=None, encode_captions=None, batch_size=None, seed=None,
+                num_workers=None):
     """Micro-batches of preference pairs for this rank, forever and resumable (data.py): pixels [2B]
     winners then losers and B captions. With --cache_latents, the VAE posteriors and prompt embeddings
-    instead, from a cache built on first use with `encode_images` and `encode_captions`."""
+    instead, from a cache built on first use with `encode_images` and `encode_captions`. batch_size, seed
+    and num_workers default to the flags'."""
+    batch_size = batch_size or args.train_batch_size
+    seed = args.seed if seed is None else seed
+    num_workers = args.dataloader_workers if num_workers is None else num_workers
     try:
         dataset = data.load_pairs(args.dataset, split=args.split, streaming=args.streaming,
                                   max_samples=args.max_train_samples)
+        if not args.streaming:  # a small dataset still gives one full batch (the monitor's probe)
+            batch_size = max(1, min(batch_size, len(dataset) // run.world_size))
         transform = data.PairTransform(resolution=args.resolution, random_crop=args.random_crop,
                                        random_flip=not args.no_flip, caption_dropout=args.caption_dropout,
-                                       seed=args.seed)
+                                       seed=seed)
         if args.cache_latents:
             from speed import latent_cache  # first pass: VAE and text encoders run once per image and caption
-            loader = latent_cache.cached_loader(args, run, dataset, transform, encode_images, encode_captions)
+            loader = latent_cache.cached_loader(args, run, dataset, transform, encode_images, encode_captions,
+                                                batch_size, seed)
         else:
-            loader = data.PairLoader(dataset, transform, batch_size=args.train_batch_size, rank=run.rank,
-                                     world_size=run.world_size, num_workers=args.dataloader_workers,
-                                     seed=args.seed)
+            loader = data.PairLoader(dataset, transform, batch_size=batch_size, rank=run.rank,
+                                     world_size=run.world_size, num_workers=num_workers, seed=seed)
     except data.DataError as error:
         fail(str(error))
     return _OneLineDataErrors(loader)
+
+
+def probe_batch(args, run: Run, encode_images=None, encode_captions=None) -> dict:
+    """The pairs of the monitor's probe (--monitor probe): --monitor_samples pairs of the training data for
+    this rank, drawn once in an order of their own (seed apart from the training order's), without caption
+    dropout: the monitor compares models on the prompts the images belong to."""
+    loader = pair_loader(argparse.Namespace(**{**vars(args), "caption_dropout": 0.0}), run, encode_images,
+                         encode_captions, batch_size=args.monitor_samples, seed=args.seed + PROBE_SEED, num_workers=0)
+    return next(iter(loader))
+
+
+class MonitorProbe:
+    """The inputs on which reference.py's monitor compares p_init, the reference and the policy (§2): noised
+    winner latents, their timesteps and conditioning, and their targets. Called with a model it returns its
+    predictions (no autograd, in chunks of `chunk` images, under the run's autocast); kept in the checkpoint,
+    so that a resumed run measures on the very same inputs."""
+
+    def __init__(self, predict, noisy, t, cond: dict, target, run: Run, chunk: int):
+        self.predict, self.run, self.chunk = predict, run, max(1, chunk)
+        self.noisy, self.t, self.cond, self.target = noisy, t, cond, target
+
+    @torch.no_grad()
+    def __call__(self, model):
+        out = []
+        for i in range(0, len(self.noisy), self.chunk):
+            part = slice(i, i + self.chunk)
+            with self.run.autocast():
+                out.append(self.predict(model, self.noisy[part], self.t[part], {k: v[part] for k, v in self.cond.items()}))
+        return torch.cat(out)
+
+    def state_dict(self) -> dict:
+        return {"noisy": self.noisy, "t": self.t, "cond": self.cond, "target": self.target}
+
+    def load_state_dict(self, state: dict) -> None:
+        device = self.run.device
+        self.noisy, self.t, self.target = (state[k].to(device) for k in ("noisy", "t", "target"))
+        self.cond = {k: v.to(device) for k, v in state["cond"].items()}
+
+
+def reward_scale(values: torch.Tensor, args) -> torch.Tensor:
+    """λ as the flags want it: the §3 schedule `values` (Tensor[T]), or 1 with --no_reward_scale, or divided
+    by its mean under the sampler with --reward_scale_norm."""
+    if args.no_reward_scale:
+        return torch.ones_like(values)
+    if args.reward_scale_norm:
+        from schedule import sampler_mean
+        return values / sampler_mean(values, args.gamma, args.num_bins)
+    return values
+
+
+def objective_inputs(objective, family: str, n: int, pred, ref_pred, target, last_record: dict | None) -> dict:
+    """What only some objectives take beyond the per-sample errors (losses.py): DSPO the winners' raw
+    predictions (and on SDXL the authors' SDXL branch); KTO its reference point, [choice] the mean implicit
+    reward of the previous optimizer step's pairs over all ranks (0 at step 1, where policy = reference): the
+    official code takes each micro-batch's, which at 1 pair per device is the pair itself."""
+    extra = {}
+    if objective.needs_predictions:
+        extra = dict(model_pred_w=pred[:n], ref_pred_w=ref_pred[:n], target_w=target[:n], sdxl=family == "sdxl")
+    if objective.needs_reference_point:
+        extra["reference_point"] = (last_record or {}).get("kto_mean_reward", 0.0)
+    return extra
 
 
 def micro_generators(seed: int, step: int, micro: int, device) -> tuple[torch.Generator, torch.Generator]:
@@ -703,7 +782,7 @@ class TrainLog:
                 self._truncate(step)
             elif os.path.exists(self.path):
                 os.remove(self.path)
-        self.sums, self.skipped, self.bins = {}, 0, _BinStats()
+        self.sums, self.skipped, self.bins, self.last = {}, 0, _BinStats(), None
         self.step_start = time.perf_counter()
         self.progress = tqdm(total=args.max_steps, initial=step, disable=not run.is_main, desc=desc,
                              dynamic_ncols=True)
@@ -735,7 +814,7 @@ class TrainLog:
                   "skipped_rows": self.skipped, "step_seconds": round(time.perf_counter() - self.step_start, 4)}
         if step % self.args.bin_stats_every == 0 or step == self.args.max_steps:
             record.update(self.bins.summary(self.num_train_timesteps, self.run.world_size))
-        self.sums, self.skipped, self.step_start = {}, 0, time.perf_counter()
+        self.sums, self.skipped, self.step_start, self.last = {}, 0, time.perf_counter(), record
         if not (math.isfinite(record["loss"]) and math.isfinite(record.get("grad_norm", 0.0))):
             logger.warning("step %d: non-finite loss %s or gradient norm %s", step, record["loss"],
                            record.get("grad_norm"))

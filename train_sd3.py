@@ -143,23 +143,17 @@ def predict(transformer, noisy, t, cond):
                        pooled_projections=cond["pooled_projections"], return_dict=False)[0]
 
 
-def monitor_err_fn(sigmas, latents_w, cond_w, num_samples, generators, run):
-    """The err_fn of reference.py: per-sample errors of a few winners of the batch at σ ~ U(grid) and shared
-    ε, drawn once so that p_init, the new reference and the policy see the same inputs (PAPER.md §2)."""
-    cpu_generator, device_generator = generators
-    index = torch.arange(num_samples, device=latents_w.device) % latents_w.shape[0]
-    latents, cond = latents_w[index], {k: v[index] for k, v in cond_w.items()}
-    sigma = sigmas[schedule.sample_timesteps(num_samples, len(sigmas), gamma=None,
-                                             generator=cpu_generator).to(latents.device)]
-    noise = torch.randn(latents.shape, generator=device_generator, device=latents.device, dtype=latents.dtype)
+def monitor_probe(m: Models, batch, num_samples, generators, run, chunk) -> toolbox.MonitorProbe:
+    """The inputs of §2's monitor: num_samples of the batch's winners (cycling through them), each noised at
+    one σ ~ U(grid) with one ε, drawn once so that p_init, the reference and the policy see the same inputs."""
+    latents, cond = encode(m, batch, generators[1])
+    index = torch.arange(num_samples, device=m.device) % (latents.shape[0] // 2)  # winners come first
+    latents, cond = latents[index], {k: v[index] for k, v in cond.items()}
+    sigmas = sigma_grid(m.scheduler).to(m.device)
+    sigma = sigmas[schedule.sample_timesteps(num_samples, len(sigmas), gamma=None, generator=generators[0]).to(m.device)]
+    noise = torch.randn(latents.shape, generator=generators[1], device=m.device, dtype=latents.dtype)
     noisy, target = add_noise(latents, noise, sigma)
-    t = sigma * len(sigmas)
-
-    @torch.no_grad()
-    def err_fn(module):
-        with run.autocast():
-            return losses.per_sample_error(predict(module, noisy, t, cond), target)
-    return err_fn
+    return toolbox.MonitorProbe(predict, noisy, sigma * len(sigmas), cond, target, run, chunk)
 
 
 def main(argv=None):
@@ -170,12 +164,18 @@ def main(argv=None):
     args = parser.parse_args(argv)
     run = toolbox.start(args, RECIPE, "sd3")
     m = load_models(run.model_path, run.device, run.weight_dtype, args.drop_t5)
-    loader = toolbox.pair_loader(args, run, partial(encode_images, m), partial(encode_captions, m))
+    encoders = partial(encode_images, m), partial(encode_captions, m)
+    loader = toolbox.pair_loader(args, run, *encoders)
+    # §2's monitor measures D(p_ref, p_init) on a probe: --monitor_samples winners of the data with their
+    # t ~ U and ε, drawn once and kept in the checkpoint (or, with --monitor batch, the last micro-batch's).
+    probe = monitor_probe(m, toolbox.probe_batch(args, run, *encoders), args.monitor_samples,
+                          toolbox.micro_generators(args.seed, 0, toolbox.MONITOR_STREAM, run.device), run,
+                          chunk=2 * args.train_batch_size)
     if args.cache_latents:
         toolbox.to_cpu(m.vae, *m.text_encoders, m.text_encoder_3, device=run.device)  # never run again
     num_train_timesteps = m.scheduler.config.num_train_timesteps
     sigmas = sigma_grid(m.scheduler).to(run.device)  # [T], σ grows with the index
-    reward_scale = schedule.reward_scale_flow(sigmas)  # λ(σ) of §3 for flow matching, [T]
+    reward_scale = toolbox.reward_scale(schedule.reward_scale_flow(sigmas), args)  # λ(σ) of §3 for flow matching
 
     transformer = m.transformer.to(run.device).train()
     if args.gradient_checkpointing:
@@ -196,7 +196,7 @@ def main(argv=None):
     optimizer, lr_schedule = toolbox.optimizer(args, params)
     scaler = run.grad_scaler()
     checkpoints = toolbox.Checkpoints(args, run, policy=transformer, reference=ref, optimizer=optimizer,
-                                      lr_schedule=lr_schedule, loader=loader, scaler=scaler)
+                                      lr_schedule=lr_schedule, loader=loader, scaler=scaler, monitor_probe=probe)
     step = checkpoints.resume()
     ddp_transformer = toolbox.ddp(transformer, run)
     transformer_forward = toolbox.maybe_compile(ddp_transformer, args.compile)
@@ -217,7 +217,7 @@ def main(argv=None):
             index = schedule.sample_timesteps(n, num_train_timesteps, args.gamma, args.num_bins,
                                               generator=generators[0]).to(run.device)
             sigma, t = sigmas[index], sigmas[index] * num_train_timesteps  # t: the transformer's timestep
-            scale = torch.ones_like(reward_scale[index]) if args.no_reward_scale else reward_scale[index]
+            scale = reward_scale[index]
             # §1: one ε per pair, shared by its winner and loser; SFT needs the winners only.
             noise = torch.randn(latents[:n].shape, generator=generators[1], device=run.device, dtype=latents.dtype)
             k = 2 if objective.needs_loser else 1
@@ -233,8 +233,7 @@ def main(argv=None):
                 with torch.no_grad(), run.autocast():
                     ref_pred = predict(ref_forward, noisy, t.repeat(k), cond_k)
                 ref_err = losses.per_sample_error(ref_pred, target)
-            extra = (dict(model_pred_w=pred[:n], ref_pred_w=ref_pred[:n], target_w=target[:n])
-                     if objective.needs_predictions else {})
+            extra = toolbox.objective_inputs(objective, "sd3", n, pred, ref_pred, target, log.last)  # DSPO, KTO
             loss, metrics = objective.fn(model_err[:n], model_err[n:], ref_err[:n], ref_err[n:], args.beta,
                                          scale, **extra)
             scaler.scale(loss / accumulation).backward()
@@ -248,13 +247,13 @@ def main(argv=None):
         optimizer.zero_grad(set_to_none=True)
         step += 1
 
-        # §2: every τ steps the reference becomes a copy of the policy, unless the monitor has frozen it;
-        # D(p_ref, p_init) is measured on a fixed draw over the last micro-batch's winners.
-        err_fn = monitor_err_fn(sigmas, latents[:n], {k: v[:n] for k, v in cond.items()}, args.monitor_samples,
-                                toolbox.micro_generators(args.seed, step, toolbox.MONITOR_STREAM, run.device), run)
-        ref_info = ref.step(step, ref_source, err_fn)
+        # §2: every τ steps the reference becomes a copy of the policy, unless the monitor has frozen it.
+        if args.monitor == "batch":
+            probe = monitor_probe(m, batch, args.monitor_samples, toolbox.micro_generators(
+                args.seed, step, toolbox.MONITOR_STREAM, run.device), run, chunk=2 * args.train_batch_size)
+        ref_info = ref.step(step, ref_source, probe, probe.target)
         if args.divergence_every and step % args.divergence_every == 0:
-            ref_info["policy_divergence"] = ref.divergence(ref_source, err_fn)
+            ref_info["policy_divergence"], ref_info["policy_distance"] = ref.divergence(ref_source, probe, probe.target)
         log.write(step, grad_norm=grad_norm, lr=lr_schedule.get_last_lr()[0], **ref_info)
 
         stopping = stop.agreed(run)

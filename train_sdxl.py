@@ -122,22 +122,17 @@ def predict(unet, noisy, t, cond):
     return unet(noisy, t, encoder_hidden_states=cond["encoder_hidden_states"], added_cond_kwargs=added).sample
 
 
-def monitor_err_fn(scheduler, latents_w, cond_w, num_samples, generators, run):
-    """The err_fn of reference.py: per-sample errors of a few winners of the batch at t ~ U and shared ε,
-    drawn once so that p_init, the new reference and the policy see the same inputs (PAPER.md §2)."""
-    cpu_generator, device_generator = generators
-    index = torch.arange(num_samples, device=latents_w.device) % latents_w.shape[0]
-    latents, cond = latents_w[index], {k: v[index] for k, v in cond_w.items()}
-    t = schedule.sample_timesteps(num_samples, scheduler.config.num_train_timesteps, gamma=None,
-                                  generator=cpu_generator).to(latents.device)
-    noise = torch.randn(latents.shape, generator=device_generator, device=latents.device, dtype=latents.dtype)
-    noisy, target = add_noise(scheduler, latents, noise, t)
-
-    @torch.no_grad()
-    def err_fn(module):
-        with run.autocast():
-            return losses.per_sample_error(predict(module, noisy, t, cond), target)
-    return err_fn
+def monitor_probe(m: Models, batch, num_samples, generators, run, chunk) -> toolbox.MonitorProbe:
+    """The inputs of §2's monitor: num_samples of the batch's winners (cycling through them), each noised at
+    one t ~ U with one ε, drawn once so that p_init, the reference and the policy see the same inputs."""
+    latents, cond = encode(m, batch, generators[1])
+    index = torch.arange(num_samples, device=m.device) % (latents.shape[0] // 2)  # winners come first
+    latents, cond = latents[index], {k: v[index] for k, v in cond.items()}
+    t = schedule.sample_timesteps(num_samples, m.scheduler.config.num_train_timesteps, gamma=None,
+                                  generator=generators[0]).to(m.device)
+    noise = torch.randn(latents.shape, generator=generators[1], device=m.device, dtype=latents.dtype)
+    noisy, target = add_noise(m.scheduler, latents, noise, t)
+    return toolbox.MonitorProbe(predict, noisy, t, cond, target, run, chunk)
 
 
 def main(argv=None):
@@ -148,11 +143,17 @@ def main(argv=None):
     args = parser.parse_args(argv)
     run = toolbox.start(args, RECIPE, "sdxl")
     m = load_models(run.model_path, run.device, run.weight_dtype, args.vae)
-    loader = toolbox.pair_loader(args, run, partial(encode_images, m), partial(encode_captions, m))
+    encoders = partial(encode_images, m), partial(encode_captions, m)
+    loader = toolbox.pair_loader(args, run, *encoders)
+    # §2's monitor measures D(p_ref, p_init) on a probe: --monitor_samples winners of the data with their
+    # t ~ U and ε, drawn once and kept in the checkpoint (or, with --monitor batch, the last micro-batch's).
+    probe = monitor_probe(m, toolbox.probe_batch(args, run, *encoders), args.monitor_samples,
+                          toolbox.micro_generators(args.seed, 0, toolbox.MONITOR_STREAM, run.device), run,
+                          chunk=2 * args.train_batch_size)
     if args.cache_latents:
         toolbox.to_cpu(m.vae, *m.text_encoders, device=run.device)  # never run again
     num_train_timesteps = m.scheduler.config.num_train_timesteps
-    reward_scale = schedule.reward_scale(m.scheduler.alphas_cumprod).to(run.device)  # λ(t) of §3, [T]
+    reward_scale = toolbox.reward_scale(schedule.reward_scale(m.scheduler.alphas_cumprod), args).to(run.device)
 
     unet = m.unet.to(run.device).train()
     if args.gradient_checkpointing:
@@ -173,7 +174,7 @@ def main(argv=None):
     optimizer, lr_schedule = toolbox.optimizer(args, params)
     scaler = run.grad_scaler()
     checkpoints = toolbox.Checkpoints(args, run, policy=unet, reference=ref, optimizer=optimizer,
-                                      lr_schedule=lr_schedule, loader=loader, scaler=scaler)
+                                      lr_schedule=lr_schedule, loader=loader, scaler=scaler, monitor_probe=probe)
     step = checkpoints.resume()
     ddp_unet = toolbox.ddp(unet, run)
     unet_forward = toolbox.maybe_compile(ddp_unet, args.compile)
@@ -193,7 +194,7 @@ def main(argv=None):
             # §3: one t per pair, the early (noisy) steps over-sampled by Cat(γ^k), and its reward scale λ(t).
             t = schedule.sample_timesteps(n, num_train_timesteps, args.gamma, args.num_bins,
                                           generator=generators[0]).to(run.device)
-            scale = torch.ones_like(reward_scale[t]) if args.no_reward_scale else reward_scale[t]
+            scale = reward_scale[t]
             # §1: one ε per pair, shared by its winner and loser; SFT needs the winners only.
             noise = torch.randn(latents[:n].shape, generator=generators[1], device=run.device, dtype=latents.dtype)
             k = 2 if objective.needs_loser else 1
@@ -209,8 +210,7 @@ def main(argv=None):
                 with torch.no_grad(), run.autocast():
                     ref_pred = predict(ref_forward, noisy, t.repeat(k), cond_k)
                 ref_err = losses.per_sample_error(ref_pred, target)
-            extra = (dict(model_pred_w=pred[:n], ref_pred_w=ref_pred[:n], target_w=target[:n])
-                     if objective.needs_predictions else {})
+            extra = toolbox.objective_inputs(objective, "sdxl", n, pred, ref_pred, target, log.last)  # DSPO, KTO
             loss, metrics = objective.fn(model_err[:n], model_err[n:], ref_err[:n], ref_err[n:], args.beta,
                                          scale, **extra)
             scaler.scale(loss / accumulation).backward()
@@ -224,13 +224,13 @@ def main(argv=None):
         optimizer.zero_grad(set_to_none=True)
         step += 1
 
-        # §2: every τ steps the reference becomes a copy of the policy, unless the monitor has frozen it;
-        # D(p_ref, p_init) is measured on a fixed draw over the last micro-batch's winners.
-        err_fn = monitor_err_fn(m.scheduler, latents[:n], {k: v[:n] for k, v in cond.items()}, args.monitor_samples,
-                                toolbox.micro_generators(args.seed, step, toolbox.MONITOR_STREAM, run.device), run)
-        ref_info = ref.step(step, ref_source, err_fn)
+        # §2: every τ steps the reference becomes a copy of the policy, unless the monitor has frozen it.
+        if args.monitor == "batch":
+            probe = monitor_probe(m, batch, args.monitor_samples, toolbox.micro_generators(
+                args.seed, step, toolbox.MONITOR_STREAM, run.device), run, chunk=2 * args.train_batch_size)
+        ref_info = ref.step(step, ref_source, probe, probe.target)
         if args.divergence_every and step % args.divergence_every == 0:
-            ref_info["policy_divergence"] = ref.divergence(ref_source, err_fn)
+            ref_info["policy_divergence"], ref_info["policy_distance"] = ref.divergence(ref_source, probe, probe.target)
         log.write(step, grad_norm=grad_norm, lr=lr_schedule.get_last_lr()[0], **ref_info)
 
         stopping = stop.agreed(run)

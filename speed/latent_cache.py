@@ -291,7 +291,8 @@ class CachedPairLoader(data.PairLoader):
             epoch, start = epoch + 1, 0
 
 
-def cached_loader(args, runtime, dataset, transform, encode_images, encode_captions) -> CachedPairLoader:
+def cached_loader(args, runtime, dataset, transform, encode_images, encode_captions, batch_size=None,
+                  seed=None) -> CachedPairLoader:
     """Build the cache for this run's data and model if it is not on disk yet, then a loader that reads it."""
     captions = pair_captions(dataset)
     root = args.cache_dir or os.path.join(args.output_dir, "cache")
@@ -303,5 +304,5 @@ def cached_loader(args, runtime, dataset, transform, encode_images, encode_capti
               num_workers=args.dataloader_workers)
     elif runtime.is_main:
         logger.info("reading cached latents and prompt embeddings from %s", folder)
-    return CachedPairLoader(LatentCache(folder), dataset, transform, args.train_batch_size, rank=runtime.rank,
-                            world_size=runtime.world_size, seed=args.seed)
+    return CachedPairLoader(LatentCache(folder), dataset, transform, batch_size or args.train_batch_size,
+                            rank=runtime.rank, world_size=runtime.world_size, seed=args.seed if seed is None else seed)

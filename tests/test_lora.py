@@ -89,10 +89,11 @@ def test_reference_adapter_copies_every_tau_and_initial_model_is_adapters_off(tm
     reference_tensors = lora.adapter_tensors(unet, lora.REFERENCE)
     initial = [t.clone() for t in reference_tensors]
     err_fn = lambda module: (forward(module, inputs) ** 2).flatten(1).mean(1)
+    predict, target = (lambda module: forward(module, inputs)), torch.zeros_like(base)  # errors = err_fn's
     for step in range(1, 8):
         nudge(trainable, seed=step)
         before = [t.clone() for t in reference_tensors]
-        info = reference.step(step, policy_view, err_fn)
+        info = reference.step(step, policy_view, predict, target)
         now = reference_tensors
         if step % 3 == 0:
             assert info["ref_updated"] and all(torch.equal(a, b) for a, b in zip(now, trainable))
@@ -102,7 +103,7 @@ def test_reference_adapter_copies_every_tau_and_initial_model_is_adapters_off(tm
             assert not info["ref_updated"] and all(torch.equal(a, b) for a, b in zip(now, before))
     # Re-Init puts the initial adapter back: B = 0, the base model.
     reference.delta = -1.0
-    assert reference.step(9, policy_view, err_fn)["ref_reinit"]
+    assert reference.step(9, policy_view, predict, target)["ref_reinit"]
     assert all(torch.equal(a, b) for a, b in zip(reference_tensors, initial))
     assert torch.equal(forward(reference.model, inputs), base)
     assert all(p.data_ptr() == q.data_ptr() for p, q in zip(reference.model.parameters(), reference_tensors))

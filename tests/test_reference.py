@@ -18,6 +18,12 @@ def err_fn(model):
     return (model(X) - NOISE).pow(2).mean(dim=1)
 
 
+def predict(model):
+    """The monitor's probe: the model's predictions on X, whose target is NOISE (reference.step computes the
+    errors err_fn gives)."""
+    return model(X)
+
+
 def nudge(policy, amount):
     with torch.no_grad():
         for p in policy.parameters():
@@ -39,7 +45,7 @@ def test_copies_exactly_at_multiples_of_tau():
     for step in range(1, 13):
         before = weights(ref.model)
         nudge(policy, 0.01)
-        info = ref.step(step, policy, err_fn)
+        info = ref.step(step, policy, predict, NOISE)
         if step % 4 == 0:
             assert info["ref_updated"] and same(weights(ref.model), weights(policy)), step
         else:
@@ -53,19 +59,19 @@ def test_divergence_is_the_error_gap_to_the_initial_model_and_freezes_past_delta
     init_errors = err_fn(make_policy())
     ref = Reference(policy, tau=2, delta=0.05)
     nudge(policy, 0.02)
-    ref.step(1, policy, err_fn)
-    info = ref.step(2, policy, err_fn)
+    ref.step(1, policy, predict, NOISE)
+    info = ref.step(2, policy, predict, NOISE)
     expected = (err_fn(policy) - init_errors).mean().item()
     assert info["divergence"] == pytest.approx(expected, rel=1e-5)
     assert expected < 0.05 and not info["ref_frozen"]
     nudge(policy, 0.3)
-    info = ref.step(4, policy, err_fn)
+    info = ref.step(4, policy, predict, NOISE)
     assert info["divergence"] > 0.05 and info["ref_frozen"] and ref.frozen
     frozen_weights = weights(ref.model)
     assert same(frozen_weights, weights(policy))  # frozen at the copy that crossed δ
     nudge(policy, 0.1)
     for step in (5, 6, 8):
-        info = ref.step(step, policy, err_fn)
+        info = ref.step(step, policy, predict, NOISE)
         assert not info["ref_updated"] and info["ref_frozen"]
     assert same(weights(ref.model), frozen_weights)
 
@@ -75,10 +81,10 @@ def test_reinit_resets_to_the_initial_model_and_keeps_monitoring():
     initial = weights(policy)
     ref = Reference(policy, tau=1, delta=0.05, on_diverge="reinit")
     nudge(policy, 0.5)
-    info = ref.step(1, policy, err_fn)
+    info = ref.step(1, policy, predict, NOISE)
     assert info["ref_reinit"] and not ref.frozen
     assert same(weights(ref.model), initial)
-    info = ref.step(2, policy, err_fn)  # still diverged: reset again, never frozen
+    info = ref.step(2, policy, predict, NOISE)  # still diverged: reset again, never frozen
     assert info["ref_updated"] and info["ref_reinit"] and same(weights(ref.model), initial)
 
 
@@ -87,7 +93,7 @@ def test_ignore_keeps_updating_without_the_monitor():
     ref = Reference(policy, tau=1, delta=0.0, on_diverge="ignore")
     for step in range(1, 4):
         nudge(policy, 0.5)
-        info = ref.step(step, policy, err_fn)
+        info = ref.step(step, policy, predict, NOISE)
         assert info["divergence"] > 0 and not ref.frozen
         assert same(weights(ref.model), weights(policy))
 
@@ -99,7 +105,7 @@ def test_tau_zero_is_plain_diffusion_dpo():
         ref = Reference(policy, tau=tau)
         for step in range(1, 70):
             nudge(policy, 0.01)
-            assert ref.step(step, policy, err_fn) == {"ref_updated": False, "ref_frozen": False}
+            assert ref.step(step, policy, predict, NOISE) == {"ref_updated": False, "ref_frozen": False}
         assert same(weights(ref.model), initial)
 
 
@@ -109,12 +115,12 @@ def test_divergence_on_request_leaves_the_reference_alone():
     ref = Reference(policy, tau=2, delta=1e9)
     nudge(policy, 0.05)
     expected = (err_fn(policy) - init_errors).mean().item()
-    assert ref.divergence(policy, err_fn) == pytest.approx(expected, rel=1e-5)
-    ref.step(2, policy, err_fn)  # now the reference holds a copy of the policy, not p_init
+    assert ref.divergence(policy, predict, NOISE)[0] == pytest.approx(expected, rel=1e-5)
+    ref.step(2, policy, predict, NOISE)  # now the reference holds a copy of the policy, not p_init
     held = weights(ref.model)
     nudge(policy, 0.05)
     expected = (err_fn(policy) - init_errors).mean().item()
-    assert ref.divergence(policy, err_fn) == pytest.approx(expected, rel=1e-5)
+    assert ref.divergence(policy, predict, NOISE)[0] == pytest.approx(expected, rel=1e-5)
     assert same(weights(ref.model), held)
 
 
@@ -140,7 +146,7 @@ def test_state_dict_round_trip_resumes_the_monitor():
     policy = make_policy()
     ref = Reference(policy, tau=1, delta=0.05)
     nudge(policy, 0.5)
-    ref.step(1, policy, err_fn)
+    ref.step(1, policy, predict, NOISE)
     state = ref.state_dict()
     resumed = Reference(make_policy(), tau=1, delta=0.05)
     resumed.load_state_dict(state)
@@ -153,3 +159,36 @@ def test_bad_arguments_are_rejected():
         Reference(make_policy(), on_diverge="explode")
     with pytest.raises(ValueError, match="tau"):
         Reference(make_policy(), tau=-1)
+
+
+def test_reinit_ends_as_frozen_at_the_initial_model_once_the_policy_has_crossed():
+    """Re-Init's consequence (reference.step's docstring): after the first crossing, every later check copies a
+    policy that is still past δ, measures it, and resets again, so between checks the reference is p_init."""
+    policy = make_policy()
+    initial = weights(policy)
+    ref = Reference(policy, tau=2, delta=0.05, on_diverge="reinit")
+    infos = []
+    for step in range(1, 13):
+        nudge(policy, 0.1 if step <= 4 else 0.01)  # past δ by step 4, then training goes on slowly
+        infos.append(ref.step(step, policy, predict, NOISE))
+        if any(i.get("ref_reinit") for i in infos):  # from the first reset on, the reference is p_init
+            assert same(weights(ref.model), initial), step
+    checks = [i for i in infos if i["ref_updated"]]
+    first = next(k for k, i in enumerate(checks) if i["ref_reinit"])
+    assert first < len(checks) - 2 and all(i["ref_reinit"] and i["divergence"] > 0.05 for i in checks[first:])
+    assert same(weights(ref.model), initial) and not ref.frozen and ref.holds_initial
+
+
+def test_output_distance_sees_a_change_the_error_gap_does_not():
+    """D is a difference of errors; a model that errs as much as p_init, elsewhere, has D = 0 but moved."""
+    policy = make_policy()
+    ref = Reference(policy, tau=1, delta=1e9)
+    target = torch.zeros(6, 4)
+    with torch.no_grad():
+        policy[2].weight.neg_()  # predictions change sign: the same squared error against 0
+        policy[2].bias.neg_()
+    info = ref.step(1, policy, predict, target)
+    flipped = make_policy()(X).detach()
+    assert abs(info["divergence"]) < 1e-7
+    assert info["ref_distance"] == pytest.approx((2 * flipped).pow(2).mean().item(), rel=1e-5)
+

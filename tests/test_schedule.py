@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from schedule import bin_probabilities, reward_scale, reward_scale_flow, sample_timesteps
+from schedule import bin_probabilities, reward_scale, reward_scale_flow, sample_timesteps, sampler_mean
 
 
 def sd15_alphas_cumprod():
@@ -87,3 +87,22 @@ def test_sampler_is_deterministic_and_uniform_without_gamma():
 def test_sampler_rejects_bad_bins():
     with pytest.raises(ValueError, match="num_bins"):
         sample_timesteps(4, num_train_timesteps=10, num_bins=20)
+
+
+@pytest.mark.parametrize("gamma,num_bins,expected", [(0.9, 50, 1.50), (0.9, 10, 1.27), (None, 50, 1.21)])
+def test_sampler_mean_is_the_mean_of_sampled_lambda(gamma, num_bins, expected):
+    lam = reward_scale(sd15_alphas_cumprod())
+    exact = sampler_mean(lam, gamma, num_bins)
+    t = sample_timesteps(400_000, 1000, gamma, num_bins, generator=torch.Generator().manual_seed(0))
+    assert lam[t].double().mean().item() == pytest.approx(exact, abs=3e-3)  # ±4 standard errors
+    assert exact == pytest.approx(expected, abs=0.005)
+
+
+def test_normalised_lambda_has_mean_one_under_gamma_09_and_keeps_its_shape():
+    lam = reward_scale(sd15_alphas_cumprod())
+    normed = lam / sampler_mean(lam, 0.9, 50)  # what --reward_scale_norm trains with
+    t = sample_timesteps(400_000, 1000, 0.9, 50, generator=torch.Generator().manual_seed(1))
+    assert normed[t].double().mean().item() == pytest.approx(1.0, abs=2e-3)
+    assert sampler_mean(normed, 0.9, 50) == pytest.approx(1.0, abs=1e-6)  # λ is float32
+    assert (normed[999] / normed[0]).item() == pytest.approx(2.0, rel=1e-6)  # λ(999)/λ(0) as before
+

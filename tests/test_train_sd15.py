@@ -154,3 +154,61 @@ def test_tokenizer_with_a_handful_of_tokens_is_an_error(capsys):
     with pytest.raises(SystemExit):
         toolbox.check_tokenizer(Tok(), Enc(), "tokenizer")
     assert "2 tokens" in capsys.readouterr().err
+
+
+def clean_latents(probe, scheduler):
+    """x0 of each probe image, recovered from its noised latent and its ε target: x_t = √ᾱ x0 + √(1−ᾱ) ε."""
+    a = scheduler.alphas_cumprod[probe["t"].cpu()].view(-1, 1, 1, 1)
+    return (probe["noisy"].cpu() - (1 - a).sqrt() * probe["target"].cpu()) / a.sqrt()
+
+
+def distinct_rows(x, decimals=3):
+    return len({tuple(row) for row in x.flatten(1).mul(10**decimals).round().tolist()})
+
+
+def test_one_pair_micro_batches_still_monitor_many_winners(tmp_path):
+    """PAPER.md §5 trains on 1 pair per micro-batch; the monitor's D must not then rest on one image."""
+    from diffusers import DDPMScheduler
+    log = run(tmp_path, "--max_steps", 2, "--tau", 1, "--train_batch_size", 1, "--effective_batch_size", 1,
+              "--monitor_samples", 16, "--checkpoint_every", 2)
+    assert all(r["ref_updated"] and math.isfinite(r["divergence"]) and r["ref_distance"] > 0 for r in log)
+    probe = torch.load(tmp_path / "checkpoint-2" / "state.pt", weights_only=False)["monitor_probe"]
+    scheduler = DDPMScheduler.from_pretrained(tiny_flags()[2], subfolder="scheduler")
+    assert probe["noisy"].shape[0] == 16 and distinct_rows(clean_latents(probe, scheduler)) == 16
+    assert len(set(probe["t"].tolist())) > 8  # each image its own t
+
+
+def test_batch_monitor_repeats_the_micro_batch_winner_and_the_probe_does_not(tmp_path):
+    """The two estimators of --monitor, built as the loop builds them, from a one-pair micro-batch."""
+    import data
+    from helpers import setup_sd15
+    args, runtime, models = setup_sd15(tmp_path, "--monitor_samples", 8)
+    one_pair = next(iter(data.PairLoader(data.load_pairs(args.dataset), data.PairTransform(32), batch_size=1)))
+    generators = toolbox.micro_generators(0, 1, toolbox.MONITOR_STREAM, runtime.device)
+    batch_probe = train_sd15.monitor_probe(models, one_pair, 8, generators, runtime, chunk=2)
+    probe = train_sd15.monitor_probe(models, toolbox.probe_batch(args, runtime), 8, generators, runtime, chunk=2)
+    assert distinct_rows(clean_latents(batch_probe.state_dict(), models.scheduler)) == 1
+    assert distinct_rows(clean_latents(probe.state_dict(), models.scheduler)) == 8
+    assert probe(models.unet).shape == probe.target.shape and probe.target.shape[0] == 8
+
+
+def test_reward_scale_norm_divides_lambda_by_its_mean_under_the_sampler(tmp_path):
+    import schedule
+    from diffusers import DDPMScheduler
+    plain = run(tmp_path / "plain", "--max_steps", 2, "--bin_stats_every", 2, "--checkpoint_every", 1000)
+    normed = run(tmp_path / "normed", "--max_steps", 2, "--bin_stats_every", 2, "--checkpoint_every", 1000,
+                 "--reward_scale_norm")
+    scheduler = DDPMScheduler.from_pretrained(tiny_flags()[2], subfolder="scheduler")
+    mean = schedule.sampler_mean(schedule.reward_scale(scheduler.alphas_cumprod), 0.9, 50)
+    assert mean == pytest.approx(1.50, abs=0.01)
+    for a, b in zip(plain[-1]["bin_reward_scale"], normed[-1]["bin_reward_scale"]):
+        assert (a is None) == (b is None) and (a is None or b == pytest.approx(a / mean, rel=1e-5))
+
+
+def test_kto_reference_point_is_the_previous_steps_mean_reward(tmp_path):
+    log = run(tmp_path, "--max_steps", 4, "--loss", "kto", "--train_batch_size", 2, "--effective_batch_size", 4,
+              "--learning_rate", 1e-4, "--checkpoint_every", 1000)
+    assert log[0]["kl_baseline"] == 0.0 and log[0]["loss"] == pytest.approx(0.5, abs=1e-6)
+    for previous, record in zip(log, log[1:]):
+        assert record["kl_baseline"] == pytest.approx(max(0.0, previous["kto_mean_reward"]), rel=1e-5, abs=1e-9)
+    assert all(r["kto_mean_reward"] != 0 for r in log[1:])  # the policy has moved: the recursion is exercised

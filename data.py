@@ -45,6 +45,23 @@ class DataError(Exception):
     """A fatal data problem; the message is one line. Trainers print `error: <message>` and exit with code 2."""
 
 
+class Interrupted(Exception):
+    """A stop was requested (a signal) while the loader was still looking for a decodable pair."""
+
+
+# A bad row is reported this many times one by one, then once every WARN_EVERY rows: a dataset of bad
+# images must not fill the disk with warnings.
+WARN_FIRST, WARN_EVERY = 5, 1000
+_warned: dict[str, int] = {}
+
+
+def _warn(kind: str, message: str, *args) -> None:
+    count = _warned[kind] = _warned.get(kind, 0) + 1
+    if count <= WARN_FIRST or count % WARN_EVERY == 0:
+        more = f" ({count} so far; further ones are counted, one warning every {WARN_EVERY})" if count >= WARN_FIRST else ""
+        logger.warning(message + more, *args)
+
+
 # Loading
 
 
@@ -224,8 +241,8 @@ class PairStream:
             l0, l1 = _label_values([row["label_0"]]), _label_values([row["label_1"]])
             valid, tie = _classify_labels(l0, l1)
             if not valid[0]:
-                logger.warning("%s: skipping row %d of epoch %d on rank %d: bad labels (%r, %r)", self.name,
-                               pos, epoch, rank, row["label_0"], row["label_1"])
+                _warn("label", "%s: skipping row %d of epoch %d on rank %d: bad labels (%r, %r)", self.name,
+                      pos, epoch, rank, row["label_0"], row["label_1"])
                 yield "bad", pos, None
             elif tie[0]:
                 yield "tie", pos, None
@@ -312,8 +329,8 @@ class PairTransform:
             try:
                 images.append(decode_image(pair[field]))
             except Exception as err:  # a corrupt image skips the pair (counted by the collate), never a crash
-                logger.warning("skipping pair at row %s: cannot decode jpg_%d: %s", pair.get("row"), col,
-                               _first_line(err))
+                _warn("decode", "skipping pair at row %s: cannot decode jpg_%d: %s", pair.get("row"), col,
+                      _first_line(err))
                 return None
         d = self.draws(epoch, key)
         (pw, sw, cw), (pl, sl, cl) = (self._image(im, d) for im in images)
@@ -384,7 +401,10 @@ class PairLoader:
     (the loader never ends, so ranks still take the same number of batches). A torch DataLoader with
     `num_workers` workers decodes; per-item randomness is keyed by (epoch, row) (streams: (epoch, position
     in the rank's stream)), so batches are identical for any num_workers. A batch whose pairs were all skipped
-    is not yielded; its count is added to the next batch's `num_skipped`.
+    is not yielded; its count is added to the next batch's `num_skipped`, as are (on rank 0, once per epoch)
+    the rows a map-style dataset dropped for bad labels. Data that cannot yield a batch fails fast: after
+    `max_bad_in_a_row` pairs in a row that did not decode (default: a whole epoch of this rank, at most 1000)
+    iteration raises DataError; `stop_requested()`, when given, is polled meanwhile and raises Interrupted.
 
     `state_dict()` = {"epoch", "batch_in_epoch"} of the batches yielded so far; after `load_state_dict()` the
     next batch is exactly the one an uninterrupted loader would give. Map-style resume jumps there without
@@ -393,7 +413,8 @@ class PairLoader:
     """
 
     def __init__(self, dataset, transform: PairTransform, batch_size: int, rank: int = 0, world_size: int = 1,
-                 num_workers: int = 0, seed: int = 0, drop_last: bool = True, shuffle_buffer: int = 1000):
+                 num_workers: int = 0, seed: int = 0, drop_last: bool = True, shuffle_buffer: int = 1000,
+                 max_bad_in_a_row: int | None = None, stop_requested=None):
         if isinstance(dataset, (datasets.Dataset, datasets.IterableDataset)):
             dataset = load_pairs(dataset)
         if not isinstance(dataset, (PairDataset, PairStream)):
@@ -403,7 +424,10 @@ class PairLoader:
         self.dataset, self.transform, self.batch_size = dataset, transform, int(batch_size)
         self.rank, self.world_size, self.num_workers, self.seed = rank, world_size, num_workers, int(seed)
         self.drop_last, self.shuffle_buffer = drop_last, shuffle_buffer
+        self.stop_requested = stop_requested
         self.streaming = isinstance(dataset, PairStream)
+        self.max_bad_in_a_row = max_bad_in_a_row or (1000 if self.streaming else
+                                                     max(1, min(1000, len(dataset) // world_size)))
         self.epoch, self.batch_in_epoch = 0, 0
         self.batches_per_epoch = None  # unknown for streams
         if not self.streaming:
@@ -485,14 +509,29 @@ class PairLoader:
         loader = torch.utils.data.DataLoader(
             _Keyed(self.dataset, self.transform), batch_sampler=_Plan(lambda: plan(start_epoch, start_batch)),
             num_workers=self.num_workers, collate_fn=_collate_keyed)
-        carried = 0
-        for epoch, batch_in_epoch, batch in loader:
+        yield from self._trainable(loader)
+
+    def _trainable(self, batches) -> Iterator[dict]:
+        """(epoch, batch_in_epoch, batch) → the batches that hold a pair, with the loader's position updated,
+        the skipped pairs carried into the next batch's count, and the fail-fast and stop checks."""
+        carried, bad_in_a_row = 0, 0
+        bad_labels = getattr(self.dataset, "num_bad_labels", 0) if self.rank == 0 else 0
+        for epoch, batch_in_epoch, batch in batches:
+            if batch_in_epoch == 0:
+                carried += bad_labels  # the epoch passes over its bad-label rows again
             self.epoch, self.batch_in_epoch = epoch, batch_in_epoch + 1
             if self.batches_per_epoch is not None and self.batch_in_epoch == self.batches_per_epoch:
                 self.epoch, self.batch_in_epoch = epoch + 1, 0
             if not batch["captions"]:  # every pair skipped: nothing to train on, carry the count
                 carried += batch["num_skipped"]
+                bad_in_a_row += batch["num_skipped"]
+                if bad_in_a_row >= self.max_bad_in_a_row:
+                    raise DataError(f"{self.dataset.name}: no pair could be decoded in {bad_in_a_row} pairs in a row "
+                                    f"(rank {self.rank}, epoch {epoch}); the images are corrupt or not images")
+                if self.stop_requested is not None and self.stop_requested():
+                    raise Interrupted
                 continue
+            bad_in_a_row = 0
             batch["num_skipped"] += carried
             carried = 0
             yield batch

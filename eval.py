@@ -456,10 +456,13 @@ def _save_image_atomic(image: Image.Image, path: Path, prompt: str, seed: int) -
 
 
 def _stored_prompt(path: Path) -> str | None:
+    """The prompt a stored image was made for, or None if it is not a complete image: it is decoded in full,
+    so that a file truncated by something else (a full disk, a killed copy) is sampled again, not scored."""
     try:
         with Image.open(path) as im:
-            return im.info.get("prompt")  # text chunks precede the pixels: the image is not decoded
-    except OSError:
+            im.load()
+            return im.info.get("prompt")
+    except (OSError, SyntaxError, ValueError):
         return None
 
 

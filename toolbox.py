@@ -18,16 +18,19 @@ A user mistake ends the run with one line on stderr and exit code 2 (`fail`), ne
 """
 import argparse
 import atexit
+import errno
+import fcntl
+import hashlib
 import glob
 import json
 import logging
-import math
 import os
 import re
 import shutil
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
 from urllib.parse import urlparse
@@ -61,6 +64,8 @@ TINY_RECIPE = dict(resolution=32, train_batch_size=4, effective_batch_size=4, le
 
 def fail(message: str):
     """End the run with `error: message` on one line and exit code 2 (a user mistake, not a bug)."""
+    for bar in list(getattr(tqdm, "_instances", ())):  # the error is the last line, under no progress bar
+        bar.close()
     print(f"error: {message}", file=sys.stderr, flush=True)
     raise SystemExit(EXIT_USAGE)
 
@@ -188,7 +193,17 @@ def parser(doc: str, recipe: dict) -> argparse.ArgumentParser:
     g.add_argument("--checkpoint_every", type=int, default=None, help="save a resumable checkpoint every N steps (default 500)")
     g.add_argument("--keep_checkpoints", type=int, default=2, help="keep only the newest N checkpoints")
     g.add_argument("--resume", default=None,
-                   help="'latest' (newest checkpoint in --output_dir) or a checkpoint folder")
+                   help="'latest' (newest readable checkpoint in --output_dir) or a checkpoint folder; a checkpoint of "
+                        "a run with other defining flags or another base model is refused (README, checkpoints)")
+    g.add_argument("--resume_override", default=None, metavar="FLAG,...",
+                   help="with --resume: flags (names without --, comma-separated) that may differ from the run's; "
+                        "their new values take effect")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start over in an --output_dir that holds an earlier run: its log, checkpoints and final "
+                        "model are deleted (without it such a folder is refused)")
+    g.add_argument("--max_nonfinite_steps", type=int, default=3,
+                   help="a step with a non-finite loss or gradient norm is skipped; this many in a row stop the run "
+                        "(exit code 3, no final model)")
     g.add_argument("--bin_stats_every", type=int, default=10,
                    help="emit per-t-bin statistics aggregated over this many steps")
     return p
@@ -209,6 +224,21 @@ def _fill_defaults(args, recipe: dict, family: str, world_size: int, tiny_recipe
             setattr(args, name, default)
     if args.beta is None:
         args.beta = LOSSES[args.loss].default_beta(family)
+    positive = ["max_steps", "train_batch_size", "effective_batch_size", "resolution", "checkpoint_every",
+                "keep_checkpoints", "bin_stats_every", "monitor_samples", "num_bins", "max_nonfinite_steps"]
+    positive += [k for k in ("gradient_accumulation_steps", "max_train_samples", "cpu_threads")
+                 if getattr(args, k) is not None]
+    for name in positive:
+        if getattr(args, name) <= 0:
+            fail(f"--{name} must be positive, got {getattr(args, name)}")
+    for name in ("warmup_steps", "divergence_every", "dataloader_workers", "tau", "lora_rank"):
+        if getattr(args, name) < 0:
+            fail(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if args.resume_override and not args.resume:
+        fail("--resume_override goes with --resume")
+    unknown = set(filter(None, (args.resume_override or "").split(","))) - set(vars(args)) - {"world_size"}
+    if unknown:
+        fail(f"--resume_override: no such flag {', '.join(sorted(unknown))}")
     per_step = args.train_batch_size * world_size
     if args.gradient_accumulation_steps is None:
         if args.effective_batch_size % per_step:
@@ -218,14 +248,11 @@ def _fill_defaults(args, recipe: dict, family: str, world_size: int, tiny_recipe
     args.effective_batch_size = per_step * args.gradient_accumulation_steps
     if args.scale_lr:
         args.learning_rate *= args.effective_batch_size
-    checks = [(args.max_steps > 0, "--max_steps must be positive"),
-              (args.gradient_accumulation_steps > 0, "gradient accumulation must be positive"),
-              (args.tau >= 0, "--tau must be >= 0"),
-              (0 < args.gamma, "--gamma must be positive"),
+    checks = [(0 < args.gamma, "--gamma must be positive"),
               (0 <= args.caption_dropout <= 1, "--caption_dropout must be in [0, 1]"),
-              (args.monitor_samples > 0, "--monitor_samples must be positive"),
+              (args.learning_rate > 0, "--learning_rate must be positive"),
+              (args.num_bins <= 1000, "--num_bins must be at most the 1000 training timesteps"),
               (not (args.no_reward_scale and args.reward_scale_norm), "--reward_scale_norm needs λ(t): drop --no_reward_scale"),
-              (args.lora_rank >= 0, "--lora_rank must be >= 0"),
               (not (args.cache_latents and args.streaming),
                "--cache_latents needs a map-style dataset: drop --streaming (a local parquet copy works)"),
               (not (args.cache_latents and args.random_crop),
@@ -246,6 +273,11 @@ class Run:
     autocast_dtype: torch.dtype | None = None
     family: str = ""
     model_path: str | None = None
+    signals: "StopSignal | None" = None
+
+    def stop_requested(self) -> bool:
+        """Whether a signal asked the run to stop (every rank agrees: one all-reduce)."""
+        return self.signals is not None and self.signals.agreed(self)
 
     @property
     def is_main(self) -> bool:
@@ -310,12 +342,14 @@ def start(args, recipe: dict, family: str, toy_recipe: dict | None = None) -> Ru
     _fill_defaults(args, recipe, family, run.world_size, {**TINY_RECIPE, **(toy_recipe if toy_model else {})})
     if run.device.type == "cpu" and args.cpu_threads:
         torch.set_num_threads(args.cpu_threads)
+    _prepare_output(args, run)
     if args.tiny:
         _prepare_tiny(args, family, run, toy_demo=toy_recipe is not None)
     else:
         _check_dataset_source(args.dataset)
     run.model_path = resolve_model(args.pretrained_model)
-    os.makedirs(args.output_dir, exist_ok=True)
+    _check_family(run.model_path, family)
+    run.signals = StopSignal()
     if run.is_main:
         logger.info("%s: effective batch %d pairs (%d × %d devices × %d accumulation), lr %.3g, β %s, "
                     "τ %d, δ %g, γ %g, λ(t) %s", family, args.effective_batch_size, args.train_batch_size,
@@ -364,6 +398,26 @@ def resolve_model(name_or_path: str, flag: str = "--pretrained_model") -> str:
         fail(f"cannot reach the Hugging Face hub to download '{name_or_path}' and it is not cached; "
              f"run the offline demo with --tiny, or pass {flag} a local folder")
     return DiffusionPipeline.download(name_or_path)
+
+
+PIPELINES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline"}
+SCRIPTS = {"sd15": "train_sd15.py", "sdxl": "train_sdxl.py", "sd3": "train_sd3.py"}
+
+
+def _check_family(path: str, family: str) -> None:
+    """The pipeline's model_index.json names its class: an SDXL folder given to train_sd15.py is refused
+    before anything loads (a folder without one fails at its first component, with that component's name)."""
+    index = os.path.join(path, "model_index.json")
+    if not os.path.isfile(index):
+        return
+    try:
+        name = json.load(open(index)).get("_class_name", "")
+    except (OSError, ValueError) as error:
+        fail(f"{index} cannot be read: {error}")
+    other = next((f for f, cls in PIPELINES.items() if cls == name), None)
+    if name != PIPELINES[family]:
+        hint = f": use {SCRIPTS[other]}" if other else ""
+        fail(f"{path} is a {name or 'pipeline of unknown class'}, not a {PIPELINES[family]}{hint}")
 
 
 def _check_dataset_source(source: str) -> None:
@@ -478,14 +532,19 @@ def maybe_compile(module: nn.Module, enabled: bool):
 class _OneLineDataErrors:
     """A loader whose fatal data problems (data.DataError, raised while iterating too) end the run in one line."""
 
-    def __init__(self, loader):
-        self.loader = loader
+    def __init__(self, loader, run):
+        self.loader, self.run = loader, run
 
     def __iter__(self):
         try:
             yield from self.loader
         except data.DataError as error:
             fail(str(error))
+        except data.Interrupted:
+            signum = self.run.signals.signum if self.run.signals else signal.SIGTERM
+            print(f"stopped by signal {signum} while no pair of the data would decode; the last checkpoint is kept",
+                  file=sys.stderr, flush=True)
+            raise SystemExit(128 + signum)
 
     def state_dict(self):
         return self.loader.state_dict()
@@ -506,6 +565,7 @@ def pair_loader(args, run: Run, encode_images=None, encode_captions=None, batch_
     batch_size = batch_size or args.train_batch_size
     seed = args.seed if seed is None else seed
     num_workers = args.dataloader_workers if num_workers is None else num_workers
+    stop = (lambda: bool(run.signals.signum)) if run.signals is not None else None
     try:
         dataset = data.load_pairs(args.dataset, split=args.split, streaming=args.streaming,
                                   max_samples=args.max_train_samples)
@@ -517,13 +577,14 @@ def pair_loader(args, run: Run, encode_images=None, encode_captions=None, batch_
         if args.cache_latents:
             from speed import latent_cache  # first pass: VAE and text encoders run once per image and caption
             loader = latent_cache.cached_loader(args, run, dataset, transform, encode_images, encode_captions,
-                                                batch_size, seed)
+                                                batch_size, seed, stop_requested=stop)
         else:
             loader = data.PairLoader(dataset, transform, batch_size=batch_size, rank=run.rank,
-                                     world_size=run.world_size, num_workers=num_workers, seed=seed)
+                                     world_size=run.world_size, num_workers=num_workers, seed=seed,
+                                     stop_requested=stop)
     except data.DataError as error:
         fail(str(error))
-    return _OneLineDataErrors(loader)
+    return _OneLineDataErrors(loader, run)
 
 
 def probe_batch(args, run: Run, encode_images=None, encode_captions=None) -> dict:
@@ -624,24 +685,141 @@ def optimizer(args, params):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
 
 
-# Files
+# Files: the output folder, checkpoints, the log. A run owns its folder (a lock), every file appears complete
+# or not at all (written aside, fsync'ed, renamed), and a resume continues only the run that wrote the folder.
+
+EXIT_DIVERGED = 3  # exit codes: 0 finished, 2 a user or data error, 3 diverged, 128 + N stopped by signal N
+RUN_FILES = ("log.jsonl", "final", "final_lora")
+# Flags that may change on --resume: how long, how often to save and log, and how fast; every other flag
+# defines the run (its model, data, objective, schedule, batch geometry, precision) and must stay the same.
+SAFE_TO_CHANGE = {"max_steps", "checkpoint_every", "keep_checkpoints", "bin_stats_every", "divergence_every",
+                  "dataloader_workers", "cpu_threads", "device", "compile", "allow_tf32", "gradient_checkpointing",
+                  "cache_latents", "cache_dir", "output_dir", "resume", "resume_override", "overwrite", "tiny",
+                  "max_nonfinite_steps", "report_to", "plot"}
+_locks: dict[str, object] = {}  # output folder → the open lock file this process holds
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _fsync_tree(path: str) -> None:
+    for folder, _, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @contextmanager
 def atomic_dir(final_dir: str):
-    """Yield a temporary sibling folder to write into, then rename it to `final_dir`: a crash never
-    leaves a folder that looks done."""
+    """Yield a temporary sibling folder to write into, then fsync it and rename it to `final_dir`: a crash,
+    even of the machine, never leaves a folder that looks done. A full disk ends the run in one line."""
     tmp = final_dir + f".tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
     try:
+        os.makedirs(tmp)
         yield tmp
-    except BaseException:
+        _fsync_tree(tmp)
+    except BaseException as error:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            fail(f"no space left on the device writing {final_dir} "
+                 f"({shutil.disk_usage(os.path.dirname(final_dir) or '.').free / 2**20:.0f} MB free)")
         raise
     if os.path.exists(final_dir):
         shutil.rmtree(final_dir)
     os.replace(tmp, final_dir)
+    _fsync_dir(os.path.dirname(os.path.abspath(final_dir)))
+
+
+def _prepare_output(args, run: Run) -> None:
+    """Before any model loads: the output folder exists and is writable, no other process uses it (a lock
+    that dies with its process), the temporary files of dead processes are gone, and a fresh run does not
+    mix with an earlier run's log and checkpoints."""
+    out = args.output_dir
+    if os.path.exists(out) and not os.path.isdir(out):
+        fail(f"--output_dir {out} is a file, not a folder")
+    try:
+        os.makedirs(out, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+            pass
+    except OSError as error:
+        fail(f"--output_dir {out} cannot be written: {error.strerror or error}")
+    if not run.is_main:
+        return
+    key = os.path.realpath(out)
+    if key not in _locks:
+        lock = open(os.path.join(out, ".lock"), "a+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.seek(0)
+            owner = lock.read().strip() or "another process"
+            lock.close()
+            fail(f"--output_dir {out} is in use by another run ({owner}); wait for it, or choose another folder")
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        lock.flush()
+        _locks[key] = lock
+    for stale in glob.glob(os.path.join(out, "*.tmp-*")):
+        pid = stale.rsplit(".tmp-", 1)[1]
+        if pid.isdigit() and not _alive(int(pid)):
+            logger.info("removing %s, left by a process that died while writing it", stale)
+            shutil.rmtree(stale, ignore_errors=True) if os.path.isdir(stale) else os.remove(stale)
+    earlier = [name for name in RUN_FILES if os.path.exists(os.path.join(out, name))]
+    earlier += [os.path.basename(d) for d in checkpoint_dirs(out)]
+    if earlier and args.overwrite:
+        logger.info("--overwrite: removing the earlier run in %s (%s)", out, ", ".join(earlier))
+        for name in earlier:
+            path = os.path.join(out, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    elif earlier and args.resume is None:
+        fail(f"--output_dir {out} holds an earlier run ({', '.join(earlier[:4])}); continue it with --resume "
+             "latest, start over with --overwrite, or choose another folder")
+
+
+def release_output(args) -> None:
+    """Give the output folder's lock back (it also goes when the process ends, however it ends)."""
+    lock = _locks.pop(os.path.realpath(args.output_dir), None)
+    if lock is not None:
+        lock.close()
+
+
+def model_fingerprint(folder: str) -> str:
+    """A short hash of a pipeline folder: every file's path and size, the full text of the small ones (configs,
+    tokenizers) and the first and last 64 KB of the weights. Another model of the same shape gets another one."""
+    digest = hashlib.sha1()
+    for path in sorted(glob.glob(os.path.join(folder, "**", "*"), recursive=True)):
+        if not os.path.isfile(path) or os.path.basename(path).startswith("."):
+            continue
+        size = os.path.getsize(path)
+        digest.update(f"{os.path.relpath(path, folder)}:{size}".encode())
+        with open(path, "rb") as f:
+            if size <= 2**20:
+                digest.update(f.read())
+            else:
+                digest.update(f.read(2**16))
+                f.seek(-2**16, os.SEEK_END)
+                digest.update(f.read())
+    return digest.hexdigest()[:16]
 
 
 def save_final(args, run: Run, pipeline_class, **denoiser) -> str:
@@ -669,20 +847,41 @@ def checkpoint_dirs(output_dir: str) -> list[str]:
     return sorted(found, key=lambda d: int(d.rsplit("-", 1)[1]))
 
 
+def _tensor_bytes(value) -> int:
+    if torch.is_tensor(value):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in value)
+    return 0
+
+
 class Checkpoints:
     """OUTPUT_DIR/checkpoint-STEP/state.pt: everything a bit-exact resume needs — the trained weights, the
-    reference and its monitor's state, the optimizer, the lr schedule, the loader's position, the fp16 loss
-    scale and the flags. Written atomically; only the newest --keep_checkpoints are kept."""
+    reference and its monitor's state and probe, the optimizer, the lr schedule, the loader's position, the
+    fp16 loss scale, the log's pending t-bin statistics — and the run's identity: its flags and a fingerprint
+    of the base model. Written atomically; only the newest --keep_checkpoints are kept. A checkpoint holds
+    tensors and plain values only and is read with torch.load(weights_only=True): one received from someone
+    else is data, not a program."""
 
     def __init__(self, args, run: Run, **state):
         self.args, self.run, self.state = args, run, state
+        self.identity = {"flags": {k: v for k, v in sorted(vars(args).items()) if k not in SAFE_TO_CHANGE
+                                   and k != "pretrained_model"},
+                         "pretrained_model": model_fingerprint(run.model_path), "world_size": run.world_size}
 
     def save(self, step: int) -> str | None:
         path = os.path.join(self.args.output_dir, f"checkpoint-{step}")
         if self.run.is_main:
             scaler = self.state["scaler"]
             state = {"step": step, **{name: obj.state_dict() for name, obj in self.state.items() if name != "scaler"},
-                     "scaler": scaler.state_dict() if scaler.is_enabled() else None, "args": vars(self.args)}
+                     "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                     "identity": self.identity, "args": vars(self.args)}
+            needed, free = _tensor_bytes(state), shutil.disk_usage(self.args.output_dir).free
+            if needed > free:
+                fail(f"no space left for checkpoint-{step}: it needs about {needed / 2**20:.0f} MB and "
+                     f"{free / 2**20:.0f} MB are free in {self.args.output_dir}")
             with atomic_dir(path) as tmp:
                 torch.save(state, os.path.join(tmp, "state.pt"))
             for old in checkpoint_dirs(self.args.output_dir)[:-self.args.keep_checkpoints]:
@@ -690,34 +889,88 @@ class Checkpoints:
         self.run.barrier()
         return path
 
-    def _find(self) -> str | None:
+    def _load(self) -> tuple[str, dict] | None:
+        """The checkpoint --resume names, read; for "latest" the newest that reads, with a warning for each
+        newer one that does not (a disk error, a copy cut short)."""
         resume = self.args.resume
         if resume is None:
             return None
         if resume == "latest":
-            found = checkpoint_dirs(self.args.output_dir)
-            if not found:
+            candidates = checkpoint_dirs(self.args.output_dir)[::-1]
+            if not candidates:
                 logger.info("no checkpoint in %s: starting from scratch", self.args.output_dir)
                 return None
-            return found[-1]
-        if not os.path.isfile(os.path.join(resume, "state.pt")):
+        elif os.path.isfile(os.path.join(resume, "state.pt")):
+            candidates = [resume]
+        else:
             fail(f"--resume {resume}: no checkpoint there (expected {resume}/state.pt)")
-        return resume
+        for folder in candidates:
+            try:
+                return folder, torch.load(os.path.join(folder, "state.pt"), map_location="cpu", weights_only=True)
+            except Exception as error:  # a truncated zip, a pickle with code in it, an empty file: not usable
+                reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+                if resume != "latest":
+                    fail(f"--resume {resume}: its state.pt cannot be read ({reason})")
+                logger.warning("%s cannot be read (%s); trying the one before", folder, reason)
+        fail(f"no checkpoint in {self.args.output_dir} can be read; start over with --overwrite")
+
+    def _check_identity(self, saved: dict, folder: str) -> None:
+        """Refuse to continue another run: every defining flag and the base model must be as they were, unless
+        named in --resume_override (then the new value takes effect)."""
+        old, new = saved.get("identity") or {}, self.identity
+        changed = {}
+        for key in sorted(set(old.get("flags", {})) | set(new["flags"])):
+            a, b = old.get("flags", {}).get(key, "(unset)"), new["flags"].get(key, "(unset)")
+            if a != b:
+                changed[key] = (a, b)
+        if old.get("pretrained_model") != new["pretrained_model"]:
+            changed["pretrained_model"] = ("the model it was started from", f"another model ({self.args.pretrained_model})")
+        if old.get("world_size") != new["world_size"]:
+            changed["world_size"] = (old.get("world_size"), new["world_size"])
+        override = set(filter(None, (self.args.resume_override or "").split(",")))
+        refused = {k: v for k, v in changed.items() if k not in override}
+        if refused:
+            listed = "; ".join(f"--{k} {a} → {b}" for k, (a, b) in refused.items())
+            fail(f"--resume {folder} belongs to another run: {listed}. Resume with the run's own flags, pass "
+                 f"--resume_override {','.join(refused)} to change them anyway, or start a new --output_dir")
+        for k, (a, b) in changed.items():
+            logger.warning("--resume_override: --%s %s → %s", k, a, b)
 
     def resume(self) -> int:
         """Load the checkpoint --resume names into the state objects; returns its step (0: a fresh run)."""
-        folder = self._find()
-        if folder is None:
+        loaded = self._load()
+        if loaded is None:
             return 0
-        saved = torch.load(os.path.join(folder, "state.pt"), map_location="cpu", weights_only=False)
-        for name, obj in self.state.items():
-            if name != "scaler":
-                obj.load_state_dict(saved[name])
+        folder, saved = loaded
+        self._check_identity(saved, folder)
+        try:
+            for name, obj in self.state.items():
+                if name != "scaler":
+                    obj.load_state_dict(saved[name])
+        except (RuntimeError, KeyError, ValueError) as error:
+            fail(f"--resume {folder} does not fit this run's {name}: {str(error).splitlines()[0][:300]}")
         if saved["scaler"] and self.state["scaler"].is_enabled():
             self.state["scaler"].load_state_dict(saved["scaler"])
+        self._apply_optimizer_flags()
         if self.run.is_main:
             logger.info("resumed from %s at step %d", folder, saved["step"])
         return saved["step"]
+
+    def _apply_optimizer_flags(self) -> None:
+        """The optimizer's state_dict carries its hyperparameters: set them from the flags again, so that an
+        overridden --learning_rate (or β, weight decay, ε) takes effect."""
+        optimizer, schedule = self.state.get("optimizer"), self.state.get("lr_schedule")
+        if optimizer is None:
+            return
+        flags = {"betas": (self.args.adam_beta1, self.args.adam_beta2), "weight_decay": self.args.weight_decay,
+                 "eps": self.args.adam_epsilon}
+        for group in optimizer.param_groups:
+            group.update({k: v for k, v in flags.items() if k in group and not (k == "eps" and isinstance(group[k], tuple))})
+        if schedule is not None:
+            schedule.base_lrs = [self.args.learning_rate] * len(optimizer.param_groups)
+            factor = schedule.lr_lambdas[0](schedule.last_epoch)
+            for group in optimizer.param_groups:
+                group["lr"] = self.args.learning_rate * factor
 
 
 # The log
@@ -759,12 +1012,13 @@ class _BinStats:
                 "bin_model_err": per(model_err)}
 
 
-def _mean_over_ranks(values: dict, world_size: int) -> dict:
+def _over_ranks(values: dict, world_size: int, mean: bool = True) -> dict:
     names = sorted(values)
-    stacked = torch.stack([values[n].detach().float().reshape(()) for n in names])
+    stacked = torch.stack([torch.as_tensor(values[n]).detach().float().reshape(()) for n in names])
     if world_size > 1:
         dist.all_reduce(stacked)
-        stacked /= world_size
+        if mean:
+            stacked /= world_size
     return dict(zip(names, stacked.cpu().tolist()))
 
 
@@ -772,28 +1026,53 @@ class TrainLog:
     """OUTPUT_DIR/log.jsonl, one JSON line per optimizer step: the means over the step's micro-batches (and
     ranks) of the loss and the objective's metrics, and what the caller adds (gradient norm, lr, the
     reference's state); every --bin_stats_every steps the per-t-bin statistics of Fig. 2. Also the progress
-    bar. A fresh run starts a new log; a resumed one drops the lines past its step (they are run again)."""
+    bar, and the guard against divergence: a step with a non-finite loss or gradient norm is skipped and
+    counted, and --max_nonfinite_steps of them in a row end the run (exit code 3, no final model)."""
 
-    def __init__(self, args, run: Run, step: int, num_train_timesteps: int, desc: str):
-        self.args, self.run, self.num_train_timesteps = args, run, num_train_timesteps
+    def __init__(self, args, run: Run, num_train_timesteps: int, desc: str):
+        self.args, self.run, self.num_train_timesteps, self.desc = args, run, num_train_timesteps, desc
         self.path = os.path.join(args.output_dir, "log.jsonl")
-        if run.is_main:
+        self.sums, self.skipped, self.bins, self.last, self.progress = {}, 0, _BinStats(), None, None
+        self.nonfinite_in_a_row = self.nonfinite_steps = 0
+        self.step_start = time.perf_counter()
+
+    def begin(self, step: int) -> None:
+        """A fresh run starts a new log; a resumed one drops the lines past its step (they are run again) and
+        a line cut short by a kill."""
+        if self.run.is_main:
             if step:
                 self._truncate(step)
             elif os.path.exists(self.path):
                 os.remove(self.path)
-        self.sums, self.skipped, self.bins, self.last = {}, 0, _BinStats(), None
+        self.progress = tqdm(total=self.args.max_steps, initial=step, disable=not self.run.is_main,
+                             desc=self.desc, dynamic_ncols=True)
         self.step_start = time.perf_counter()
-        self.progress = tqdm(total=args.max_steps, initial=step, disable=not run.is_main, desc=desc,
-                             dynamic_ncols=True)
 
     def _truncate(self, last_step: int) -> None:
         if not os.path.exists(self.path):
             return
+        kept = []
         with open(self.path) as f:
-            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
-        with open(self.path, "w") as f:
+            for line in f:
+                try:
+                    if json.loads(line)["step"] <= last_step:
+                        kept.append(line if line.endswith("\n") else line + "\n")
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    logger.warning("%s: dropping a line cut short (%d characters)", self.path, len(line))
+        tmp = f"{self.path}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
             f.writelines(kept)
+        os.replace(tmp, self.path)
+
+    def state_dict(self) -> dict:
+        columns = ("timesteps", "margins", "scales", "model_errors")
+        return {"bins": {c: torch.cat(getattr(self.bins, c)).cpu() if getattr(self.bins, c) else torch.empty(0)
+                         for c in columns}, "nonfinite_in_a_row": self.nonfinite_in_a_row,
+                "nonfinite_steps": self.nonfinite_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.bins = _BinStats(**{c: [v.to(self.run.device)] if v.numel() else [] for c, v in state["bins"].items()})
+        self.nonfinite_in_a_row, self.nonfinite_steps = state["nonfinite_in_a_row"], state["nonfinite_steps"]
 
     def add(self, loss, metrics: dict, num_skipped: int, t, scale, model_err, ref_err) -> None:
         """One micro-batch: its loss and metrics (weighted 1/accumulation), and per pair its t, λ(t), reward
@@ -807,60 +1086,92 @@ class TrainLog:
             margin = reward_margin(model_err[:n], model_err[n:], ref_err[:n], ref_err[n:])
             self.bins.add(t, margin, scale, (model_err[:n] + model_err[n:]).detach() / 2)
 
+    def finite(self, grad_norm, scaler) -> bool:
+        """Whether this step's loss and gradient norm are finite on every rank, i.e. whether to take the
+        optimizer step. With fp16 loss scaling an overflowing gradient is the scaler's to skip, not a divergence."""
+        values = [self.sums["loss"]] + ([] if scaler.is_enabled() else [grad_norm])
+        bad = torch.stack([~torch.isfinite(torch.as_tensor(v, device=self.run.device).float()) for v in values]).any()
+        bad = bad.float().reshape(1)
+        if self.run.world_size > 1:
+            dist.all_reduce(bad)
+        ok = bad.item() == 0
+        self.nonfinite_in_a_row = 0 if ok else self.nonfinite_in_a_row + 1
+        self.nonfinite_steps += 0 if ok else 1
+        return ok
+
     def write(self, step: int, **fields) -> dict:
         """Close optimizer step `step`: one JSON line with the accumulated means and `fields`."""
-        record = {"step": step, **_mean_over_ranks(self.sums, self.run.world_size),
+        record = {"step": step, **_over_ranks(self.sums, self.run.world_size),
                   **{k: v.item() if torch.is_tensor(v) else v for k, v in fields.items()},
-                  "skipped_rows": self.skipped, "step_seconds": round(time.perf_counter() - self.step_start, 4)}
+                  "skipped_rows": int(_over_ranks({"n": self.skipped}, self.run.world_size, mean=False)["n"]),
+                  "nonfinite_steps": self.nonfinite_steps,
+                  "step_seconds": round(time.perf_counter() - self.step_start, 4)}
+        if self.nonfinite_in_a_row:
+            record["skipped_step"] = True
         if step % self.args.bin_stats_every == 0 or step == self.args.max_steps:
             record.update(self.bins.summary(self.num_train_timesteps, self.run.world_size))
         self.sums, self.skipped, self.step_start, self.last = {}, 0, time.perf_counter(), record
-        if not (math.isfinite(record["loss"]) and math.isfinite(record.get("grad_norm", 0.0))):
-            logger.warning("step %d: non-finite loss %s or gradient norm %s", step, record["loss"],
-                           record.get("grad_norm"))
         if self.run.is_main:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
             self.progress.update(1)
             self.progress.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record.get('accuracy', float('nan')):.2f}",
                                       ref="frozen" if record.get("ref_frozen") else "live")
+        if self.nonfinite_in_a_row:
+            self.note(f"step {step}: non-finite loss {record['loss']} or gradient norm {record.get('grad_norm')}: "
+                      "step skipped")
+        if self.nonfinite_in_a_row >= self.args.max_nonfinite_steps:
+            self.close()
+            kept = checkpoint_dirs(self.args.output_dir)
+            print(f"error: the run diverged: {self.nonfinite_in_a_row} steps in a row (to step {step}) had a non-finite "
+                  f"loss or gradient norm; no final model was written; the last checkpoint is "
+                  f"{kept[-1] if kept else 'none'}; try a lower --learning_rate or --beta", file=sys.stderr, flush=True)
+            raise SystemExit(EXIT_DIVERGED)
         return record
 
     def note(self, message: str) -> None:
         """A line above the progress bar, from the main process only."""
         if self.run.is_main:
-            self.progress.write(message)
+            (self.progress.write if self.progress is not None else print)(message)
 
     def close(self) -> None:
-        self.progress.close()
+        if self.progress is not None:
+            self.progress.close()
 
 
 class StopSignal:
-    """SIGTERM / SIGINT ask for a checkpoint and a clean exit after the current step; a second SIGINT exits
-    at once. Every rank stops at the same step."""
+    """SIGTERM / SIGINT ask for a checkpoint and a clean exit after the current step (or, while the loader
+    finds no decodable pair, at once); a second signal exits at once, without a checkpoint or a traceback.
+    Every rank stops at the same step. A stopped run exits with 128 + the signal's number (143, 130)."""
 
     def __init__(self):
-        self.requested = False
+        self.signum = 0
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
+        if self.signum:
+            tqdm.write(f"signal {signum} again: exiting now, without a checkpoint", file=sys.stderr)
+            raise SystemExit(128 + signum)
+        self.signum = signum
+        tqdm.write(f"signal {signum}: stopping after this step with a checkpoint (again to exit at once)",
+                   file=sys.stderr)
 
     def agreed(self, run: Run) -> bool:
-        flag = torch.tensor([float(self.requested)], device=run.device)
+        flag = torch.tensor([float(self.signum)], device=run.device)
         if run.world_size > 1:
-            dist.all_reduce(flag)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        self.signum = self.signum or int(flag.item())
         return flag.item() > 0
 
 
 def report(args, run: Run, final_dir: str | None, step: int) -> None:
-    """The run's last lines: where the model and the log are, or how to resume a stopped run."""
-    if not run.is_main:
-        return
+    """The run's last lines: where the model and the log are; or, for a run a signal stopped after its
+    checkpoint, how to resume it, and the exit code 128 + the signal's number."""
+    release_output(args)
     if final_dir is None:
-        print(f"stopped at step {step}; resume with --resume latest --output_dir {args.output_dir}")
-    else:
+        if run.is_main:
+            print(f"stopped at step {step}; resume with --resume latest --output_dir {args.output_dir}")
+        raise SystemExit(128 + run.signals.signum)
+    if run.is_main:
         print(f"model: {final_dir}\nlog:   {os.path.join(args.output_dir, 'log.jsonl')}")

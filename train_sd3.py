@@ -195,16 +195,17 @@ def main(argv=None):
     params = [p for p in transformer.parameters() if p.requires_grad]
     optimizer, lr_schedule = toolbox.optimizer(args, params)
     scaler = run.grad_scaler()
+    log = toolbox.TrainLog(args, run, num_train_timesteps, desc=f"sd3 {args.loss}")
     checkpoints = toolbox.Checkpoints(args, run, policy=transformer, reference=ref, optimizer=optimizer,
-                                      lr_schedule=lr_schedule, loader=loader, scaler=scaler, monitor_probe=probe)
-    step = checkpoints.resume()
+                                      lr_schedule=lr_schedule, loader=loader, scaler=scaler, monitor_probe=probe,
+                                      log=log)
+    step = checkpoints.resume()  # refuses a checkpoint of another run (README, "Checkpoints and resume")
+    log.begin(step)
     ddp_transformer = toolbox.ddp(transformer, run)
     transformer_forward = toolbox.maybe_compile(ddp_transformer, args.compile)
     ref_forward = toolbox.maybe_compile(ref.model, args.compile and not args.lora_rank)  # LoRA: eager
     objective = losses.LOSSES[args.loss]
     accumulation = args.gradient_accumulation_steps
-    log = toolbox.TrainLog(args, run, step, num_train_timesteps, desc=f"sd3 {args.loss}")
-    stop = toolbox.StopSignal()
     batches = iter(loader)
 
     while step < args.max_steps:
@@ -241,7 +242,8 @@ def main(argv=None):
 
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-        scaler.step(optimizer)
+        if log.finite(grad_norm, scaler):  # a non-finite loss or gradient norm skips the step (--max_nonfinite_steps)
+            scaler.step(optimizer)
         scaler.update()
         lr_schedule.step()
         optimizer.zero_grad(set_to_none=True)
@@ -256,7 +258,7 @@ def main(argv=None):
             ref_info["policy_divergence"], ref_info["policy_distance"] = ref.divergence(ref_source, probe, probe.target)
         log.write(step, grad_norm=grad_norm, lr=lr_schedule.get_last_lr()[0], **ref_info)
 
-        stopping = stop.agreed(run)
+        stopping = run.stop_requested()  # SIGTERM / Ctrl-C: checkpoint, then exit
         if step % args.checkpoint_every == 0 or (stopping and step < args.max_steps):
             log.note(f"saved {checkpoints.save(step)}")
         if stopping:

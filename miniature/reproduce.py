@@ -171,7 +171,8 @@ def train_argv(args, run_dir: Path, seed: int, flags: list[str]) -> list[str]:
               "--monitor_samples", str(args.monitor_samples), "--bin_stats_every", str(args.bin_stats_every),
               "--device", "cpu", "--dataloader_workers", "0", "--checkpoint_every", str(args.steps + 1),
               # The VAE and text encoder run once per image for all runs, not once per step.
-              "--cache_latents", "--cache_dir", str(Path(args.output_dir) / "cache")]
+              "--cache_latents", "--cache_dir", str(Path(args.output_dir) / "cache"),
+              "--overwrite"]  # a run cut short is trained again from the start
     if args.smoke:
         common += ["--max_train_samples", str(SMOKE_PAIRS)]
     return common + flags

@@ -246,8 +246,10 @@ class CachedPairLoader(data.PairLoader):
     cache: pixel_values and captions' encodings are replaced by `latent_moments` [2B, 2C, h, w] (winners then
     losers) and `prompt_embeds` {name: [B, ...]}. No DataLoader workers: a batch is a few memory-map reads."""
 
-    def __init__(self, cache: LatentCache, dataset, transform, batch_size, rank=0, world_size=1, seed=0):
-        super().__init__(dataset, transform, batch_size, rank=rank, world_size=world_size, num_workers=0, seed=seed)
+    def __init__(self, cache: LatentCache, dataset, transform, batch_size, rank=0, world_size=1, seed=0,
+                 stop_requested=None):
+        super().__init__(dataset, transform, batch_size, rank=rank, world_size=world_size, num_workers=0, seed=seed,
+                         stop_requested=stop_requested)
         self.cache = cache
 
     def _batch(self, epoch: int, indices: list[int]) -> dict:
@@ -275,24 +277,19 @@ class CachedPairLoader(data.PairLoader):
         return batch
 
     def __iter__(self):
+        yield from self._trainable(self._batches(self.epoch, self.batch_in_epoch))
+
+    def _batches(self, epoch, start):
         b = self.batch_size
-        epoch, start, carried = self.epoch, self.batch_in_epoch, 0
         while True:
             shard = self.epoch_indices(epoch)
             for bi in range(start, self.batches_per_epoch):
-                batch = self._batch(epoch, shard[bi * b:(bi + 1) * b])
-                self.epoch, self.batch_in_epoch = (epoch + 1, 0) if bi + 1 == self.batches_per_epoch else (epoch, bi + 1)
-                if not batch["captions"]:  # every pair skipped: carry the count, as data.PairLoader does
-                    carried += batch["num_skipped"]
-                    continue
-                batch["num_skipped"] += carried
-                carried = 0
-                yield batch
+                yield epoch, bi, self._batch(epoch, shard[bi * b:(bi + 1) * b])
             epoch, start = epoch + 1, 0
 
 
 def cached_loader(args, runtime, dataset, transform, encode_images, encode_captions, batch_size=None,
-                  seed=None) -> CachedPairLoader:
+                  seed=None, stop_requested=None) -> CachedPairLoader:
     """Build the cache for this run's data and model if it is not on disk yet, then a loader that reads it."""
     captions = pair_captions(dataset)
     root = args.cache_dir or os.path.join(args.output_dir, "cache")
@@ -305,4 +302,5 @@ def cached_loader(args, runtime, dataset, transform, encode_images, encode_capti
     elif runtime.is_main:
         logger.info("reading cached latents and prompt embeddings from %s", folder)
     return CachedPairLoader(LatentCache(folder), dataset, transform, batch_size or args.train_batch_size,
-                            rank=runtime.rank, world_size=runtime.world_size, seed=args.seed if seed is None else seed)
+                            rank=runtime.rank, world_size=runtime.world_size, seed=args.seed if seed is None else seed,
+                            stop_requested=stop_requested)

@@ -300,10 +300,13 @@ class ModelRef:
     fingerprint: str         # changes when the weights change (stored images are then refused)
     denoiser: tuple[str, str | None, bool] | None = None  # (folder or hub id, subfolder, is_local) of a UNet /
                                                           # SD3 transformer that replaces the pipeline's own
+    lora: str | None = None  # a folder of LoRA weights loaded into the pipeline (load_lora_weights)
     tag: str = ""            # image folder name
 
     def __post_init__(self):
         identity = os.path.realpath(self.source) if self.is_local else f"hub:{self.source}"
+        if self.lora:
+            identity += "|lora:" + os.path.realpath(self.lora)
         if self.denoiser:
             src, sub, local = self.denoiser
             identity += "|" + (os.path.realpath(src) if local else f"hub:{src}") + f"/{sub or ''}"
@@ -320,11 +323,25 @@ def resolve_model(spec: str) -> ModelRef:
     SOURCE is a pipeline folder or hub id, or DENOISER@PIPELINE: a UNet (SD3: transformer) checkpoint,
     with or without its unet/ (transformer/) subfolder, swapped into PIPELINE. That is how checkpoints
     published as a UNet alone load, e.g. Diffusion-DPO's
-    mhdang/dpo-sd1.5-text2image-v1@stable-diffusion-v1-5/stable-diffusion-v1-5."""
+    mhdang/dpo-sd1.5-text2image-v1@stable-diffusion-v1-5/stable-diffusion-v1-5. A LoRA folder
+    (pytorch_lora_weights.safetensors: the trainers' final_lora/, or what diffusers' train_diffusion_dpo.py
+    writes) is LORA@PIPELINE, or the folder alone when its base_model.json names the pipeline."""
     label, sep, source = spec.partition("=")
     if not sep:
         label, source = spec, spec
     label, source = label.strip().rstrip("/") or source, source.strip()
+    lora, _, base = source.partition("@")
+    if _is_lora(lora.strip().rstrip("/")):
+        lora = lora.strip().rstrip("/")
+        if not base:
+            named = Path(lora, "base_model.json")
+            if not named.is_file():
+                raise EvalError(f"{lora} holds LoRA weights without base_model.json: give its base pipeline "
+                                f"as {lora}@PIPELINE")
+            base = json.loads(named.read_text())["base_model"]
+        ref = resolve_model(f"{label}={base}")
+        return ModelRef(label, ref.source, ref.family, ref.is_local,
+                        f"{ref.fingerprint}+lora:{_folder_fingerprint(Path(lora))}", ref.denoiser, lora)
     if "@" in source:
         denoiser, _, pipeline = source.partition("@")
         ref = resolve_model(f"{label}={pipeline}")
@@ -353,6 +370,11 @@ def resolve_model(spec: str) -> ModelRef:
         raise EvalError(f"model {source!r}: no such folder, {why}; {OFFLINE_HINT}") from exc
     # .../snapshots/<commit>/model_index.json: the commit identifies the weights.
     return ModelRef(label, source, _family(index, source), False, f"hub:{index.parent.name}")
+
+
+def _is_lora(source: str) -> bool:
+    return os.path.isfile(os.path.join(source, "pytorch_lora_weights.safetensors")) and \
+        not os.path.isfile(os.path.join(source, "model_index.json"))
 
 
 def _resolve_denoiser(source: str, family: str) -> tuple[str | None, bool, str]:
@@ -424,6 +446,12 @@ def load_pipeline(model: ModelRef, device: str, dtype: torch.dtype):
         if tokenizer is not None and encoder is not None and len(tokenizer) < encoder.config.vocab_size // 2:
             raise EvalError(f"{model.source}: {name} has {len(tokenizer)} tokens for a vocabulary of "
                             f"{encoder.config.vocab_size}; its files were not found (offline?)")
+    if model.lora:
+        try:
+            pipe.load_lora_weights(model.lora)
+        except (OSError, ValueError, KeyError) as exc:
+            raise EvalError(f"cannot load the LoRA weights in {model.lora} into {model.source}: "
+                            f"{str(exc).splitlines()[0]}") from exc
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -679,11 +707,12 @@ def evaluate(model: str, baselines: Sequence[str], prompts: str, rewards: Sequen
     columns = list(scores)
     main, base_labels = models[0].label, [m.label for m in models[1:]]
     means = {m.label: {c: _mean(scores[c][m.label].values()) for c in columns} for m in models}
-    wins = {}
+    wins, intervals = {}, {}
     for b in base_labels:
         row = {c: 100.0 * win_rate(scores[c][main], scores[c][b]) for c in columns}
         row["Avg"] = sum(row.values()) / len(columns)
         wins[b] = row
+        intervals[b] = {c: [100.0 * x for x in win_rate_interval(scores[c][main], scores[c][b])] for c in columns}
     by_group = {}
     if prompt_set.groups:  # the HPSv2 benchmark is usually reported per style as well
         for group in dict.fromkeys(prompt_set.groups[idx] for idx in indices):
@@ -702,6 +731,7 @@ def evaluate(model: str, baselines: Sequence[str], prompts: str, rewards: Sequen
         "mean_scores": means,
         "mean_scores_by_group": by_group,
         "win_rates_percent": wins,
+        "win_rate_intervals_percent": intervals,
         "win_rate_rule": "share of (prompt, seed) where the model's image scores higher than the baseline's "
                          "image of the same seed; ties count 1/2; Avg = mean over rewards",
         "device": device,
@@ -719,6 +749,38 @@ def evaluate(model: str, baselines: Sequence[str], prompts: str, rewards: Sequen
             rows.append(row)
     _write_outputs(out, rows, summary, table)
     return EvalResult(summary, table, rows, generated, scores, out)
+
+
+def win_rate_interval(scores_a: Mapping, scores_b: Mapping, level: float = 0.95, resamples: int = 2000,
+                      seed: int = 0) -> tuple[float, float]:
+    """A `level` bootstrap interval of win_rate(scores_a, scores_b), resampling prompts (with all their seeds):
+    the images of one prompt are not independent, so the prompt is the unit. A fraction pair (low, high)."""
+    import numpy as np
+
+    by_prompt: dict = {}
+    for key, a in scores_a.items():
+        b = scores_b[key]
+        by_prompt.setdefault(key[0], []).append(1.0 if a > b else 0.5 if a == b else 0.0)
+    sums = np.array([sum(v) for v in by_prompt.values()])
+    counts = np.array([len(v) for v in by_prompt.values()])
+    picks = np.random.default_rng(seed).integers(0, len(sums), size=(resamples, len(sums)))
+    rates = sums[picks].sum(1) / counts[picks].sum(1)
+    tail = (1 - level) / 2
+    return float(np.quantile(rates, tail)), float(np.quantile(rates, 1 - tail))
+
+
+def verdicts(summary: dict) -> list[str]:
+    """One line per comparison and reward: whether the win rate is distinguishable from 50 %."""
+    lines = []
+    n = summary["prompt_set"]["num_prompts"]
+    for base, row in summary.get("win_rate_intervals_percent", {}).items():
+        for column, (low, high) in row.items():
+            rate = summary["win_rates_percent"][base][column]
+            verdict = (f"{summary['model']} wins more often" if low > 50 else f"{base} wins more often" if high < 50
+                       else "not distinguishable from 50 %")
+            lines.append(f"- {summary['model']} vs {base}, {column}: {rate:.1f} % [{low:.1f}, {high:.1f}] "
+                         f"(95 % bootstrap over {n} prompts): {verdict}")
+    return lines
 
 
 def _mean(values) -> float:
@@ -751,6 +813,7 @@ def markdown_table(summary: dict) -> str:
         ]
         for label, row in summary["win_rates_percent"].items():
             lines.append(f"| {label} | " + " | ".join(f"{row[c]:.2f}" for c in columns + ['Avg']) + " |")
+        lines += ["", "Is each win rate distinguishable from 50 %?", "", *verdicts(summary)]
     lines += ["", "Scales:"]
     lines += [f"- {c}: {info['units']}" for c, info in summary["rewards"].items()]
     settings = "; ".join(

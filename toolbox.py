@@ -21,9 +21,11 @@ import atexit
 import errno
 import fcntl
 import hashlib
+import importlib.util
 import glob
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -104,7 +106,8 @@ def parser(doc: str, recipe: dict) -> argparse.ArgumentParser:
     g.add_argument("--caption_dropout", type=float, default=0.2,
                    help="probability of training a pair with the empty prompt (official recipe: 0.2)")
     g.add_argument("--dataloader_workers", type=int, default=None,
-                   help="DataLoader worker processes for decoding (default 4; 0 with --tiny)")
+                   help=f"DataLoader worker processes for decoding (default: the CPUs this process may use, at most "
+                        f"8: {_available_cpus()} here; 0 with --tiny)")
 
     g = p.add_argument_group("objective (losses.py)")
     g.add_argument("--loss", default="dpo", choices=sorted(LOSSES),
@@ -206,7 +209,19 @@ def parser(doc: str, recipe: dict) -> argparse.ArgumentParser:
                         "(exit code 3, no final model)")
     g.add_argument("--bin_stats_every", type=int, default=10,
                    help="emit per-t-bin statistics aggregated over this many steps")
+    g.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True,
+                   help="draw the run's curves (plot.py) into OUTPUT_DIR/curves.png at the end")
+    g.add_argument("--report_to", default="none", choices=["none", "tensorboard", "wandb"],
+                   help="also send the log's numbers to an experiment tracker (its package must be installed; "
+                        "log.jsonl stays the record)")
     return p
+
+
+def _available_cpus() -> int:
+    """Worker processes to decode with: the CPUs this process may run on, at most 8 (torch warns when a
+    DataLoader asks for more workers than the machine has)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, cpus))
 
 
 def _fill_defaults(args, recipe: dict, family: str, world_size: int, tiny_recipe: dict) -> None:
@@ -218,7 +233,7 @@ def _fill_defaults(args, recipe: dict, family: str, world_size: int, tiny_recipe
     else:
         recipe["dataset"] = data.DEFAULT_DATASET
     generic = dict(train_batch_size=1, scale_lr=True, learning_rate=1e-8, checkpoint_every=500,
-                   dataloader_workers=4, divergence_every=0)
+                   dataloader_workers=_available_cpus(), divergence_every=0)
     for name, default in {**generic, **recipe, **(tiny_recipe if args.tiny else {})}.items():
         if getattr(args, name, None) is None:
             setattr(args, name, default)
@@ -336,6 +351,7 @@ def start(args, recipe: dict, family: str, toy_recipe: dict | None = None) -> Ru
     (the toy model, or --pretrained_model), instead of a random model on the built-in pairs.
     """
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    _quiet_libraries()
     run = _setup_devices(args)
     run.family = family
     toy_model = toy_recipe is not None and args.tiny and args.pretrained_model is None
@@ -349,13 +365,37 @@ def start(args, recipe: dict, family: str, toy_recipe: dict | None = None) -> Ru
         _check_dataset_source(args.dataset)
     run.model_path = resolve_model(args.pretrained_model)
     _check_family(run.model_path, family)
+    _check_tracker(args.report_to)
     run.signals = StopSignal()
+    if run.is_main:  # the flags as the run uses them, for plot.py and for people
+        with open(os.path.join(args.output_dir, "run.json"), "w") as f:
+            json.dump({"family": family, **vars(args)}, f, indent=1)
     if run.is_main:
         logger.info("%s: effective batch %d pairs (%d × %d devices × %d accumulation), lr %.3g, β %s, "
                     "τ %d, δ %g, γ %g, λ(t) %s", family, args.effective_batch_size, args.train_batch_size,
                     run.world_size, args.gradient_accumulation_steps, args.learning_rate, args.beta, args.tau,
                     args.delta, args.gamma, "off" if args.no_reward_scale else "on")
     return run
+
+
+def _quiet_libraries() -> None:
+    """The first screen of a run shows the run: no loading bars of every component, no transformers notice
+    that torchvision is missing (it falls back to PIL, which is what the trainers use)."""
+    import datasets
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    logging.getLogger("transformers.utils.import_utils").addFilter(
+        lambda record: "requires torchvision" not in record.getMessage())
+
+
+def _check_tracker(report_to: str) -> None:
+    package = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(report_to)
+    if package and importlib.util.find_spec(package) is None:
+        fail(f"--report_to {report_to} needs the {package} package: pip install {package}")
 
 
 # The hub and the --tiny models
@@ -591,9 +631,16 @@ def probe_batch(args, run: Run, encode_images=None, encode_captions=None) -> dic
     """The pairs of the monitor's probe (--monitor probe): --monitor_samples pairs of the training data for
     this rank, drawn once in an order of their own (seed apart from the training order's), without caption
     dropout: the monitor compares models on the prompts the images belong to."""
-    loader = pair_loader(argparse.Namespace(**{**vars(args), "caption_dropout": 0.0}), run, encode_images,
-                         encode_captions, batch_size=args.monitor_samples, seed=args.seed + PROBE_SEED, num_workers=0)
-    return next(iter(loader))
+    quiet = logging.getLogger("data")
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)  # the training loader has just reported the same dataset
+    try:
+        loader = pair_loader(argparse.Namespace(**{**vars(args), "caption_dropout": 0.0}), run, encode_images,
+                             encode_captions, batch_size=args.monitor_samples, seed=args.seed + PROBE_SEED,
+                             num_workers=0)
+        return next(iter(loader))
+    finally:
+        quiet.setLevel(level)
 
 
 class MonitorProbe:
@@ -822,10 +869,14 @@ def model_fingerprint(folder: str) -> str:
     return digest.hexdigest()[:16]
 
 
-def save_final(args, run: Run, pipeline_class, **denoiser) -> str:
-    """The trained model in OUTPUT_DIR/final/, the base pipeline with the trained denoiser (`unet=` or
-    `transformer=`) in its place, which `pipeline_class.from_pretrained` loads; with LoRA the adapter alone in
-    OUTPUT_DIR/final_lora/, for `pipe.load_lora_weights(final_lora)` on the base pipeline."""
+def save_final(args, run: Run, **denoiser) -> str:
+    """The trained model in OUTPUT_DIR/final/: the base pipeline with the trained denoiser (`unet=` or
+    `transformer=`) in its place, which the pipeline class's from_pretrained loads. With LoRA the adapter
+    alone in OUTPUT_DIR/final_lora/, for `pipe.load_lora_weights(final_lora)` on the base pipeline, with
+    base_model.json naming that base (eval.py reads it)."""
+    import diffusers
+
+    pipeline_class = getattr(diffusers, PIPELINES[run.family])
     (name, module), = denoiser.items()
     final_dir = os.path.join(args.output_dir, "final_lora" if args.lora_rank else "final")
     if run.is_main:
@@ -834,6 +885,9 @@ def save_final(args, run: Run, pipeline_class, **denoiser) -> str:
                 from speed import lora
                 pipeline_class.save_lora_weights(tmp, **{f"{name}_lora_layers": lora.adapter_state_dict(module),
                                                          f"{name}_lora_adapter_metadata": lora.adapter_metadata(module)})
+                base = os.path.abspath(run.model_path) if os.path.isdir(args.pretrained_model) else args.pretrained_model
+                with open(os.path.join(tmp, "base_model.json"), "w") as f:
+                    json.dump({"base_model": base, "pipeline": PIPELINES[run.family]}, f, indent=1)
             else:
                 pipeline_class.from_pretrained(run.model_path, **denoiser).save_pretrained(tmp)
     run.barrier()
@@ -1032,7 +1086,7 @@ class TrainLog:
     def __init__(self, args, run: Run, num_train_timesteps: int, desc: str):
         self.args, self.run, self.num_train_timesteps, self.desc = args, run, num_train_timesteps, desc
         self.path = os.path.join(args.output_dir, "log.jsonl")
-        self.sums, self.skipped, self.bins, self.last, self.progress = {}, 0, _BinStats(), None, None
+        self.sums, self.skipped, self.bins, self.last, self.progress, self.tracker = {}, 0, _BinStats(), None, None, None
         self.nonfinite_in_a_row = self.nonfinite_steps = 0
         self.step_start = time.perf_counter()
 
@@ -1046,6 +1100,7 @@ class TrainLog:
                 os.remove(self.path)
         self.progress = tqdm(total=self.args.max_steps, initial=step, disable=not self.run.is_main,
                              desc=self.desc, dynamic_ncols=True)
+        self.tracker = _Tracker(self.args) if self.run.is_main and self.args.report_to != "none" else None
         self.step_start = time.perf_counter()
 
     def _truncate(self, last_step: int) -> None:
@@ -1114,6 +1169,8 @@ class TrainLog:
         if self.run.is_main:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            if self.tracker is not None:
+                self.tracker.log(record)
             self.progress.update(1)
             self.progress.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record.get('accuracy', float('nan')):.2f}",
                                       ref="frozen" if record.get("ref_frozen") else "live")
@@ -1137,6 +1194,35 @@ class TrainLog:
     def close(self) -> None:
         if self.progress is not None:
             self.progress.close()
+        if getattr(self, "tracker", None) is not None:
+            self.tracker.close()
+            self.tracker = None
+
+
+class _Tracker:
+    """--report_to: the log's numbers also to TensorBoard (OUTPUT_DIR/tensorboard) or Weights & Biases."""
+
+    def __init__(self, args):
+        self.kind = args.report_to
+        if self.kind == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(os.path.join(args.output_dir, "tensorboard"))
+        else:
+            import wandb
+            self.writer = wandb
+            wandb.init(project="rethinking-dpo", dir=args.output_dir, config=vars(args),
+                       name=os.path.basename(os.path.normpath(args.output_dir)))
+
+    def log(self, record: dict) -> None:
+        scalars = {k: float(v) for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+        if self.kind == "tensorboard":
+            for name, value in scalars.items():
+                self.writer.add_scalar(name, value, record["step"])
+        else:
+            self.writer.log(scalars, step=record["step"])
+
+    def close(self) -> None:
+        (self.writer.close if self.kind == "tensorboard" else self.writer.finish)()
 
 
 class StopSignal:
@@ -1165,13 +1251,59 @@ class StopSignal:
         return flag.item() > 0
 
 
+def summary_lines(args, log: list[dict]) -> list[str]:
+    """What the run did, in a few lines: implicit accuracy and margin at the start and the end, the
+    reference's updates and freeze, the last D, what was skipped."""
+    if not log:
+        return []
+    k = max(1, len(log) // 10)
+    mean = lambda rows, name: sum(r.get(name, math.nan) for r in rows) / len(rows)
+    lines = []
+    if "accuracy" in log[0]:
+        lines.append(f"  implicit accuracy {mean(log[:k], 'accuracy'):.3f} (first {k} steps) → "
+                     f"{mean(log[-k:], 'accuracy'):.3f} (last {k})")
+    if "reward_margin" in log[0]:
+        lines.append(f"  reward margin     {mean(log[:k], 'reward_margin'):.2e} → {mean(log[-k:], 'reward_margin'):.2e}")
+    updates = [r for r in log if r.get("ref_updated")]
+    frozen = next((r for r in updates if r.get("ref_frozen")), None)
+    if not args.tau:
+        lines.append("  reference         the initial model throughout (τ = 0: Diffusion-DPO)")
+    else:
+        state = (f"frozen at step {frozen['step']} (D = {frozen['divergence']:.4g} > δ = {args.delta:g})" if frozen
+                 else f"never frozen; last D = {updates[-1]['divergence']:.4g} (δ = {args.delta:g})" if updates
+                 else "no update yet")
+        lines.append(f"  reference         {len(updates)} update(s) every τ = {args.tau}, {state}"
+                     + (f", {sum(bool(r.get('ref_reinit')) for r in updates)} Re-Init reset(s)" if args.on_diverge == "reinit" else ""))
+    lines.append(f"  skipped           {sum(r.get('skipped_rows', 0) for r in log)} row(s), "
+                 f"{log[-1].get('nonfinite_steps', 0)} non-finite step(s)")
+    return lines
+
+
 def report(args, run: Run, final_dir: str | None, step: int) -> None:
-    """The run's last lines: where the model and the log are; or, for a run a signal stopped after its
-    checkpoint, how to resume it, and the exit code 128 + the signal's number."""
+    """The run's last lines: what it did, where its curves, model and log are, and the command that evaluates
+    it; or, for a run a signal stopped after its checkpoint, how to resume it, and the exit code 128 + the
+    signal's number."""
     release_output(args)
     if final_dir is None:
         if run.is_main:
             print(f"stopped at step {step}; resume with --resume latest --output_dir {args.output_dir}")
         raise SystemExit(128 + run.signals.signum)
-    if run.is_main:
-        print(f"model: {final_dir}\nlog:   {os.path.join(args.output_dir, 'log.jsonl')}")
+    if not run.is_main:
+        return
+    log_path = os.path.join(args.output_dir, "log.jsonl")
+    import plot
+
+    log = plot.read_log(args.output_dir)
+    print(f"\n{run.family} {args.loss}, {step} steps of {args.effective_batch_size} pairs:")
+    print("\n".join(summary_lines(args, log)))
+    if args.plot:
+        print(f"curves: {plot.draw({os.path.basename(os.path.normpath(args.output_dir)): [args.output_dir]}, os.path.join(args.output_dir, 'curves.png'))}")
+    print(f"model: {final_dir}\nlog:   {log_path}")
+    tiny = "--tiny " if args.tiny else ""
+    baseline = "" if args.tiny and args.pretrained_model == _toy_model_path() else f" --baseline base={args.pretrained_model}"
+    print(f"next:  python eval.py {tiny}--model {final_dir}{baseline}   # same-seed win rates (PAPER.md §6)")
+
+
+def _toy_model_path() -> str:
+    from miniature import toy
+    return str(toy.TOY_MODEL)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -212,7 +212,7 @@ def main(argv=None):
             return toolbox.report(args, run, None, step)
     log.close()
 
-    final_dir = toolbox.save_final(args, run, StableDiffusionPipeline, unet=unet)
+    final_dir = toolbox.save_final(args, run, unet=unet)
     toolbox.report(args, run, final_dir, step)
 
 

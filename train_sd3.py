@@ -27,7 +27,7 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
@@ -266,7 +266,7 @@ def main(argv=None):
             return toolbox.report(args, run, None, step)
     log.close()
 
-    final_dir = toolbox.save_final(args, run, StableDiffusion3Pipeline, transformer=transformer)
+    final_dir = toolbox.save_final(args, run, transformer=transformer)
     toolbox.report(args, run, final_dir, step)
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -243,7 +243,7 @@ def main(argv=None):
             return toolbox.report(args, run, None, step)
     log.close()
 
-    final_dir = toolbox.save_final(args, run, StableDiffusionXLPipeline, unet=unet)
+    final_dir = toolbox.save_final(args, run, unet=unet)
     toolbox.report(args, run, final_dir, step)
 
 

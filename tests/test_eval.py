@@ -320,3 +320,68 @@ def test_hub_prompt_sets_are_kept_in_the_output_folder_for_offline_reruns(tmp_pa
                          device="cpu", progress=False, log=lambda s: None)
     assert [(r["prompt_idx"], r["group"]) for r in result.rows] == [(0, "anime"), (2, "photo")]  # first of each style
     assert set(result.summary["mean_scores_by_group"]) == {"anime", "photo"}
+
+
+def sample(pipe):
+    return pipe("a red square", num_inference_steps=2, height=32, width=32, output_type="np",
+                generator=torch.Generator().manual_seed(0)).images[0]
+
+
+def test_a_lora_trained_here_is_evaluated_on_the_base_its_folder_names(tmp_path):
+    import toolbox
+    import train_sd15
+
+    base = tiny.tiny_pipeline_dir("sd15")
+    train_sd15.main(["--tiny", "--pretrained_model", base, "--dataset", toolbox.builtin_pairs(), "--max_steps", "2",
+                     "--lora_rank", "4", "--learning_rate", "1e-2", "--output_dir", str(tmp_path), "--no-plot"])
+    ref = ev.resolve_model(f"ours={tmp_path / 'final_lora'}")  # base_model.json names the base: no @ needed
+    assert ref.lora and ref.family == "sd15" and ref.source == base
+    plain = ev.resolve_model(f"base={base}")
+    assert ref.tag != plain.tag  # other images, other folder
+    assert abs(sample(ev.load_pipeline(ref, "cpu", torch.float32)) -
+               sample(ev.load_pipeline(plain, "cpu", torch.float32))).max() > 1e-4
+
+
+def test_a_lora_saved_as_diffusers_dpo_script_saves_it_is_evaluated_as_lora_at_base(tmp_path):
+    """train_diffusion_dpo.py: LoraConfig(r, lora_alpha=r, gaussian init, to_k/q/v/out.0), then
+    StableDiffusionPipeline.save_lora_weights(unet_lora_layers=convert_state_dict_to_diffusers(...))."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    base = tiny.tiny_pipeline_dir("sd15")
+    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
+    unet.add_adapter(LoraConfig(r=8, lora_alpha=8, init_lora_weights="gaussian",
+                                target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2, generator=torch.Generator().manual_seed(0))  # a trained, non-zero adapter
+    folder = tmp_path / "diffusion-dpo"
+    StableDiffusionPipeline.save_lora_weights(save_directory=str(folder), text_encoder_lora_layers=None,
+                                              unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)))
+    with pytest.raises(ev.EvalError, match="@PIPELINE"):
+        ev.resolve_model(str(folder))
+    ref = ev.resolve_model(f"dpo-lora={folder}@{base}")
+    assert ref.lora == str(folder) and ref.family == "sd15"
+    expected = StableDiffusionPipeline.from_pretrained(base)
+    expected.load_lora_weights(str(folder))
+    got = sample(ev.load_pipeline(ref, "cpu", torch.float32))
+    assert abs(got - sample(expected)).max() < 1e-5
+    assert abs(got - sample(StableDiffusionPipeline.from_pretrained(base))).max() > 1e-4
+
+
+def test_win_rate_interval_resamples_prompts_and_says_whether_50_is_inside():
+    sure = {(p, s): 1.0 for p in range(20) for s in range(2)}
+    worse = {k: 0.0 for k in sure}
+    assert ev.win_rate_interval(sure, worse) == (1.0, 1.0)
+    half = {(p, s): float(p % 2) for p in range(40) for s in range(3)}  # prompt by prompt: win, lose, ...
+    zeros = {k: 0.5 for k in half}
+    low, high = ev.win_rate_interval(half, zeros)
+    assert low < 0.5 < high and high - low < 0.4
+    summary = {"model": "ours", "prompt_set": {"num_prompts": 40},
+               "win_rates_percent": {"base": {"r": 100.0}, "even": {"r": 50.0}},
+               "win_rate_intervals_percent": {"base": {"r": [97.0, 100.0]}, "even": {"r": [35.0, 65.0]}}}
+    lines = ev.verdicts(summary)
+    assert "ours wins more often" in lines[0] and "not distinguishable from 50 %" in lines[1]

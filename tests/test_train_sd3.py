@@ -1,5 +1,6 @@
 """train_sd3.py end to end on the tiny SD3-layout model, offline (the real from_pretrained path)."""
 import math
+import json
 import os
 
 import pytest
@@ -136,3 +137,24 @@ def test_cached_latents_give_the_same_losses_and_a_lora_adapter_loads(tmp_path):
     after = pipe("a red square", num_inference_steps=2, height=32, width=32, output_type="np",
                  generator=torch.Generator().manual_seed(0)).images[0]
     assert abs(after - before).max() > 0
+
+
+def test_an_sd35_layout_model_trains_with_the_same_script(tmp_path):
+    """SD3.5 Medium is the same pipeline class with MMDiT-X blocks (a second attention in some layers) and
+    QK-norm: train_sd3.py trains it unchanged, full and with LoRA."""
+    folder = tiny.tiny_pipeline_dir("sd35")
+    config = json.load(open(os.path.join(folder, "transformer", "config.json")))
+    assert config["dual_attention_layers"] == [0] and config["qk_norm"] == "rms_norm"
+    log = run(tmp_path / "full", "--pretrained_model", folder, "--max_steps", 4, "--tau", 2, "--learning_rate", 1e-4)
+    assert log[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and log[1]["ref_updated"]
+    trained, base = transformer_weights(tmp_path / "full" / "final"), transformer_weights(folder)
+    assert any(not torch.equal(trained[k], base[k]) for k in trained if "attn2" in k)  # the MMDiT-X attention trains
+    lora_log = run(tmp_path / "lora", "--pretrained_model", folder, "--max_steps", 2, "--lora_rank", 4,
+                   "--learning_rate", 1e-3)
+    assert lora_log[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    from diffusers import StableDiffusion3Pipeline
+    pipe = StableDiffusion3Pipeline.from_pretrained(folder)
+    pipe.load_lora_weights(tmp_path / "lora" / "final_lora")
+    image = pipe("a red square", num_inference_steps=2, height=32, width=32, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.shape == (32, 32, 3) and image.std() > 0

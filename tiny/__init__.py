@@ -26,7 +26,7 @@ import torch
 
 # Folder names carry this version: bump it whenever a builder changes, so stale caches are not reused.
 TINY_VERSION = 1
-KINDS = ("sd15", "sdxl", "sd3")
+KINDS = ("sd15", "sdxl", "sd3", "sd35")
 
 # The tokenizers merge these words into single tokens (CLIP merges, T5 word pieces), so that short
 # captions of the kind the toy world writes stay far below the 77-token limit; any other text still
@@ -373,8 +373,10 @@ def build_tiny_sdxl(out_dir: str | os.PathLike, seed: int = 0) -> str:
     return str(out)
 
 
-def build_tiny_sd3(out_dir: str | os.PathLike, seed: int = 0) -> str:
-    """Save a tiny StableDiffusion3Pipeline to out_dir and return the folder."""
+def build_tiny_sd3(out_dir: str | os.PathLike, seed: int = 0, sd35: bool = False) -> str:
+    """Save a tiny StableDiffusion3Pipeline to out_dir and return the folder. sd35: the SD3.5 Medium layout
+    of the transformer (MMDiT-X): a second, self-attention-only attention in the first layer
+    (dual_attention_layers) and RMS QK-norm in every attention, as stable-diffusion-3.5-medium's config has."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
     out = Path(out_dir)
@@ -401,6 +403,7 @@ def build_tiny_sd3(out_dir: str | os.PathLike, seed: int = 0) -> str:
             pooled_projection_dim=text_encoder.config.projection_dim + text_encoder_2.config.projection_dim,
             # Positional embeddings for up to 32x32 patches: latents up to 64x64, images up to 128 px.
             pos_embed_max_size=32,
+            **(dict(dual_attention_layers=(0,), qk_norm="rms_norm") if sd35 else {}),
         )
     vae = _vae(
         seed,
@@ -427,7 +430,8 @@ def build_tiny_sd3(out_dir: str | os.PathLike, seed: int = 0) -> str:
     return str(out)
 
 
-BUILDERS = {"sd15": build_tiny_sd15, "sdxl": build_tiny_sdxl, "sd3": build_tiny_sd3}
+BUILDERS = {"sd15": build_tiny_sd15, "sdxl": build_tiny_sdxl, "sd3": build_tiny_sd3,
+            "sd35": lambda out, seed=0: build_tiny_sd3(out, seed, sd35=True)}
 
 
 def default_cache_root() -> Path:
@@ -435,7 +439,7 @@ def default_cache_root() -> Path:
 
 
 def tiny_pipeline_dir(kind: str, root: str | os.PathLike | None = None, seed: int = 0) -> str:
-    """The folder of the tiny `kind` pipeline ("sd15", "sdxl" or "sd3") with weights drawn from `seed`,
+    """The folder of the tiny `kind` pipeline ("sd15", "sdxl", "sd3" or "sd35") with weights drawn from `seed`,
     built on first use and cached.
 
     root defaults to $RDPO_CACHE, else ~/.cache/rethinking-dpo. The pipeline is built in a temporary

@@ -1,0 +1,186 @@
+"""The paper's panels for any run, drawn from its log.jsonl (PAPER.md §6; Fig. 1b and Fig. 2).
+
+    python plot.py out/sd15                                   # → out/sd15/curves.png
+    python plot.py dpo=out/sd15-dpo ours=out/sd15 --out cmp.png    # several runs on one figure
+    python plot.py ours=out/s0,out/s1,out/s2 dpo=out/d0,out/d1     # seeds of one configuration: mean and band
+
+Top row, over optimizer steps: the loss, the implicit accuracy, the implicit reward margin r(w) − r(l), and
+the monitor (§2): D(p_ref, p_init) at each reference update (and D of the policy where --divergence_every
+logged it), with δ and the freeze step marked. Bottom row, per t-bin over the second half of training (Fig. 2):
+implicit accuracy, reward magnitude |r(w) − r(l)|, the policy's error, and λ(t). The trainers draw it at
+the end of every run (OUTPUT_DIR/curves.png; --no-plot to skip).
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import warnings
+
+import numpy as np
+
+NUM_BINS = 10  # toolbox.NUM_LOG_BINS: the log's 10 equal t-bins, bin 0 the cleanest
+COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray")
+
+
+def read_log(run_dir) -> list[dict]:
+    """The run's log lines; a last line cut short by a kill is left out."""
+    records = []
+    with open(os.path.join(run_dir, "log.jsonl")) as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    return records
+
+
+def read_config(run_dir) -> dict:
+    """The flags the run was started with (OUTPUT_DIR/run.json, written by the trainers), or {}."""
+    path = os.path.join(run_dir, "run.json")
+    return json.load(open(path)) if os.path.isfile(path) else {}
+
+
+def smooth(values, window: int) -> np.ndarray:
+    """Trailing moving average (NaN-aware) over `window` steps."""
+    values = np.asarray(values, dtype=float)
+    out = np.empty_like(values)
+    for i in range(len(values)):
+        chunk = values[max(0, i - window + 1): i + 1]
+        chunk = chunk[np.isfinite(chunk)]
+        out[i] = chunk.mean() if len(chunk) else np.nan
+    return out
+
+
+def series(log, name) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, values) of the records that hold `name`."""
+    rows = [(r["step"], r[name]) for r in log if isinstance(r.get(name), (int, float))]
+    return (np.array([s for s, _ in rows]), np.array([v for _, v in rows], dtype=float)) if rows else (np.array([]), np.array([]))
+
+
+def bin_profile(log, name: str, from_step: int = 0) -> np.ndarray:
+    """Per t-bin mean of a bin statistic over the records from `from_step` on, weighted by the pairs each
+    record's bin held (NaN for a bin no pair fell in)."""
+    total, weight = np.zeros(NUM_BINS), np.zeros(NUM_BINS)
+    for r in log:
+        if r["step"] >= from_step and name in r and "bin_count" in r:
+            for b, (value, count) in enumerate(zip(r[name], r["bin_count"])):
+                if value is not None and count:
+                    total[b] += value * count
+                    weight[b] += count
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(weight > 0, total / weight, np.nan)
+
+
+def _band(ax, x, ys, colour, label, marker=None):
+    """Mean of the runs, and their min–max band when there are several."""
+    ys = np.asarray(ys, dtype=float)
+    with warnings.catch_warnings():  # a bin no run sampled stays empty (NaN)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean = np.nanmean(ys, axis=0)
+        ax.plot(x, mean, color=colour, label=label, marker=marker, ms=3)
+        if len(ys) > 1:
+            ax.fill_between(x, np.nanmin(ys, axis=0), np.nanmax(ys, axis=0), color=colour, alpha=0.15)
+
+
+def _aligned(logs, name, window=1):
+    """The runs' series of `name` on their common steps (runs of one configuration log the same steps)."""
+    pairs = [series(log, name) for log in logs]
+    if not all(len(x) for x, _ in pairs):
+        return None, None
+    n = min(len(x) for x, _ in pairs)
+    return pairs[0][0][:n], [smooth(y[:n], window) for _, y in pairs]
+
+
+def draw(groups: dict[str, list[str]], out: str, title: str | None = None) -> str:
+    """Draw the panels for `groups` (label → run folders, several = seeds of one configuration) into `out`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 4, figsize=(17, 7.5))
+    for (label, runs), colour in zip(groups.items(), COLOURS):
+        logs = [read_log(run) for run in runs]
+        logs = [log for log in logs if log]
+        if not logs:
+            continue
+        steps = max(len(log) for log in logs)
+        window = max(1, steps // 25)
+        for ax, name in zip(axes[0][:3], ("loss", "accuracy", "reward_margin")):
+            x, ys = _aligned(logs, name, window)
+            if x is not None:
+                _band(ax, x, ys, colour, label)
+        monitor, highest = axes[0][3], 0.0
+        for name, what, style in (("divergence", "D(p_ref, p_init)", "o-"), ("policy_divergence", "D(policy, p_init)", "s-"),
+                                  ("ref_distance", "E‖ε_ref − ε_init‖²", "^--")):
+            x, ys = _aligned(logs, name)
+            if x is not None:
+                _band(monitor, x, ys, colour, f"{label}: {what}", marker=style[0])
+                monitor.lines[-1].set_linestyle(style[1:])
+                highest = max(highest, float(np.nanmax(ys)))
+        for log in logs:
+            frozen = next((r["step"] for r in log if r.get("ref_frozen")), None)
+            if frozen:
+                monitor.axvline(frozen, color=colour, ls=":", lw=1)
+        config = read_config(runs[0])
+        delta, tau = config.get("delta"), config.get("tau")
+        if delta is not None and tau and math.isfinite(delta) and delta < 1e6:
+            shown = delta <= 3 * highest  # δ far above every D would flatten the curves: named, not drawn
+            monitor.axhline(delta, color=colour, ls="--", lw=0.8, label=f"{label}: δ = {delta:g}") if shown else \
+                monitor.plot([], [], " ", label=f"{label}: δ = {delta:g} (above)")
+        centres = (np.arange(NUM_BINS) + 0.5) * 1000 / NUM_BINS
+        half = steps // 2
+        for ax, name in zip(axes[1], ("bin_accuracy", "bin_reward_magnitude", "bin_model_err", "bin_reward_scale")):
+            _band(ax, centres, [bin_profile(log, name, half) for log in logs], colour, label, marker="o")
+    titles = [("loss", "step"), ("implicit accuracy", "step"), ("implicit reward margin r(w) − r(l)", "step"),
+              ("monitor (§2; dotted: freeze)", "step"),
+              ("implicit accuracy per t-bin (2nd half)", "t"), ("reward magnitude |r(w) − r(l)| per t-bin", "t"),
+              ("policy error e_θ per t-bin", "t"), ("λ(t) per t-bin (mean of the pairs')", "t")]
+    for ax, (name, xlabel) in zip(axes.flat, titles):
+        ax.set(title=name, xlabel=xlabel)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    axes[0][1].axhline(0.5, color="k", lw=0.5, ls=":")
+    axes[1][0].axhline(0.5, color="k", lw=0.5, ls=":")
+    fig.suptitle(title or " vs ".join(groups))
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out
+
+
+def parse_groups(specs: list[str]) -> dict[str, list[str]]:
+    """'DIR' or 'LABEL=DIR[,DIR...]' → {label: [dirs]}."""
+    groups = {}
+    for spec in specs:
+        label, sep, dirs = spec.partition("=")
+        if not sep:
+            label, dirs = os.path.basename(os.path.normpath(spec)) or spec, spec
+        folders = [d for d in dirs.split(",") if d]
+        for folder in folders:
+            if not os.path.isfile(os.path.join(folder, "log.jsonl")):
+                raise SystemExit(f"error: {folder} holds no log.jsonl (a run's --output_dir?)")
+        groups[label] = folders
+    return groups
+
+
+def main(argv=None) -> str:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", help="run folders (--output_dir), as DIR or LABEL=DIR[,DIR...]")
+    p.add_argument("--out", default=None, help="PNG to write (default: curves.png in the only run's folder)")
+    p.add_argument("--title", default=None, help="figure title")
+    args = p.parse_args(argv)
+    groups = parse_groups(args.runs)
+    single = len(groups) == 1 and len(next(iter(groups.values()))) == 1
+    if args.out is None and not single:
+        print("error: several runs: say where the figure goes with --out", file=sys.stderr)
+        raise SystemExit(2)
+    out = draw(groups, args.out or os.path.join(next(iter(groups.values()))[0], "curves.png"), args.title)
+    print(out)
+    return out
+
+
+if __name__ == "__main__":
+    main()

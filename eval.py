@@ -97,8 +97,9 @@ HPSV2_BENCHMARK = ("zhwang/HPDv2", ("anime", "concept-art", "paintings", "photo"
 # The toy world's rewards; tiny_pickscore / tiny_clip (random CLIP weights, numbers without meaning) exercise the
 # CLIP reward code offline and can be added with --rewards.
 TINY_REWARDS = ("toy_fidelity", "toy_aesthetic", "toy_label")
-# The offline demo samples as the toy world's pairs were sampled (toy.py: DDIM, 8 steps, guidance 3).
-TINY_DEFAULTS = {"steps": 8, "guidance_scale": 3.0, "resolution": 32, "num_seeds": 2, "limit": None}
+# The offline demo samples as the toy world's pairs were sampled (toy.py: DDIM trailing, 10 steps, guidance 3),
+# every image with its own seed.
+TINY_DEFAULTS = {"steps": 10, "guidance_scale": 3.0, "resolution": 32, "num_seeds": 2, "limit": None}
 TINY_PROMPTS = 54  # the toy world's held-out prompts (all of toy.EVAL_PROMPTS) in the demo's prompt file
 
 
@@ -609,7 +610,8 @@ def sampling_settings(model: ModelRef, prompt_set: PromptSet, steps=None, guidan
 
 
 def evaluate(model: str, baselines: Sequence[str], prompts: str, rewards: Sequence[str], output_dir,
-             *, num_seeds: int | None = None, limit: int | None = None, steps: int | None = None,
+             *, num_seeds: int | None = None, distinct_seeds: bool = False, limit: int | None = None,
+             steps: int | None = None,
              guidance_scale: float | None = None, resolution: int | None = None, batch_size: int = 4,
              reward_batch_size: int = 16, device: str | None = None, dtype: str | torch.dtype | None = None,
              pickapic_dataset: str = PICKAPIC_DATASET, progress: bool = True,
@@ -655,7 +657,9 @@ def evaluate(model: str, baselines: Sequence[str], prompts: str, rewards: Sequen
     if n_seeds < 1:
         raise EvalError(f"--num_seeds must be at least 1, got {n_seeds}")
     seeds = list(range(n_seeds))
-    keys = [(idx, seed) for idx in indices for seed in seeds]
+    # distinct_seeds: prompt i's images take seeds i·n … i·n + n − 1, so that no two images of the set share their
+    # initial noise (in the toy world the noise largely fixes the layout: shared seeds would score n layouts).
+    keys = [(idx, idx * n_seeds + seed if distinct_seeds else seed) for idx in indices for seed in seeds]
     prompt_of = {idx: prompt_set.prompts[idx] for idx in indices}
     log(f"{prompt_set.description}: {len(indices)} prompts x {n_seeds} seeds = {len(keys)} images per model")
 
@@ -723,7 +727,8 @@ def evaluate(model: str, baselines: Sequence[str], prompts: str, rewards: Sequen
         "model": main,
         "baselines": base_labels,
         "prompt_set": {"name": prompt_set.name, "description": prompt_set.description,
-                       "num_prompts": len(indices), "seeds": seeds, "num_pairs": len(keys)},
+                       "num_prompts": len(indices), "seeds": seeds, "distinct_seeds": distinct_seeds,
+                       "num_pairs": len(keys)},
         "models": {m.label: {"source": m.source, "family": m.family, "images": str(stores[m.label]),
                              "settings": settings_of[m.label], "sampled_this_run": generated[m.label]}
                    for m in models},
@@ -876,6 +881,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "NAME:ARG selects a checkpoint, e.g. clip:openai/clip-vit-large-patch14; see --list_rewards")
     p.add_argument("--output_dir", default=None, help="where images, scores.csv, summary.json and table.md go "
                                                       "(default out/eval, out/eval-tiny with --tiny); reused on reruns")
+    p.add_argument("--distinct_seeds", action="store_true",
+                   help="seeds i·N … i·N+N−1 for prompt i instead of 0 … N−1 for every prompt (always on with --tiny)")
     p.add_argument("--num_seeds", type=int, default=None,
                    help="seeds 0..N-1 per prompt (default: 5 for pickapic, 1 for the other sets)")
     p.add_argument("--limit", type=int, default=None,
@@ -926,6 +933,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.guidance_scale = args.guidance_scale or TINY_DEFAULTS["guidance_scale"]
             args.resolution = args.resolution or TINY_DEFAULTS["resolution"]
             args.num_seeds = args.num_seeds or TINY_DEFAULTS["num_seeds"]
+            args.distinct_seeds = True
             args.device = args.device or "cpu"
         if not args.model:
             raise EvalError("--model is required (or --tiny for the offline demo)")
@@ -933,7 +941,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise EvalError("--prompts is required: pickapic, parti, hpsv2 or a text file")
         result = evaluate(
             args.model, args.baseline, args.prompts, (args.rewards or ",".join(rw.PAPER_REWARDS)).split(","),
-            args.output_dir or "out/eval", num_seeds=args.num_seeds, limit=args.limit, steps=args.steps,
+            args.output_dir or "out/eval", num_seeds=args.num_seeds, distinct_seeds=args.distinct_seeds,
+            limit=args.limit, steps=args.steps,
             guidance_scale=args.guidance_scale, resolution=args.resolution, batch_size=args.batch_size,
             reward_batch_size=args.reward_batch_size, device=args.device, dtype=args.dtype,
             pickapic_dataset=args.pickapic_dataset, progress=not args.quiet,

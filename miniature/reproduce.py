@@ -1,28 +1,23 @@
-"""The paper in miniature: every configuration of PAPER.md §6 trained on the toy preference pairs, evaluated on
-held-out prompts, and the paper's figures drawn from the runs (DESIGN.md, "The toy miniature").
+"""The paper in miniature as an experiment: the design is pre-registered in the README ("The paper in miniature"),
+every main configuration is trained with 10 seeds, and each claim ends with its interval and a verdict.
 
-    python -m miniature.reproduce                                  # the whole reproduction, 3 seeds: 23 min on a 2-core VM
-    python -m miniature.reproduce --smoke --output_dir out/repro-smoke   # the mechanics only, in under a minute
-    python -m miniature.reproduce --seeds 0 1 2 3 4 --steps 400    # more seeds, longer runs
-    python -m miniature.reproduce --model my_toy_model --pairs my_pairs.parquet --output_dir out/repro2
+    python -m miniature.reproduce                                        # the study (~80 min on a 2-core CPU)
+    python -m miniature.reproduce --quick                                # 3 seeds, the main rows (~20 min)
+    python -m miniature.reproduce --smoke --output_dir out/repro-smoke   # the mechanics only (~1 min; the tests)
 
-Stages (each with its own progress bar; a rerun in the same --output_dir skips finished runs and images):
-  0. pairs        the toy preference pairs (--pairs, else sampled from --model once and cached: toy.cached_pairs)
-  1. calibration  τ and δ by the paper's own principle (Fig. 1c): reference updates *without* the monitor at a few
-                  τ on seed 0, checkpoints along the way; each checkpoint's held-out preference score (toy_label)
-                  is plotted against its divergence D from the initial model. δ is the D of the best checkpoint
-                  (past it the score stops improving) and τ the update period of that run.
-  2. training     six configurations × --seeds, in-process through train_sd15.main (--jobs processes at once):
-                  SFT; Diffusion-DPO; reference update without the monitor at the smallest τ; update with the
-                  monitor ("exploration only"); the timestep strategy only; the full method.
-  3. evaluation   eval.evaluate on toy.EVAL_PROMPTS (never used for pairs) with fixed sampling seeds, rewards
-                  toy_fidelity, toy_aesthetic, toy_label: mean ± std over training seeds per configuration, and
-                  same-seed win rates of the full method over each baseline, paired by training seed.
-  4. figures      fig1b (margin and divergence over steps), fig2 (per t-bin loss, reward scale, accuracy, λ(t)),
-                  fig5 (per t-bin divergence, timestep-aware vs exploration only), samples (same-seed grid).
-  5. results      OUTPUT_DIR/results.md (tables and figures) and results.json; the tables are printed.
-
-Everything is CPU-sized: the toy model is a 32 px SD1.5-layout pipeline, a training step is 8 pairs.
+Stages (each with its progress bar; a rerun in the same --output_dir reuses finished runs and images):
+  0. pairs        training pairs on toy.PAIR_PROMPTS and diagnostic pairs on the held-out prompts, sampled from
+                  the toy base model (DDIM, trailing spacing: its first step is t = 999) and labelled by toy_label
+  1. calibration  τ from a grid scaled to the run length as the paper's {16, 32, 64} is to its 2000 steps, and δ
+                  by Fig. 1c's principle: runs with reference updates and no monitor, checkpointed; each checkpoint
+                  scored on toy.CALIBRATION_PROMPTS (never evaluated on) against its D(p_θ, p_init). The rule picks
+                  the best checkpoint inside the freeze window (30–50 % of the run): δ = its D, τ = its run's τ
+  2. training     every configuration × its seeds, `--jobs` processes at once, train_sd15.main in-process
+  3. evaluation   eval.py on toy.EVAL_PROMPTS, every image with its own seed (distinct_seeds)
+  4. diagnostics  per t-bin implicit accuracy, reward magnitude and D of final models against p_init on held-out
+                  pairs with uniform t (Fig. 2's protocol, Fig. 5)
+  5. results      the claims with paired 95 % t-intervals over training seeds and a verdict each, the tables, the
+                  figures; OUTPUT_DIR/results.md and results.json
 """
 from __future__ import annotations
 
@@ -33,11 +28,9 @@ import math
 import multiprocessing
 import os
 import resource
-import shutil
 import signal
 import sys
 import time
-import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
@@ -48,142 +41,151 @@ from tqdm import tqdm
 HERE = Path(__file__).resolve().parent
 DEFAULT_MODEL = HERE / "toy_model"
 REWARDS = ("toy_fidelity", "toy_aesthetic", "toy_label")
-FIGURE_DPI = 100
+PRIMARY = "toy_label"
 NUM_BINS = 10  # toolbox.NUM_LOG_BINS: the paper's 10 equal t-bins, bin 0 the cleanest
+CALIBRATION_SEED = 1000  # the calibration runs' training seed, apart from the study's 0, 1, …
 
-# The small-scale recipe. Every value is a flag of this script; the comments say why it was chosen.
+# The recipe, fixed before the final run (README, pre-registration). Every value is a flag of this script.
 RECIPE = dict(
-    steps=200,            # optimizer steps per run: 18 runs + calibration + evaluation fit the 30-minute budget
-    batch=8,              # pairs per step (no accumulation): ~0.35 CPU-s per Diffusion-DPO step on the toy model
-    # β and lr: the paper's β = 5000 (§5); with lr 3e-5 Diffusion-DPO ends at D(p_θ, p_init) ≈ 0.003 in 200
-    # steps and raises the held-out toy_label by 0.02 (README). On an earlier toy base model, lr 1e-4 drifted
-    # to D ≈ 0.03 and ended worse than the base (−0.03 toy_label), 3e-4 to D ≈ 0.15 and −0.075 (Fig. 1c).
-    learning_rate=3e-5,   # AdamW, constant after warm-up
-    warmup=10,
-    beta=5000.0,
-    calibration_taus=(2, 8),  # τ grid of the calibration; the smallest is also the "update without monitor" run
-    checkpoints=8,        # checkpoints per calibration run, i.e. points of the Fig. 1c curve
-    divergence_every=10,  # log D(policy, p_init) for Fig. 1b
-    monitor_samples=32,   # (winner, t, ε) draws of the monitor: 8 made its D too noisy for a small δ
-    bin_stats_every=20,   # per-t-bin statistics for Fig. 2
-    # Sampling seeds per held-out prompt. eval.py gives every prompt the same seeds 0 … N−1, and in the toy world
-    # the initial noise largely fixes the layout, so N seeds are N layouts: 2 seeds moved the base model's mean
-    # toy_label from 0.50 (seeds 0, 1) to 0.65 (seeds 2, 3). Comparisons stay paired; 4 seeds are 4 layouts.
-    eval_seeds=4,
-    calibration_seeds=2,  # per held-out prompt for the calibration score; a distinct seed per image, apart from eval's
-    probe_images=48,      # winner images of the divergence probe (Fig. 5, calibration)
+    steps=100,            # optimizer steps per run (L): 8 main configurations × 10 seeds fit the 90-minute budget
+    batch=8,              # pairs per step: 800 of the 1000 training pairs per run, each about once
+    learning_rate=6e-5,   # AdamW, constant after warm-up: lr × L as the 200-step, 3e-5 recipe before it
+    warmup=5,
+    beta=5000.0,          # Diffusion-DPO's SD1.5 β (PAPER.md §5)
+    taus=(1, 2, 3),       # the paper's {16, 32, 64} of 2000 steps, scaled to L = 100: {0.8, 1.6, 3.2}
+    freeze_window=(0.3, 0.5),  # the calibration's δ must freeze the reference inside this share of the run
+    calibration_every=10,  # checkpoint (and Fig. 1c point) every N steps of a calibration run
+    calibration_seeds=4,  # images per calibration prompt (27 prompts), each with its own seed
+    eval_seeds=2,         # images per held-out prompt (54 prompts), each with its own seed
+    seeds=10,             # training seeds of every main configuration (0 … N−1)
+    cheap_seeds=3,        # SFT and Re-Init
+    long_seeds=3,         # the long run without the monitor (claim 2)
+    long_factor=4,        # … of long_factor × L steps
+    diagnostic_seeds=3,   # final models per configuration that the held-out-pair diagnostics measure
+    diagnostic_pairs=96,  # held-out pairs of those diagnostics (on the evaluation prompts; nothing is tuned there)
+    num_pairs=1000,       # training pairs sampled from the base model
+    monitor_samples=64,   # the monitor's probe (train_sd15.py's default)
+    sesoi=0.005,          # smallest effect of interest in held-out toy_label (README)
 )
-SMOKE = dict(steps=4, batch=2, warmup=0, calibration_taus=(2,), checkpoints=2, divergence_every=2,
-             monitor_samples=4, bin_stats_every=2, eval_seeds=1, calibration_seeds=1, probe_images=4)
+QUICK = dict(seeds=3, cheap_seeds=0, long_seeds=0, diagnostic_seeds=2)
+SMOKE = dict(steps=4, batch=2, warmup=0, taus=(1,), calibration_every=2, calibration_seeds=1, eval_seeds=1,
+             seeds=2, cheap_seeds=0, long_seeds=1, long_factor=2, diagnostic_seeds=1, diagnostic_pairs=4,
+             num_pairs=16, monitor_samples=4)
 SMOKE_PROMPTS = 2
-SMOKE_PAIRS = 16  # pairs made, or read from --pairs, in a smoke run (the latent cache then holds only these)
-CALIBRATION_SEED_OFFSET = 10_000  # calibration samples use seeds 10000+, evaluation seeds 0, 1, ...
 
-# The six configurations of the issue, in table order: (key, label, flags). τ, δ come from the calibration.
+# (key, label, flags from the calibration, which seeds: main / cheap / long / quick-main)
 CONFIGS = (
-    ("sft", "SFT", lambda c: ["--loss", "sft", "--tau", "0", "--gamma", "1", "--no_reward_scale"]),
-    ("dpo", "Diffusion-DPO", lambda c: ["--tau", "0", "--gamma", "1", "--no_reward_scale"]),
-    ("nomonitor", "update without monitor", lambda c: ["--tau", str(c["tau_small"]), "--on_diverge", "ignore",
-                                                        "--gamma", "1", "--no_reward_scale"]),
-    ("explore", "update + monitor (exploration only)", lambda c: ["--tau", str(c["tau"]), "--delta", str(c["delta"]),
-                                                                  "--gamma", "1", "--no_reward_scale"]),
-    ("timestep", "timestep strategy only", lambda c: ["--tau", "0", "--gamma", "0.9"]),
-    ("full", "full method (γ = 0.9 + λ(t))", lambda c: ["--tau", str(c["tau"]), "--delta", str(c["delta"]),
-                                                         "--gamma", "0.9"]),
+    ("sft", "SFT", lambda c: ["--loss", "sft", "--tau", "0", "--gamma", "1", "--no_reward_scale"], "cheap"),
+    ("dpo", "Diffusion-DPO", lambda c: ["--tau", "0", "--gamma", "1", "--no_reward_scale"], "main"),
+    ("explore", "exploration only (τ + monitor)",
+     lambda c: ["--tau", str(c["tau"]), "--delta", str(c["delta"]), "--gamma", "1", "--no_reward_scale"], "main"),
+    ("nomonitor", "the same τ without the monitor",
+     lambda c: ["--tau", str(c["tau"]), "--on_diverge", "ignore", "--gamma", "1", "--no_reward_scale"], "main"),
+    ("nomonitor_long", "… and 4× longer",
+     lambda c: ["--tau", str(c["tau"]), "--on_diverge", "ignore", "--gamma", "1", "--no_reward_scale"], "long"),
+    ("reinit", "Re-Init instead of freeze",
+     lambda c: ["--tau", str(c["tau"]), "--delta", str(c["delta"]), "--on_diverge", "reinit", "--gamma", "1",
+                "--no_reward_scale"], "cheap"),
+    ("timestep50", "timestep strategy only, 50 bins", lambda c: ["--tau", "0", "--gamma", "0.9", "--num_bins", "50"],
+     "main"),
+    ("timestep10", "timestep strategy only, 10 bins", lambda c: ["--tau", "0", "--gamma", "0.9", "--num_bins", "10"],
+     "main"),
+    ("full50", "full method, 50 bins",
+     lambda c: ["--tau", str(c["tau"]), "--delta", str(c["delta"]), "--gamma", "0.9", "--num_bins", "50"], "main"),
+    ("full10", "full method, 10 bins",
+     lambda c: ["--tau", str(c["tau"]), "--delta", str(c["delta"]), "--gamma", "0.9", "--num_bins", "10"], "main"),
+    ("fullnorm", "full method, 50 bins, mean λ = 1",
+     lambda c: ["--tau", str(c["tau"]), "--delta", str(c["delta"]), "--gamma", "0.9", "--num_bins", "50",
+                "--reward_scale_norm"], "main"),
 )
-SMOKE_CONFIGS = ("dpo", "full")
-LABELS = {key: label for key, label, _ in CONFIGS}
-LABELS["base"] = "base (toy_model)"
+QUICK_CONFIGS = ("dpo", "explore", "nomonitor", "timestep50", "full50")
+SMOKE_CONFIGS = ("dpo", "explore", "nomonitor_long", "nomonitor", "full50")
+LABELS = {key: label for key, label, _, _ in CONFIGS} | {"base": "base (toy_model)"}
+
+# The pre-registered claims (README): (claim, A, B, kind). A − B in held-out toy_label, paired by training seed.
+#   beats:       reproduced if the interval lies above 0, refuted if it lies below the SESOI, else inconclusive
+#   degrades:    reproduced if it lies below 0, refuted if it lies above −SESOI
+#   not_better:  reproduced if it lies below the SESOI, refuted if it lies above 0
+CLAIMS = (
+    ("1. exploration with the monitor beats Diffusion-DPO", "explore", "dpo", "beats"),
+    ("2. without the monitor the same τ degrades with training (4× longer vs 1×)", "nomonitor_long", "nomonitor",
+     "degrades"),
+    ("3a. the timestep strategy alone does not beat Diffusion-DPO (50 bins)", "timestep50", "dpo", "not_better"),
+    ("3b. the timestep strategy alone does not beat Diffusion-DPO (10 bins)", "timestep10", "dpo", "not_better"),
+    ("4a. the full method beats exploration only (50 bins)", "full50", "explore", "beats"),
+    ("4b. the full method beats exploration only (10 bins)", "full10", "explore", "beats"),
+)
+SECONDARY = (("Diffusion-DPO vs the base model", "dpo", "base"), ("SFT vs the base model", "sft", "base"),
+             ("full method vs Diffusion-DPO (50 bins)", "full50", "dpo"),
+             ("mean λ = 1 vs the full method (λ's effective-β raise)", "fullnorm", "full50"),
+             ("Re-Init vs freeze", "reinit", "explore"))
+# t_{0.975, df}: the paired t-interval's quantile, df = seeds − 1.
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 19: 2.093, 29: 2.045}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--output_dir", default="out/repro", help="runs, evaluation, figures and results go here")
+    p.add_argument("--output_dir", default="out/repro", help="runs, images, figures and results go here")
     p.add_argument("--model", default=str(DEFAULT_MODEL), help="the toy base model (pipeline folder, hub layout)")
-    p.add_argument("--pairs", default=None,
-                   help="toy preference pairs (Pick-a-Pic parquet); default: --num_pairs pairs sampled from --model "
-                        "and labelled by toy_label (toy.cached_pairs: made once, then reused from the cache)")
-    p.add_argument("--num_pairs", type=int, default=1000, help="pairs to sample when --pairs is not given")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds of every configuration")
-    p.add_argument("--smoke", action="store_true",
-                   help=f"mechanics only: {', '.join(SMOKE_CONFIGS)} × the first seed, {SMOKE['steps']} steps, "
-                        f"{SMOKE_PROMPTS} prompts; every table and figure is still made")
+    p.add_argument("--quick", action="store_true", help=f"{QUICK['seeds']} seeds of {', '.join(QUICK_CONFIGS)} only")
+    p.add_argument("--smoke", action="store_true", help="the mechanics only: tiny runs, every table and figure made")
     p.add_argument("--jobs", type=int, default=None,
-                   help="training runs at once, each in its own process with one torch thread "
-                        "(default: min(2, CPU count), 1 with --smoke; 1 trains in this process)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads of this process (sampling, probes; also trains with --jobs 1). One: on a shared "
-                        "2-core machine, spinning OpenMP threads made tiny-model runs up to 10x slower (conftest.py)")
-    p.add_argument("--tau", type=int, default=None, help="skip the calibration's choice of τ and use this")
-    p.add_argument("--delta", type=float, default=None, help="skip the calibration's choice of δ and use this")
-    g = p.add_argument_group("small-scale recipe (defaults: the RECIPE of this file; --smoke: its SMOKE)")
-
-    def recipe_flag(name, type_, help_, **kwargs):
-        smoke = f"; --smoke: {SMOKE[name]}" if name in SMOKE else ""
-        # SUPPRESS: unset flags stay absent, so that the recipe (or the smoke recipe) fills them in below.
-        g.add_argument(f"--{name}", type=type_, default=argparse.SUPPRESS,
-                       help=f"{help_} (default {RECIPE[name]}{smoke})".replace("%", "%%"), **kwargs)
-
-    recipe_flag("steps", int, "optimizer steps of every run")
-    recipe_flag("batch", int, "pairs per optimizer step")
-    recipe_flag("learning_rate", float, "AdamW learning rate, constant after warm-up")
-    recipe_flag("warmup", int, "linear warm-up steps")
-    recipe_flag("beta", float, "β of Diffusion-DPO (PAPER.md §1)")
-    recipe_flag("calibration_taus", int, "τ of the calibration runs; the smallest is also the 'update without "
-                "monitor' run's", nargs="+")
-    recipe_flag("checkpoints", int, "checkpoints per calibration run")
-    recipe_flag("divergence_every", int, "log D(p_θ, p_init) every N steps (Fig. 1b)")
-    recipe_flag("monitor_samples", int, "(winner, t, ε) draws of the divergence monitor")
-    recipe_flag("bin_stats_every", int, "log per-t-bin statistics every N steps (Fig. 2)")
-    recipe_flag("eval_seeds", int, "sampling seeds per held-out prompt")
-    recipe_flag("calibration_seeds", int, "sampling seeds per held-out prompt for the calibration score (apart "
-                "from the evaluation's)")
-    recipe_flag("probe_images", int, "winner images of the divergence probe")
+                   help="runs at once, each in its own process with one torch thread (default: min(2, CPUs); "
+                        "1 with --smoke: trains in this process)")
+    g = p.add_argument_group("the pre-registered recipe (defaults: this file's RECIPE; --quick, --smoke change some)")
+    for name, value in RECIPE.items():
+        kind = type(value[0]) if isinstance(value, tuple) else type(value)
+        g.add_argument(f"--{name}", type=kind, nargs="+" if isinstance(value, tuple) else None,
+                       default=argparse.SUPPRESS, help=f"default {value}".replace("%", "%%"))
     args = p.parse_args(argv)
-    defaults = {**RECIPE, **(SMOKE if args.smoke else {})}
+    defaults = {**RECIPE, **(QUICK if args.quick else {}), **(SMOKE if args.smoke else {})}
     for name, value in defaults.items():
-        if getattr(args, name, None) is None:
+        if not hasattr(args, name):
             setattr(args, name, value)
-    for name in ("steps", "batch", "checkpoints", "monitor_samples", "eval_seeds", "calibration_seeds",
-                 "probe_images", "num_pairs"):
+    for name in ("steps", "batch", "calibration_every", "calibration_seeds", "eval_seeds", "seeds", "long_factor",
+                 "num_pairs", "monitor_samples", "diagnostic_pairs"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1")
-    if args.learning_rate <= 0 or args.beta <= 0 or min(args.calibration_taus) < 1:
-        p.error("--learning_rate, --beta and every --calibration_taus must be positive")
-    if args.smoke:
-        args.seeds = args.seeds[:1]
+    if args.learning_rate <= 0 or args.beta <= 0 or min(args.taus) < 1:
+        p.error("--learning_rate, --beta and every --taus must be positive")
+    if not 0 < args.freeze_window[0] < args.freeze_window[1] <= 1:
+        p.error("--freeze_window takes two shares of the run, 0 < a < b <= 1")
     if args.jobs is None:  # a smoke run's few steps cost less than starting a worker process
         args.jobs = 1 if args.smoke else max(1, min(2, os.cpu_count() or 1))
     return args
 
 
+def configs(args) -> list[tuple[str, list[int]]]:
+    """(key, training seeds) of every configuration this invocation trains."""
+    chosen = SMOKE_CONFIGS if args.smoke else QUICK_CONFIGS if args.quick else [k for k, *_ in CONFIGS]
+    count = {"main": args.seeds, "cheap": args.cheap_seeds, "long": args.long_seeds}
+    return [(key, list(range(count[kind]))) for key, _, _, kind in CONFIGS if key in chosen and count[kind]]
+
+
 # Running train_sd15.main, in this process or in a worker
 
 
-def train_argv(args, run_dir: Path, seed: int, flags: list[str]) -> list[str]:
-    """The flags every run shares, then the configuration's own (PAPER.md §5 recipe, scaled to the toy)."""
-    common = ["--pretrained_model", args.model, "--dataset", args.pairs, "--resolution", "32",
-              "--output_dir", str(run_dir), "--seed", str(seed), "--max_steps", str(args.steps),
-              "--train_batch_size", str(args.batch), "--effective_batch_size", str(args.batch),
-              "--learning_rate", str(args.learning_rate), "--no-scale_lr", "--warmup_steps", str(args.warmup),
-              "--beta", str(args.beta), "--divergence_every", str(args.divergence_every),
-              "--monitor_samples", str(args.monitor_samples), "--bin_stats_every", str(args.bin_stats_every),
-              "--device", "cpu", "--dataloader_workers", "0", "--checkpoint_every", str(args.steps + 1),
-              # The VAE and text encoder run once per image for all runs, not once per step.
-              "--cache_latents", "--cache_dir", str(Path(args.output_dir) / "cache"),
-              "--overwrite"]  # a run cut short is trained again from the start
-    if args.smoke:
-        common += ["--max_train_samples", str(SMOKE_PAIRS)]
-    return common + flags
+def train_argv(args, run_dir: Path, seed: int, flags: list[str], steps: int | None = None) -> list[str]:
+    """The flags every run shares, then the configuration's own (PAPER.md §5's recipe, scaled to the toy)."""
+    return ["--pretrained_model", args.model, "--dataset", args.pairs, "--resolution", "32",
+            "--output_dir", str(run_dir), "--seed", str(seed), "--max_steps", str(steps or args.steps),
+            "--train_batch_size", str(args.batch), "--effective_batch_size", str(args.batch),
+            "--learning_rate", str(args.learning_rate), "--no-scale_lr", "--warmup_steps", str(args.warmup),
+            "--beta", str(args.beta), "--divergence_every", str(args.calibration_every),
+            "--monitor_samples", str(args.monitor_samples), "--bin_stats_every", str(args.calibration_every),
+            "--device", "cpu", "--dataloader_workers", "0", "--checkpoint_every", str(10**9), "--no-plot",
+            # The VAE and text encoder run once per image for all runs, not once per step.
+            "--cache_latents", "--cache_dir", str(Path(args.output_dir) / "cache"),
+            "--overwrite", *flags]  # a run cut short is trained again from the start
 
 
 def run_done(run_dir: Path, argv: list[str]) -> bool:
-    """A finished run with exactly these flags is reused (a rerun resumes the reproduction, not each run)."""
-    info = run_dir / "run.json"
-    if not (info.is_file() and (run_dir / "final" / "model_index.json").is_file()):
-        return False
-    return json.loads(info.read_text()).get("argv") == argv
+    """A finished run with exactly these flags is reused (a rerun resumes the study, not each run)."""
+    info = run_dir / "reproduce.json"
+    return info.is_file() and (run_dir / "final" / "model_index.json").is_file() and \
+        json.loads(info.read_text()).get("argv") == argv
 
 
 def train_one(run_dir: str, argv: list[str]) -> dict:
@@ -192,15 +194,14 @@ def train_one(run_dir: str, argv: list[str]) -> dict:
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "run.json").unlink(missing_ok=True)
+    (run_dir / "reproduce.json").unlink(missing_ok=True)
     start, cpu = time.time(), time.process_time()
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     root_level = logging.getLogger().level  # toolbox.start sets INFO logging for its own run only
     sys.stdout.flush(), sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
     try:
-        # File-descriptor level, so that tqdm, logging and print of the run all land in its train.log.
-        with open(run_dir / "train.log", "w") as log:
+        with open(run_dir / "train.log", "w") as log:  # file-descriptor level: tqdm, logging and print alike
             os.dup2(log.fileno(), 1), os.dup2(log.fileno(), 2)
             logging.getLogger().setLevel(logging.INFO)
             try:
@@ -216,22 +217,11 @@ def train_one(run_dir: str, argv: list[str]) -> dict:
             signal.signal(s, h)
         logging.getLogger().setLevel(root_level)
     info = {"argv": argv, "wall_s": round(time.time() - start, 1), "cpu_s": round(time.process_time() - cpu, 1)}
-    (run_dir / "run.json").write_text(json.dumps(info, indent=1))
+    (run_dir / "reproduce.json").write_text(json.dumps(info, indent=1))
     return info
 
 
-def warm_cache(args, out: Path) -> None:
-    """Encode the pairs into the shared latent cache with a one-step run, before runs start in parallel: two
-    processes building the same cache folder at once collide (latent_cache.build renames a shared temp folder)."""
-    run_dir = out / "cache" / "warmup"
-    argv = train_argv(args, run_dir, 0, ["--tau", "0"])
-    argv[argv.index("--max_steps") + 1] = "1"
-    if not run_done(run_dir, argv):
-        train_one(str(run_dir), argv)
-
-
 def quiet_libraries() -> None:
-    """The stage bars are the progress report: no per-component loading bars or torchvision notices."""
     import diffusers.utils.logging
     import transformers.utils.logging
 
@@ -249,14 +239,14 @@ def _worker_init():
 def run_tasks(tasks: list[tuple], jobs: int, desc: str) -> list:
     """Run (fn, *args) tasks, `jobs` processes at once (or here, in order, with jobs = 1); results in order."""
     results = [None] * len(tasks)
-    with tqdm(total=len(tasks), desc=desc, unit="run", dynamic_ncols=True) as bar:
+    with tqdm(total=len(tasks), desc=desc, unit="task", dynamic_ncols=True) as bar:
         if jobs <= 1 or len(tasks) <= 1:
             for i, (fn, *fn_args) in enumerate(tasks):
                 results[i] = fn(*fn_args)
                 bar.update(1)
             return results
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_worker_init) as pool:
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_worker_init) as pool:
             futures = {pool.submit(fn, *fn_args): i for i, (fn, *fn_args) in enumerate(tasks)}
             for future in as_completed(futures):
                 results[futures[future]] = future.result()
@@ -264,144 +254,68 @@ def run_tasks(tasks: list[tuple], jobs: int, desc: str) -> list:
     return results
 
 
-# The divergence probe: D(p, p_init) of PAPER.md §2, per t-bin, on many fixed draws
-
-
-class DivergenceProbe:
-    """The monitor's estimate of §2, D = mean (e_model(x_t) − e_init(x_t)) over winner images x_w with shared
-    ε, but with fixed inputs and many more draws than the monitor's, and split by t-bin: for every one of
-    the 10 bins, each of `num_images` winners is noised once at a t drawn inside the bin. D over all bins is
-    the monitor's estimate with t ~ U; D per bin is Fig. 5's. The latent is the VAE posterior mean."""
-
-    def __init__(self, model_dir: str, pairs: str, num_images: int, seed: int = 0):
-        import data
-        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTokenizer
-
-        self.model_dir = model_dir
-        self.init = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet").eval().requires_grad_(False)
-        vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae").eval()
-        tokenizer = CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer")
-        text_encoder = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder").eval()
-        scheduler = DDPMScheduler.from_pretrained(model_dir, subfolder="scheduler")
-        dataset = data.load_pairs(pairs)
-        rng = np.random.default_rng(seed)
-        rows = rng.choice(len(dataset), size=min(num_images, len(dataset)), replace=False)
-        transform = data.PairTransform(32, caption_dropout=0.0)
-        items = [transform(dataset[int(i)], 0, int(i)) for i in rows]
-        items = [it for it in items if it is not None]
-        pixels = torch.stack([it["pixels"][0] for it in items])
-        gen = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            latents = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
-            ids = tokenizer([it["caption"] for it in items], padding="max_length", truncation=True,
-                            max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
-            self.cond = text_encoder(ids)[0]
-        n, T = len(items), scheduler.config.num_train_timesteps
-        width = T // NUM_BINS
-        self.inputs = []
-        for k in range(NUM_BINS):
-            t = k * width + torch.randint(0, width, (n,), generator=gen)
-            noise = torch.randn(latents.shape, generator=gen)
-            self.inputs.append((scheduler.add_noise(latents, noise, t), t, noise))
-        self.err_init = self.errors(self.init)
-
-    @torch.no_grad()
-    def errors(self, unet) -> torch.Tensor:
-        """Per-sample errors mean_CHW (ε_θ − ε)² (losses.per_sample_error), [bins, images]."""
-        from losses import per_sample_error
-
-        return torch.stack([per_sample_error(unet(x, t, encoder_hidden_states=self.cond).sample, noise)
-                            for x, t, noise in self.inputs])
-
-    def by_bin(self, unet) -> list[float]:
-        return (self.errors(unet) - self.err_init).mean(dim=1).tolist()
-
-    def unet(self, weights: dict):
-        """A copy of the initial UNet holding `weights` (a policy state dict)."""
-        import copy
-
-        unet = copy.deepcopy(self.init)
-        unet.load_state_dict(weights)
-        return unet
-
-    def unet_of(self, pipeline_dir: str):
-        from diffusers import UNet2DConditionModel
-
-        return UNet2DConditionModel.from_pretrained(pipeline_dir, subfolder="unet").eval().requires_grad_(False)
-
-
-def probe_divergence(model_dir: str, pairs: str, num_images: int, pipelines: dict[str, str]) -> dict:
-    """{name: per-bin D} of each trained pipeline (Fig. 5 and the training table)."""
-    probe = DivergenceProbe(model_dir, pairs, num_images)
-    return {name: probe.by_bin(probe.unet_of(path)) for name, path in pipelines.items()}
-
-
 # Stage 0: pairs
 
 
 def ensure_pairs(args) -> dict:
-    """The toy pairs: --pairs if given, else toy.cached_pairs of the base model (the pairs `train_sd15.py --tiny`
-    reads too, made once per model and cached)."""
+    """The training pairs (toy.PAIR_PROMPTS) and the diagnostics' held-out pairs (toy.EVAL_PROMPTS), made once
+    per base model and cached."""
     from miniature import toy
 
-    if args.pairs:
-        if not os.path.exists(args.pairs):
-            sys.exit(f"error: --pairs {args.pairs} does not exist (leave it out to sample pairs from --model)")
-        print(f"[0/5] pairs: {args.pairs}")
-        return {"pairs": args.pairs, "made": False}
-    num = SMOKE_PAIRS if args.smoke else args.num_pairs
-    path = toy.cached_pairs(args.model, num, seed=0)
-    print(f"[0/5] pairs: {path}")
-    args.pairs = str(path)
-    stats = path.with_suffix(".json")
-    return {"pairs": str(path), "made": True, **(json.loads(stats.read_text()) if stats.is_file() else {})}
+    print("[0/5] pairs")
+    args.pairs = str(toy.cached_pairs(args.model, args.num_pairs, seed=0))
+    args.held_out_pairs = str(toy.cached_pairs(args.model, args.diagnostic_pairs, seed=1, split="eval"))
+    stats = Path(args.pairs).with_suffix(".json")
+    return {"pairs": args.pairs, "held_out_pairs": args.held_out_pairs,
+            **(json.loads(stats.read_text()) if stats.is_file() else {})}
+
+
+def warm_cache(args, out: Path) -> None:
+    """Encode the pairs into the shared latent cache with a one-step run, before runs start in parallel: two
+    processes building the same cache folder at once would collide."""
+    run_dir = out / "cache" / "warmup"
+    argv = train_argv(args, run_dir, 0, ["--tau", "0"], steps=1)
+    if not run_done(run_dir, argv):
+        train_one(str(run_dir), argv)
 
 
 # Stage 1: calibration (Fig. 1c)
 
 
-def calibration_prompts(args) -> tuple[list[str], list[int]]:
-    """Held-out prompts (toy.EVAL_PROMPTS), sampled with seeds the evaluation never uses, a different seed for
-    every image: in the toy world the initial noise largely fixes the layout, so one seed shared by all
-    prompts would score a single layout."""
+def calibration_keys(args) -> tuple[list[str], list[int]]:
+    """toy.CALIBRATION_PROMPTS, each with `calibration_seeds` images of their own seeds (10⁶ + …)."""
     from miniature import toy
 
-    prompts = toy.EVAL_PROMPTS[:SMOKE_PROMPTS] if args.smoke else toy.EVAL_PROMPTS
-    keys = [(p, CALIBRATION_SEED_OFFSET + i * args.calibration_seeds + s)
-            for i, p in enumerate(prompts) for s in range(args.calibration_seeds)]
+    prompts = toy.CALIBRATION_PROMPTS[:SMOKE_PROMPTS] if args.smoke else toy.CALIBRATION_PROMPTS
+    keys = [(p, 10**6 + i * args.calibration_seeds + s) for i, p in enumerate(prompts)
+            for s in range(args.calibration_seeds)]
     return [p for p, _ in keys], [s for _, s in keys]
 
 
-def calibrate_run(run_dir: str, argv: list[str], model: str, pairs: str, probe_images: int,
-                  prompts: list[str], seeds: list[int], smoke: bool) -> dict:
-    """One calibration run (updates without the monitor): train with checkpoints, then for each checkpoint
-    (and the base model, step 0) the held-out toy_label score of its samples and its divergence D."""
+def calibrate_run(run_dir: str, argv: list[str], model: str, prompts: list[str], seeds: list[int],
+                  every: int) -> dict:
+    """A calibration run (reference updates without the monitor): train with checkpoints, then each checkpoint's
+    mean toy_label on the calibration prompts against its D(p_θ, p_init) (the monitor's probe, from the log)."""
     from miniature import toy
 
-    steps_ = 4 if smoke else toy.NUM_INFERENCE_STEPS
-    key = {"argv": argv, "prompts": prompts, "seeds": seeds, "probe_images": probe_images,
-           "sampler": [toy.SAMPLER, steps_, toy.GUIDANCE_SCALE]}
     cached = Path(run_dir) / "calibration.json"
+    key = {"argv": argv, "prompts": prompts, "seeds": seeds,
+           "sampler": [toy.SAMPLER, toy.TIMESTEP_SPACING, toy.NUM_INFERENCE_STEPS, toy.GUIDANCE_SCALE]}
+    if run_done(Path(run_dir), argv) and cached.is_file() and json.loads(cached.read_text())["key"] == key:
+        return json.loads(cached.read_text())["result"]
     if not run_done(Path(run_dir), argv):
         train_one(run_dir, argv)
-    elif cached.is_file() and json.loads(cached.read_text())["key"] == key:
-        return json.loads(cached.read_text())["result"]
+    import plot
+
+    divergence = dict(zip(*plot.series(plot.read_log(run_dir), "policy_divergence")))
     pipe = toy.load_pipeline(model)
-    probe = DivergenceProbe(model, pairs, probe_images)
-    steps = [0] + sorted(int(p.name.split("-")[1]) for p in Path(run_dir).glob("checkpoint-*"))
     points = []
-    for step in steps:
+    for step in [0] + sorted(int(p.name.split("-")[1]) for p in Path(run_dir).glob("checkpoint-*")):
         if step:
-            state = torch.load(Path(run_dir) / f"checkpoint-{step}" / "state.pt", map_location="cpu",
-                               weights_only=False)
+            state = torch.load(Path(run_dir) / f"checkpoint-{step}" / "state.pt", map_location="cpu", weights_only=True)
             pipe.unet.load_state_dict(state["policy"])
-            unet = probe.unet(state["policy"])
-        else:
-            unet = probe.init
-        images = toy.sample(pipe, prompts, seeds, num_inference_steps=steps_)
-        by_bin = probe.by_bin(unet)
-        points.append({"step": step, "divergence": float(np.mean(by_bin)),
+        images = toy.sample(pipe, prompts, seeds)
+        points.append({"step": step, "divergence": float(divergence.get(step, 0.0)),
                        "score": float(np.mean(toy.label_reward(images, prompts)))})
     result = {"run_dir": run_dir, "points": points}
     cached.write_text(json.dumps({"key": key, "result": result}))
@@ -409,399 +323,377 @@ def calibrate_run(run_dir: str, argv: list[str], model: str, pairs: str, probe_i
 
 
 def calibrate(args, out: Path) -> dict:
-    """Fig. 1c's principle: the preference score against the divergence D(p_θ, p_init) as the policy explores
-    with an updated, unmonitored reference. δ = D of the best checkpoint, τ = that run's τ."""
-    prompts, seeds = calibration_prompts(args)
-    every = max(1, args.steps // args.checkpoints)
-    tasks, taus = [], list(args.calibration_taus)
-    for tau in taus:
+    """Fig. 1c's principle with the pre-registered rule: among the checkpoints inside the freeze window, the one
+    with the best calibration score; δ = its D, τ = its run's τ."""
+    prompts, seeds = calibration_keys(args)
+    tasks = []
+    for tau in args.taus:
         run_dir = out / "calibration" / f"tau{tau}"
-        flags = ["--tau", str(tau), "--on_diverge", "ignore", "--gamma", "1", "--no_reward_scale"]
-        argv = train_argv(args, run_dir, args.seeds[0], flags)
-        argv[argv.index("--checkpoint_every") + 1] = str(every)
-        argv += ["--keep_checkpoints", str(args.checkpoints + 1)]
-        tasks.append((calibrate_run, str(run_dir), argv, args.model, args.pairs, args.probe_images, prompts, seeds,
-                      args.smoke))
-    results = run_tasks(tasks, args.jobs, "[1/5] calibration")
-    curves = {tau: r["points"] for tau, r in zip(taus, results)}
-    best_tau, best = max(((tau, p) for tau, pts in curves.items() for p in pts if p["step"] > 0),
-                         key=lambda tp: tp[1]["score"])
-    base_score = curves[taus[0]][0]["score"]
+        flags = ["--tau", str(tau), "--on_diverge", "ignore", "--gamma", "1", "--no_reward_scale",
+                 "--checkpoint_every", str(args.calibration_every), "--keep_checkpoints", "1000"]
+        tasks.append((calibrate_run, str(run_dir), train_argv(args, run_dir, CALIBRATION_SEED, flags), args.model,
+                      prompts, seeds, args.calibration_every))
+    curves = dict(zip(args.taus, (r["points"] for r in run_tasks(tasks, args.jobs, "[1/5] calibration"))))
+    low, high = (round(f * args.steps) for f in args.freeze_window)
+    candidates = [(tau, p) for tau, pts in curves.items() for p in pts if low <= p["step"] <= high]
+    if not candidates:  # a smoke run's few steps: the window holds no checkpoint
+        candidates = [(tau, p) for tau, pts in curves.items() for p in pts if p["step"] > 0]
+    tau, best = max(candidates, key=lambda tp: tp[1]["score"])
+    overall_tau, overall = max(((t, p) for t, pts in curves.items() for p in pts if p["step"] > 0),
+                               key=lambda tp: tp[1]["score"])
     delta = best["divergence"]
-    note = (f"best held-out toy_label {best['score']:.4f} (base {base_score:.4f}) at step {best['step']} of the "
-            f"τ = {best_tau} run, D = {delta:.4g}")
-    if delta <= 0:
-        # D ≤ 0 would freeze the reference at its first update; take the smallest positive D seen instead.
-        positive = sorted(p["divergence"] for pts in curves.values() for p in pts if p["divergence"] > 0)
+    positive = sorted(p["divergence"] for _, p in candidates if p["divergence"] > 0)
+    if delta <= 0:  # D ≤ 0 would freeze at the first update
         delta = positive[0] if positive else 1e-4
-        note += f"; D ≤ 0 cannot serve as a threshold, δ = the smallest positive D measured, {delta:.4g}"
-    chosen = {"tau": args.tau or best_tau, "delta": args.delta if args.delta is not None else float(f"{delta:.3g}"),
-              "tau_small": min(taus), "rule": note, "curves": curves, "prompts": len(set(prompts)),
-              "checkpoint_every": every}
-    if args.tau or args.delta is not None:
-        chosen["rule"] += f"; overridden on the command line: τ = {chosen['tau']}, δ = {chosen['delta']}"
-    return chosen
+    interior = low <= overall["step"] <= high and overall_tau == tau
+    rule = (f"best calibration toy_label in steps {low}–{high}: {best['score']:.4f} at step {best['step']} of τ = {tau} "
+            f"(D = {best['divergence']:.4g}); over all checkpoints the best is {overall['score']:.4f} at step "
+            f"{overall['step']} of τ = {overall_tau}: the optimum is {'' if interior else 'not '}inside the window")
+    return {"tau": tau, "delta": float(f"{delta:.3g}"), "rule": rule, "interior_optimum": interior,
+            "window": [low, high], "curves": {str(t): c for t, c in curves.items()}, "base_score": curves[tau][0]["score"],
+            "prompts": len(set(prompts)), "images": len(prompts)}
 
 
 # Stage 3: evaluation
 
 
-def evaluate(args, out: Path, runs: dict) -> dict:
-    """eval.py's offline mode on the held-out prompts: one evaluate() over the base model and every run, then
-    the tables of PAPER.md §6 over training seeds."""
+def _evaluate(specs: list[str], prompt_file: str, output_dir: str, settings: dict) -> dict:
+    """eval.evaluate on a group of models; returns {label: {reward: {(prompt, seed): score}}}."""
     import eval as ev
+
+    result = ev.evaluate(specs[0], specs[1:], prompt_file, list(REWARDS), output_dir, progress=False,
+                         log=lambda m: None, **settings)
+    return {label: {c: result.scores[c][label] for c in result.scores} for label in result.scores[REWARDS[0]]}
+
+
+def evaluate(args, out: Path, runs: dict) -> dict:
+    """Every final model and the base model on the held-out prompts, each image with its own seed; the models
+    are split in `jobs` groups sampled in parallel (each group samples the base model too, in its own folder)."""
     from miniature import toy
 
     prompts = toy.EVAL_PROMPTS[:SMOKE_PROMPTS] if args.smoke else toy.EVAL_PROMPTS
     prompt_file = out / "eval_prompts.txt"
     prompt_file.write_text("\n".join(prompts) + "\n")
-    # The pipelines sample with the scheduler they were saved with: toy_model's DDIM, which the trained
-    # pipelines inherit (train_sd15.py's final save), so the evaluation samples as the pairs were sampled.
-    specs = {"base": f"base={args.model}"}
-    for (key, seed), run_dir in runs.items():
-        specs[(key, seed)] = f"{key}-s{seed}={run_dir / 'final'}"
-    for spec in specs.values():  # images of weights that have since been retrained are sampled again
-        ref = ev.resolve_model(spec)
-        settings = out / "eval" / "images" / ref.tag / "settings.json"
-        if settings.is_file() and json.loads(settings.read_text()).get("weights") != ref.fingerprint:
-            shutil.rmtree(settings.parent)
-    # evaluate() reports win rates of its first model over the others; tables() pairs training seeds itself.
-    main_key = next((k for k in specs if k != "base" and k[0] == "full"), next(k for k in specs if k != "base"))
-    settings = dict(num_seeds=args.eval_seeds, steps=4 if args.smoke else toy.NUM_INFERENCE_STEPS,
+    specs = {(key, seed): f"{key}-s{seed}={run_dir / 'final'}" for (key, seed), run_dir in runs.items()}
+    settings = dict(num_seeds=args.eval_seeds, distinct_seeds=True, steps=toy.NUM_INFERENCE_STEPS,
                     guidance_scale=toy.GUIDANCE_SCALE, resolution=32, batch_size=64, reward_batch_size=256,
                     device="cpu", dtype="float32")
-    ordered = [specs[main_key]] + [s for k, s in specs.items() if k != main_key]
-    if args.jobs > 1:
-        # Sampling is most of the evaluation: `jobs` evaluate() calls on disjoint groups of models fill the
-        # shared image store in parallel; the call below then only scores (eval.py reuses stored images).
-        groups = [ordered[i::args.jobs] for i in range(args.jobs)]
-        run_tasks([(_evaluate_group, g, str(prompt_file), str(out / "eval"), settings) for g in groups], args.jobs,
-                  "[3/5] sampling (model groups)")
-    result = ev.evaluate(ordered[0], ordered[1:], str(prompt_file), list(REWARDS), out / "eval", progress=True,
-                         log=lambda m: tqdm.write(f"      {m}"), **settings)
-    label_of = {k: ev.resolve_model(s).label for k, s in specs.items()}
-    columns = list(result.scores)
-    scores = {k: {c: result.scores[c][label_of[k]] for c in columns} for k in specs}
-    return {"columns": columns, "scores": scores, "summary": result.summary, "prompts": len(prompts),
-            "images": {k: str(out / "eval" / "images" / ev.resolve_model(s).tag) for k, s in specs.items()}}
+    groups = [list(specs.values())[i::args.jobs] for i in range(args.jobs)]
+    tasks = [(_evaluate, [f"base={args.model}", *g], str(prompt_file), str(out / "eval" / f"group{i}"), settings)
+             for i, g in enumerate(groups) if g]
+    scores = {}
+    for group in run_tasks(tasks, args.jobs, "[3/5] evaluation"):
+        scores.update(group)
+    return {"scores": {"base": scores["base"], **{k: scores[s.split("=")[0]] for k, s in specs.items()}},
+            "prompts": len(prompts), "images_per_model": len(prompts) * args.eval_seeds,
+            "images": {k: str(out / "eval" / f"group{list(specs).index(k) % args.jobs}" / "images")
+                       for k in specs}}
 
 
-def _evaluate_group(specs: list[str], prompt_file: str, output_dir: str, settings: dict) -> None:
-    import eval as ev
-
-    ev.evaluate(specs[0], specs[1:], prompt_file, list(REWARDS), output_dir, progress=False, log=lambda m: None,
-                **settings)
+# Stage 4: diagnostics (Fig. 2's protocol, Fig. 5)
 
 
-def mean_std(values) -> tuple[float, float]:
-    values = np.asarray(list(values), dtype=np.float64)
-    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
+class HeldOutProbe:
+    """Held-out pairs, each noised at one uniform t inside every one of the 10 t-bins with one ε shared by its
+    winner and loser; p_init's errors on them computed once. For a final model: per bin, the implicit accuracy
+    and reward magnitude of −Δ against p_init (Fig. 2's panels, the same protocol for every model) and D, the
+    winners' mean e_θ − e_init (Fig. 5)."""
+
+    def __init__(self, model: str, pairs: str, seed: int = 0):
+        import data
+        import train_sd15
+
+        self.models = train_sd15.load_models(model, torch.device("cpu"), torch.float32)
+        dataset = data.load_pairs(pairs)
+        transform = data.PairTransform(32, caption_dropout=0.0)
+        batch = data.collate_pairs([transform(dataset[i], 0, i) for i in range(len(dataset))])
+        generator = torch.Generator().manual_seed(seed)
+        latents, self.cond = train_sd15.encode(self.models, batch, generator)
+        self.n, width = latents.shape[0] // 2, 1000 // NUM_BINS
+        self.inputs = []
+        for k in range(NUM_BINS):
+            t = (k * width + torch.randint(0, width, (self.n,), generator=generator)).repeat(2)
+            noise = torch.randn(latents[:self.n].shape, generator=generator).repeat(2, 1, 1, 1)
+            self.inputs.append((*train_sd15.add_noise(self.models.scheduler, latents, noise, t), t))
+        self.err_init = self.errors(self.models.unet)
+
+    @torch.no_grad()
+    def errors(self, unet) -> torch.Tensor:
+        """Per-sample errors, [bins, 2n] (winners then losers)."""
+        import losses
+        import train_sd15
+
+        return torch.stack([losses.per_sample_error(train_sd15.predict(unet, noisy, t, self.cond), target)
+                            for noisy, target, t in self.inputs])
+
+    def measure(self, pipeline_dir: str) -> dict:
+        from diffusers import UNet2DConditionModel
+
+        unet = UNet2DConditionModel.from_pretrained(pipeline_dir, subfolder="unet").eval()
+        gap = self.errors(unet) - self.err_init  # e_θ − e_init
+        margin = gap[:, self.n:] - gap[:, :self.n]  # −Δ = (e_init(w) − e_θ(w)) − (e_init(l) − e_θ(l))
+        accuracy = ((margin > 0).float() + 0.5 * (margin == 0).float()).mean(1)
+        return {"accuracy": accuracy.tolist(), "magnitude": margin.abs().mean(1).tolist(),
+                "divergence": gap[:, :self.n].mean(1).tolist()}
 
 
-def tables(args, evaluation: dict, keys: list[str]) -> dict:
-    """Mean reward per configuration (mean ± std over training seeds) and win rates of the full method over
-    each baseline, same prompt and sampling seed, full seed s against baseline seed s (base: the one model)."""
-    import eval as ev
-
-    columns, scores = evaluation["columns"], evaluation["scores"]
-    means = {"base": {c: mean_std([np.mean(list(scores["base"][c].values()))]) for c in columns}}
-    for key in keys:
-        means[key] = {c: mean_std(np.mean(list(scores[(key, s)][c].values())) for s in args.seeds) for c in columns}
-    main = "full" if "full" in keys else keys[-1]
-    wins = {}
-    for other in ["base"] + [k for k in keys if k != main]:
-        per_seed = []
-        for s in args.seeds:
-            theirs = scores["base"] if other == "base" else scores[(other, s)]
-            row = {c: 100.0 * ev.win_rate(scores[(main, s)][c], theirs[c]) for c in columns}
-            row["Avg"] = float(np.mean([row[c] for c in columns]))
-            per_seed.append(row)
-        wins[other] = {c: mean_std(r[c] for r in per_seed) for c in columns + ["Avg"]}
-    return {"means": means, "wins": wins, "main": main}
+def _diagnose(model: str, pairs: str, runs: dict[str, str]) -> dict:
+    probe = HeldOutProbe(model, pairs)
+    return {name: probe.measure(path) for name, path in runs.items()}
 
 
-# Logs and figures
+def diagnose(args, runs: dict) -> dict:
+    chosen = {f"{key}-s{seed}": str(run_dir / "final") for (key, seed), run_dir in runs.items()
+              if seed < args.diagnostic_seeds}
+    names = list(chosen)
+    groups = [names[i::args.jobs] for i in range(args.jobs)]
+    tasks = [(_diagnose, args.model, args.held_out_pairs, {n: chosen[n] for n in g}) for g in groups if g]
+    result = {}
+    for part in run_tasks(tasks, args.jobs, "[4/5] diagnostics"):
+        result.update(part)
+    return result
 
 
-def read_log(run_dir: Path) -> list[dict]:
-    with open(run_dir / "log.jsonl") as f:
-        return [json.loads(line) for line in f if line.strip()]
+# Stage 5: analysis
 
 
-def smooth(values, window: int) -> np.ndarray:
-    values = np.asarray(values, dtype=np.float64)
-    window = max(1, min(window, len(values)))
-    kernel = np.ones(window) / window
-    padded = np.concatenate([np.full(window - 1, values[0]), values])
-    return np.convolve(padded, kernel, mode="valid")
+def model_means(evaluation: dict) -> dict:
+    """Mean of every reward over a model's held-out images: {(key, seed) or "base": {reward: mean}}."""
+    return {k: {c: float(np.mean(list(v.values()))) for c, v in scores.items()} for k, scores in evaluation["scores"].items()}
 
 
-def bin_profile(log: list[dict], name: str, from_step: int = 0) -> np.ndarray:
-    """Count-weighted mean of a per-bin statistic over the records from `from_step` on (None = empty bin)."""
-    total, count = np.zeros(NUM_BINS), np.zeros(NUM_BINS)
-    for r in log:
-        if "bin_count" in r and r["step"] > from_step:
-            for k, (n, v) in enumerate(zip(r["bin_count"], r[name])):
-                if n and v is not None:
-                    total[k] += n * v
-                    count[k] += n
-    with np.errstate(invalid="ignore"):
-        return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+def paired_interval(values_a: list[float], values_b: list[float]) -> dict:
+    """The mean of A − B over paired training seeds and its 95 % t-interval (None for one seed)."""
+    d = np.asarray(values_a) - np.asarray(values_b)
+    n = len(d)
+    if n < 2:
+        return {"n": n, "mean": float(d.mean()), "low": None, "high": None}
+    half = T975.get(n - 1, 1.96) * d.std(ddof=1) / math.sqrt(n)
+    return {"n": n, "mean": float(d.mean()), "low": float(d.mean() - half), "high": float(d.mean() + half)}
 
 
-def training_summary(args, runs: dict, keys: list[str], divergence: dict) -> dict:
-    """Per configuration, mean ± std over seeds: final implicit accuracy and margin (last 20 % of steps), the
-    reference's last update and freeze step, the final D(p_θ, p_init) of the probe, and CPU seconds."""
+def verdict(interval: dict, kind: str, sesoi: float) -> str:
+    low, high = interval["low"], interval["high"]
+    if low is None:
+        return "inconclusive (one seed: no interval)"
+    if kind == "beats":
+        return "reproduced" if low > 0 else "refuted" if high < sesoi else "inconclusive"
+    if kind == "degrades":
+        return "reproduced" if high < 0 else "refuted" if low > -sesoi else "inconclusive"
+    return "reproduced" if high < sesoi else "refuted" if low > 0 else "inconclusive"  # not_better
+
+
+def claims(args, means: dict, seeds_of: dict) -> list[dict]:
+    rows = []
+    for text, a, b, kind in [*CLAIMS, *((t, a, b, "secondary") for t, a, b in SECONDARY)]:
+        if a not in seeds_of or (b != "base" and b not in seeds_of):
+            continue
+        seeds = [s for s in seeds_of[a] if b == "base" or s in seeds_of[b]]
+        values_b = [means["base"][PRIMARY]] * len(seeds) if b == "base" else [means[(b, s)][PRIMARY] for s in seeds]
+        interval = paired_interval([means[(a, s)][PRIMARY] for s in seeds], values_b)
+        rows.append({"claim": text, "a": a, "b": b, "kind": kind, **interval,
+                     "verdict": verdict(interval, kind, args.sesoi) if kind != "secondary" else "(descriptive)"})
+    return rows
+
+
+def training_summary(runs: dict, seeds_of: dict) -> dict:
+    """Per configuration, mean over seeds: implicit accuracy and margin over the last 20 % of steps, reference
+    updates, the freeze step (over the runs that froze), the last D(policy, p_init) logged, CPU seconds."""
+    import plot
+
     summary = {}
-    for key in keys:
+    for key, seeds in seeds_of.items():
         rows = []
-        for s in args.seeds:
-            log = read_log(runs[(key, s)])
+        for s in seeds:
+            log = plot.read_log(runs[(key, s)])
             tail = log[-max(1, len(log) // 5):]
+            divergence = plot.series(log, "policy_divergence")[1]
             frozen = next((r["step"] for r in log if r.get("ref_frozen")), None)
-            info = json.loads((runs[(key, s)] / "run.json").read_text())
-            # SFT has no reference and no loser in its loss: no implicit accuracy or margin is logged.
             rows.append({"accuracy": np.mean([r.get("accuracy", math.nan) for r in tail]),
                          "margin": np.mean([r.get("reward_margin", math.nan) for r in tail]),
-                         "updates": sum(bool(r.get("ref_updated")) for r in log),
-                         "frozen_at": frozen if frozen is not None else math.nan,
-                         "divergence": float(np.mean(divergence[(key, s)])),
-                         "cpu_s": info["cpu_s"]})
-        summary[key] = {name: mean_std(r[name] for r in rows) for name in rows[0]}
-        frozen = [r["frozen_at"] for r in rows if not math.isnan(r["frozen_at"])]
-        summary[key]["frozen_at"] = mean_std(frozen) if frozen else (math.nan, math.nan)  # over the runs that froze
-        summary[key]["frozen_runs"] = len(frozen)
+                         "updates": sum(bool(r.get("ref_updated")) for r in log), "frozen_at": frozen,
+                         "divergence": float(divergence[-1]) if len(divergence) else math.nan,
+                         "cpu_s": json.loads((runs[(key, s)] / "reproduce.json").read_text())["cpu_s"]})
+        frozen = [r["frozen_at"] for r in rows if r["frozen_at"] is not None]
+        summary[key] = {name: float(np.mean([r[name] for r in rows])) for name in ("accuracy", "margin", "updates",
+                                                                                   "divergence", "cpu_s")}
+        summary[key].update(frozen_at=float(np.mean(frozen)) if frozen else None, frozen_runs=len(frozen),
+                            runs=len(rows))
     return summary
 
 
-def draw_figures(args, out: Path, runs: dict, keys: list[str], calibration: dict, divergence: dict,
+# Figures
+
+
+def draw_figures(args, out: Path, runs: dict, seeds_of: dict, calibration: dict, diagnostics: dict,
                  evaluation: dict) -> dict:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    import plot
+    import schedule
+
     figures = out / "figures"
     figures.mkdir(parents=True, exist_ok=True)
     paths = {}
-    colours = {"sft": "tab:gray", "dpo": "tab:blue", "nomonitor": "tab:red", "explore": "tab:green",
-               "timestep": "tab:purple", "full": "tab:orange"}
-    steps = tqdm(total=5, desc="[4/5] figures", unit="fig", dynamic_ncols=True)
 
-    def save(fig, key: str, filename: str) -> None:
+    def save(fig, name):
         fig.tight_layout()
-        paths[key] = figures / filename
-        fig.savefig(paths[key], dpi=FIGURE_DPI)
+        paths[name] = str(figures / f"{name}.png")
+        fig.savefig(paths[name], dpi=90)
         plt.close(fig)
-        steps.update(1)
 
     # Fig. 1c: the calibration.
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    fig, ax = plt.subplots(figsize=(6, 4.2))
     for tau, points in calibration["curves"].items():
-        d, s = [p["divergence"] for p in points], [p["score"] for p in points]
-        ax.plot(d, s, "o-", label=f"τ = {tau}, no monitor")
+        ax.plot([p["divergence"] for p in points], [p["score"] for p in points], "o-", ms=3, label=f"τ = {tau}, no monitor")
         for p in points:
-            ax.annotate(str(p["step"]), (p["divergence"], p["score"]), fontsize=7, xytext=(3, 3),
-                        textcoords="offset points")
-    ax.axvline(calibration["delta"], color="k", ls=":", label=f"δ = {calibration['delta']:.3g}")
-    ax.set(xlabel="divergence D(p_θ, p_init)  (§2 estimate)", ylabel="held-out toy_label (mean)",
-           title="Calibration (Fig. 1c principle); labels: step")
-    ax.legend(fontsize=8)
-    save(fig, "fig1c_calibration", "fig1c_calibration.png")
+            ax.annotate(str(p["step"]), (p["divergence"], p["score"]), fontsize=6, xytext=(2, 2), textcoords="offset points")
+    ax.axvline(calibration["delta"], color="k", ls=":", label=f"δ = {calibration['delta']:.3g} (τ = {calibration['tau']})")
+    ax.set(xlabel="D(p_θ, p_init) (the monitor's probe)", ylabel="calibration-split toy_label",
+           title="Calibration (Fig. 1c's principle); labels: step")
+    ax.legend(fontsize=7)
+    save(fig, "fig1c_calibration")
 
-    # Fig. 1b: reward margin and divergence from p_init over steps.
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for key in [k for k in ("dpo", "nomonitor", "explore", "full") if k in keys]:
-        logs = [read_log(runs[(key, s)]) for s in args.seeds]
-        x = [r["step"] for r in logs[0]]
-        margins = np.array([smooth([r["reward_margin"] for r in log], max(1, args.steps // 20)) for log in logs])
-        axes[0].plot(x, margins.mean(0), color=colours[key], label=LABELS[key])
-        axes[0].fill_between(x, margins.min(0), margins.max(0), color=colours[key], alpha=0.15)
-        dx = [r["step"] for r in logs[0] if "policy_divergence" in r]
-        div = np.array([[r["policy_divergence"] for r in log if "policy_divergence" in r] for log in logs])
-        if div.size:
-            axes[1].plot(dx, div.mean(0), "o-", ms=3, color=colours[key], label=LABELS[key])
-            axes[1].fill_between(dx, div.min(0), div.max(0), color=colours[key], alpha=0.15)
-        for log in logs:
-            frozen = next((r["step"] for r in log if r.get("ref_frozen")), None)
-            if frozen:
-                axes[1].axvline(frozen, color=colours[key], ls=":", lw=0.8)
-    if "explore" in keys or "full" in keys:
-        axes[1].axhline(calibration["delta"], color="k", ls="--", lw=0.8, label="δ")
-    axes[0].set(xlabel="step", ylabel="implicit reward margin r(w) − r(l)",
-                title="reward margin (smoothed; band: min–max over seeds)")
-    axes[1].set(xlabel="step", ylabel="D(p_θ, p_init)", title="divergence from the initial model (dotted: freeze)")
-    for ax in axes:
-        ax.legend(fontsize=8)
-    fig.suptitle("Fig. 1b (toy): Diffusion-DPO, reference update without and with the monitor")
-    save(fig, "fig1b", "fig1b_margin_divergence.png")
+    # Fig. 1b and Fig. 2 from the training logs: plot.py's panels, seeds averaged.
+    shown = [k for k in ("dpo", "explore", "nomonitor", "nomonitor_long", "full50") if k in seeds_of]
+    paths["fig1b_training"] = plot.draw({LABELS[k]: [str(runs[(k, s)]) for s in seeds_of[k]] for k in shown},
+                                        str(figures / "fig1b_training.png"),
+                                        "Fig. 1b (toy): training curves, mean and min–max over seeds")
 
-    # Fig. 2: per t-bin statistics of the second half of training.
-    import schedule
+    # Fig. 2's protocol on held-out pairs, and Fig. 5.
+    centres = (np.arange(NUM_BINS) + 0.5) * 1000 / NUM_BINS
     from diffusers import DDPMScheduler
-
-    alphas = DDPMScheduler.from_pretrained(args.model, subfolder="scheduler").alphas_cumprod
-    lam = schedule.reward_scale(alphas).numpy()
-    centres = (np.arange(NUM_BINS) + 0.5) * len(lam) / NUM_BINS
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.8))
-    panels = [("bin_model_err", "policy loss e_θ (mean of w, l)"), ("bin_reward_magnitude", "implicit reward scale |r(w) − r(l)|"),
-              ("bin_accuracy", "implicit preference accuracy")]
-    for key in [k for k in ("dpo", "explore", "full") if k in keys]:
-        for ax, (name, title) in zip(axes, panels):
-            values = np.array([bin_profile(read_log(runs[(key, s)]), name, args.steps // 2) for s in args.seeds])
-            with warnings.catch_warnings():  # a bin no seed sampled (a smoke run's few steps) stays empty
-                warnings.simplefilter("ignore", RuntimeWarning)
-                ax.plot(centres, np.nanmean(values, 0), "o-", color=colours[key], label=LABELS[key])
-            ax.set(xlabel="t (bin centre)", title=title)
-    axes[2].axhline(0.5, color="k", lw=0.6, ls=":")
+    lam = schedule.reward_scale(DDPMScheduler.from_pretrained(args.model, subfolder="scheduler").alphas_cumprod).numpy()
+    by_config = {}
+    for name, values in diagnostics.items():
+        by_config.setdefault(name.rsplit("-s", 1)[0], []).append(values)
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.9))
+    for key in [k for k in ("dpo", "explore", "timestep50", "full50", "full10") if k in by_config]:
+        for ax, metric in zip(axes, ("accuracy", "magnitude", "divergence")):
+            ax.plot(centres, np.mean([v[metric] for v in by_config[key]], 0), "o-", ms=3, label=LABELS[key])
+    for ax, title in zip(axes, ("implicit accuracy vs p_init", "reward magnitude |r(w) − r(l)| vs p_init",
+                                "D per bin (Fig. 5): winners' e_θ − e_init")):
+        ax.set(xlabel="t (bin centre)", title=title)
+        ax.legend(fontsize=6)
+    axes[0].axhline(0.5, color="k", lw=0.5, ls=":")
     axes[3].plot(np.arange(len(lam)), lam, color="k")
     axes[3].set(xlabel="t", title="λ(t) = 1 + norm(1/√SNR(t))")
-    axes[0].legend(fontsize=7)
-    fig.suptitle("Fig. 2 (toy): per t-bin statistics over the second half of training (mean over seeds)")
-    save(fig, "fig2", "fig2_timestep_bins.png")
+    fig.suptitle(f"Fig. 2 / Fig. 5 (toy): final models on {args.diagnostic_pairs} held-out pairs, uniform t per bin "
+                 f"(mean over {args.diagnostic_seeds} seeds)")
+    save(fig, "fig2_fig5_timestep_bins")
 
-    # Fig. 5: per t-bin divergence of the timestep-aware run against the exploration-only run.
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    pair = [k for k in ("explore", "full") if k in keys] or keys
-    for key in pair + [k for k in ("dpo",) if k in keys and k not in pair]:
-        d = np.array([divergence[(key, s)] for s in args.seeds])
-        axes[0].plot(centres, d.mean(0), "o-", color=colours[key], label=LABELS[key])
-        axes[0].fill_between(centres, d.min(0), d.max(0), color=colours[key], alpha=0.15)
-    if len(pair) == 2:
-        a = np.array([divergence[(pair[0], s)] for s in args.seeds])
-        b = np.array([divergence[(pair[1], s)] for s in args.seeds])
-        diff = b - a
-        axes[1].plot(centres, diff.mean(0), "o-", color=colours[pair[1]])
-        axes[1].fill_between(centres, diff.min(0), diff.max(0), color=colours[pair[1]], alpha=0.15)
-        axes[1].axhline(0, color="k", lw=0.6)
-        axes[1].set(title=f"difference: {pair[1]} − {pair[0]}", ylabel="ΔD in bin")
-    axes[0].set(title="per-bin D(p_θ, p_init) of the final models", ylabel="D in bin")
-    for ax in axes:
-        ax.set(xlabel="t (bin centre)")
-    axes[0].legend(fontsize=8)
-    fig.suptitle("Fig. 5 (toy): per t-bin divergence, timestep-aware vs exploration only (band: min–max over seeds)")
-    save(fig, "fig5", "fig5_divergence_by_bin.png")
-
-    # Same-seed samples: base / Diffusion-DPO / the method, seed 0 of training and sampling.
+    # Same-seed samples: base, Diffusion-DPO, exploration, the full method (training seed 0).
     from PIL import Image
 
     from miniature import toy
-
-    shown = [k for k in ("base", "dpo", "full") if k == "base" or k in keys]
+    shown = ["base"] + [k for k in ("dpo", "explore", "full50") if (k, 0) in runs]
     prompts = toy.EVAL_PROMPTS[:SMOKE_PROMPTS] if args.smoke else toy.EVAL_PROMPTS
     rows = sorted(set(np.linspace(0, len(prompts) - 1, min(8, len(prompts))).round().astype(int).tolist()))
-    sample_seeds = list(range(min(2, args.eval_seeds)))
-    fig, axes = plt.subplots(len(rows), len(shown) * len(sample_seeds),
-                             figsize=(1.6 * len(shown) * len(sample_seeds) + 1.5, 1.6 * len(rows)), squeeze=False)
+    fig, axes = plt.subplots(len(rows), len(shown), figsize=(1.7 * len(shown) + 1.8, 1.6 * len(rows)), squeeze=False)
     for i, idx in enumerate(rows):
-        for j, (seed, key) in enumerate((seed, key) for seed in sample_seeds for key in shown):
-            folder = Path(evaluation["images"]["base" if key == "base" else (key, args.seeds[0])])
-            ax = axes[i][j]
-            ax.imshow(Image.open(folder / f"{idx:05d}_{seed}.png"), interpolation="nearest")
-            ax.set_xticks([]), ax.set_yticks([])
+        for j, key in enumerate(shown):
+            folder = Path(evaluation["images"][(key, 0)] if key != "base" else evaluation["images"][(shown[1], 0)])
+            tag = next(p for p in folder.iterdir() if p.name.startswith(f"{key}-s0-" if key != "base" else "base-"))
+            axes[i][j].imshow(Image.open(tag / f"{idx:05d}_{idx * args.eval_seeds}.png"), interpolation="nearest")
+            axes[i][j].set_xticks([]), axes[i][j].set_yticks([])
             if i == 0:
-                ax.set_title(f"{'base' if key == 'base' else LABELS[key].split(' (')[0]}\nseed {seed}", fontsize=8)
+                axes[i][j].set_title(LABELS[key].split(" (")[0], fontsize=7)
             if j == 0:
-                ax.set_ylabel(prompts[idx], fontsize=7, rotation=0, ha="right", va="center")
-    fig.suptitle("Same-seed samples on held-out prompts (training seed %d)" % args.seeds[0], fontsize=9)
-    save(fig, "samples", "samples_grid.png")
-    steps.close()
-    return {k: str(v) for k, v in paths.items()}
+                axes[i][j].set_ylabel(prompts[idx], fontsize=6, rotation=0, ha="right", va="center")
+    fig.suptitle("Same-seed samples on held-out prompts (training seed 0)", fontsize=9)
+    save(fig, "samples_grid")
+    return paths
 
 
-# Stage 5: the report
+# The report
 
 
-def fmt(ms: tuple[float, float], digits: int = 3, show_std: bool = True) -> str:
-    m, s = ms
-    if isinstance(m, float) and math.isnan(m):
-        return "–"
-    return f"{m:.{digits}f} ± {s:.{digits}f}" if show_std else f"{m:.{digits}f}"
+def fmt(value, digits=4) -> str:
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
-def render_tables(args, calibration: dict, table: dict, summary: dict, keys: list[str], columns: list[str],
-                  evaluation: dict) -> str:
-    n_seeds = len(args.seeds)
-    lines = [f"Calibration (seed {args.seeds[0]}, updates without the monitor, {calibration['prompts']} held-out "
-             f"prompts × {args.calibration_seeds} seed(s) apart from the evaluation's): "
-             f"**τ = {calibration['tau']}, δ = {calibration['delta']:.3g}** — {calibration['rule']}.", "",
-             "| τ | step | D(p_θ, p_init) | held-out toy_label |", "|---|---|---|---|"]
-    for tau, points in calibration["curves"].items():
-        lines += [f"| {tau} | {p['step']} | {p['divergence']:.4g} | {p['score']:.4f} |" for p in points]
-    lines += ["", f"Mean toy reward per configuration on {evaluation['prompts']} held-out prompts × {args.eval_seeds} "
-              f"sampling seed(s) (mean ± std over {n_seeds} training seed(s)):", "",
-              "| config | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
-    for key in ["base"] + keys:
-        lines.append(f"| {LABELS[key]} | " + " | ".join(fmt(table["means"][key][c]) for c in columns) + " |")
-    main = table["main"]
-    lines += ["", f"Win rate (%) of {LABELS[main]} against each baseline (same prompt and sampling seed; training "
-              f"seed s against seed s; ties count half; mean ± std over {n_seeds} training seed(s)):", "",
-              "| vs. | " + " | ".join(columns) + " | Avg |", "|---|" + "---|" * (len(columns) + 1)]
-    for other, row in table["wins"].items():
-        lines.append(f"| {LABELS[other]} | " + " | ".join(fmt(row[c], 1) for c in columns + ["Avg"]) + " |")
-    lines += ["", "Training (mean ± std over seeds; accuracy and margin over the last 20 % of steps; D: the probe's "
-              "D(p_θ, p_init) of the final model, all t):", "",
-              "| config | implicit accuracy | reward margin | reference updates | frozen at step | final D | CPU s |",
+def render(args, calibration, means, seeds_of, rows, summary, evaluation) -> str:
+    lines = [f"**Calibration** ({calibration['prompts']} calibration prompts × {args.calibration_seeds} images, "
+             f"training seed {CALIBRATION_SEED}): **τ = {calibration['tau']}, δ = {calibration['delta']:.3g}**. "
+             f"{calibration['rule']}.", "",
+             "**Claims** (held-out toy_label, A − B paired by training seed; 95 % t-interval over seeds; "
+             f"smallest effect of interest {args.sesoi}):", "",
+             "| claim | seeds | A − B | 95 % interval | verdict |", "|---|---|---|---|---|"]
+    for r in rows:
+        interval = "–" if r["low"] is None else f"[{r['low']:+.4f}, {r['high']:+.4f}]"
+        lines.append(f"| {r['claim']} | {r['n']} | {r['mean']:+.4f} | {interval} | {r['verdict']} |")
+    lines += ["", f"Mean reward on {evaluation['prompts']} held-out prompts × {args.eval_seeds} images (each its own "
+              "seed), mean ± std over training seeds:", "",
+              "| configuration | seeds | " + " | ".join(REWARDS) + " |", "|---|---|" + "---|" * len(REWARDS),
+              "| base (toy_model) | – | " + " | ".join(fmt(means["base"][c]) for c in REWARDS) + " |"]
+    for key, seeds in seeds_of.items():
+        cells = []
+        for c in REWARDS:
+            values = [means[(key, s)][c] for s in seeds]
+            cells.append(f"{np.mean(values):.4f} ± {np.std(values, ddof=1) if len(values) > 1 else 0:.4f}")
+        lines.append(f"| {LABELS[key]} | {len(seeds)} | " + " | ".join(cells) + " |")
+    lines += ["", "Training (mean over seeds; accuracy and margin over the last 20 % of steps; D: the last logged "
+              "D(policy, p_init)):", "",
+              "| configuration | implicit accuracy | reward margin | reference updates | frozen at step | final D | CPU s per run |",
               "|---|---|---|---|---|---|---|"]
-    for key in keys:
-        s = summary[key]
-        frozen = f"{fmt(s['frozen_at'], 0)} ({s['frozen_runs']}/{n_seeds} runs)" if s["frozen_runs"] else "never"
-        margin = "–" if math.isnan(s["margin"][0]) else f"{s['margin'][0]:.2e}"
-        lines.append(f"| {LABELS[key]} | {fmt(s['accuracy'])} | {margin} | {fmt(s['updates'], 1)} | "
-                     f"{frozen} | {s['divergence'][0]:.4g} ± {s['divergence'][1]:.2g} | {s['cpu_s'][0]:.0f} |")
+    for key, s in summary.items():
+        frozen = f"{s['frozen_at']:.0f} ({s['frozen_runs']}/{s['runs']})" if s["frozen_runs"] else "never"
+        lines.append(f"| {LABELS[key]} | {fmt(s['accuracy'], 3)} | {s['margin']:.2e} | {s['updates']:.1f} | {frozen} | "
+                     f"{fmt(s['divergence'])} | {s['cpu_s']:.0f} |")
     return "\n".join(lines) + "\n"
-
-
-def write_results(out: Path, args, text: str, figures: dict, timings: dict, payload: dict) -> None:
-    rel = {k: os.path.relpath(v, out) for k, v in figures.items()}
-    command = " ".join(["python -m miniature.reproduce", *sys.argv[1:]]) if sys.argv and sys.argv[0].endswith("reproduce.py") \
-        else "reproduce.main(...)"
-    md = ["# Toy reproduction of Rethinking DPO in diffusion models", "", f"Command: `{command}`", "",
-          "Timings (s): " + ", ".join(f"{k} {v['wall_s']:.0f} wall / {v['cpu_s']:.0f} CPU" for k, v in timings.items()),
-          "", text, "## Figures", ""]
-    md += [f"![{k}]({v})" for k, v in rel.items()]
-    (out / "results.md").write_text("\n".join(md) + "\n")
-    (out / "results.json").write_text(json.dumps({"args": vars(args), "timings": timings, "figures": rel, **payload},
-                                                 indent=1, default=_jsonable))
-
-
-def _jsonable(value):
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
-
-
 
 
 class Clock:
     """Wall and CPU seconds per stage; CPU counts this process and its finished workers."""
 
     def __init__(self):
-        self.timings = {}
+        self.timings, self.start = {}, time.time()
 
     @staticmethod
     def cpu() -> float:
         own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
         return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
-    def stage(self, name):
-        clock = self
+    def __call__(self, name, fn, *fn_args):
+        wall, cpu = time.time(), self.cpu()
+        result = fn(*fn_args)
+        self.timings[name] = {"wall_s": round(time.time() - wall, 1), "cpu_s": round(self.cpu() - cpu, 1)}
+        return result
 
-        class _Stage:
-            def __enter__(self):
-                self.wall, self.cpu = time.time(), clock.cpu()
 
-            def __exit__(self, *exc):
-                clock.timings[name] = {"wall_s": round(time.time() - self.wall, 1),
-                                       "cpu_s": round(clock.cpu() - self.cpu, 1)}
-        return _Stage()
+def _jsonable(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, (Path, tuple)):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def train_all(args, out: Path, calibration: dict) -> tuple[dict, dict]:
+    runs, tasks, seeds_of = {}, [], {}
+    flags_of = {key: flags for key, _, flags, _ in CONFIGS}
+    for key, seeds in configs(args):
+        seeds_of[key] = seeds
+        for seed in seeds:
+            run_dir = runs[(key, seed)] = out / "runs" / f"{key}-s{seed}"
+            steps = args.steps * args.long_factor if key == "nomonitor_long" else args.steps
+            argv = train_argv(args, run_dir, seed, flags_of[key](calibration), steps)
+            if not run_done(run_dir, argv):
+                tasks.append((train_one, str(run_dir), argv))
+    # The long runs first: the two processes then finish at about the same time.
+    tasks.sort(key=lambda task: "nomonitor_long" not in task[1])
+    print(f"[2/5] training: {len(runs)} runs ({len(runs) - len(tasks)} already done), {args.jobs} at a time; "
+          f"logs in {out / 'runs'}/*/train.log")
+    run_tasks(tasks, args.jobs, "[2/5] training")
+    return runs, seeds_of
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(1)
     quiet_libraries()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -809,56 +701,31 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     args.model = str(Path(args.model).resolve())
     if not (Path(args.model) / "model_index.json").is_file():
-        sys.exit(f"error: --model {args.model} is not a pipeline folder (build it with toy_pretrain.py)")
+        sys.exit(f"error: --model {args.model} is not a pipeline folder (build it with miniature/toy_pretrain.py)")
     clock = Clock()
-    keys = [k for k, _, _ in CONFIGS if not args.smoke or k in SMOKE_CONFIGS]
-    start = time.time()
-
-    with clock.stage("pairs"):
-        pairs_info = ensure_pairs(args)
-        args.pairs = str(Path(args.pairs).resolve())
-
-    with clock.stage("calibration"):
-        warm_cache(args, out)
-        calibration = calibrate(args, out)
-    print(f"      τ = {calibration['tau']}, δ = {calibration['delta']:.3g} ({calibration['rule']})")
-
-    with clock.stage("training"):
-        runs, tasks = {}, []
-        for key, _, flags in CONFIGS:
-            if key not in keys:
-                continue
-            for seed in args.seeds:
-                run_dir = out / "runs" / f"{key}-s{seed}"
-                runs[(key, seed)] = run_dir
-                argv_ = train_argv(args, run_dir, seed, flags(calibration))
-                if not run_done(run_dir, argv_):
-                    tasks.append((train_one, str(run_dir), argv_))
-        print(f"[2/5] training: {len(runs)} runs ({len(runs) - len(tasks)} already done), {args.steps} steps each, "
-              f"{args.jobs} at a time; logs in {out / 'runs'}/*/train.log")
-        run_tasks(tasks, args.jobs, "[2/5] training")
-
-    with clock.stage("evaluation"):
-        print("[3/5] evaluation")
-        evaluation = evaluate(args, out, runs)
-        probes = {k: str(r / "final") for k, r in runs.items()}
-        divergence = {k: v for k, v in zip(probes, probe_divergence(args.model, args.pairs, args.probe_images,
-                                                                    probes).values())}
-        table = tables(args, evaluation, keys)
-        summary = training_summary(args, runs, keys, divergence)
-
-    with clock.stage("figures"):
-        figures = draw_figures(args, out, runs, keys, calibration, divergence, evaluation)
-
-    text = render_tables(args, calibration, table, summary, keys, evaluation["columns"], evaluation)
-    clock.timings["total"] = {"wall_s": round(time.time() - start, 1), "cpu_s": round(clock.cpu(), 1)}
-    payload = {"pairs": pairs_info, "calibration": calibration, "means": table["means"], "win_rates": table["wins"],
-               "training": summary, "divergence_by_bin": {f"{k}-s{s}": v for (k, s), v in divergence.items()}}
-    write_results(out, args, text, figures, clock.timings, payload)
-    print("\n" + text)
-    print("[5/5] " + ", ".join(f"{k}: {v['wall_s']:.0f} s wall / {v['cpu_s']:.0f} s CPU" for k, v in clock.timings.items()))
-    print(f"wrote {out / 'results.md'}, {out / 'results.json'} and {out / 'figures'}/")
-    return {"tables": text, "timings": clock.timings, "figures": figures, **payload}
+    pairs = clock("pairs", ensure_pairs, args)
+    calibration = clock("calibration", lambda: (warm_cache(args, out), calibrate(args, out))[1])
+    print(f"      τ = {calibration['tau']}, δ = {calibration['delta']:.3g}: {calibration['rule']}")
+    runs, seeds_of = clock("training", train_all, args, out, calibration)
+    evaluation = clock("evaluation", evaluate, args, out, runs)
+    diagnostics = clock("diagnostics", diagnose, args, runs)
+    means = model_means(evaluation)
+    rows = claims(args, means, seeds_of)
+    summary = training_summary(runs, seeds_of)
+    figures = clock("figures", draw_figures, args, out, runs, seeds_of, calibration, diagnostics, evaluation)
+    clock.timings["total"] = {"wall_s": round(time.time() - clock.start, 1), "cpu_s": round(clock.cpu(), 1)}
+    text = render(args, calibration, means, seeds_of, rows, summary, evaluation)
+    timing = ", ".join(f"{k} {v['wall_s']:.0f} s" for k, v in clock.timings.items())
+    command = " ".join(["python -m miniature.reproduce", *(argv if argv is not None else sys.argv[1:])])
+    (out / "results.md").write_text("\n".join(
+        ["# The paper in miniature: results", "", f"`{command}`; wall time: {timing}.", "", text, "## Figures", "",
+         *(f"![{k}]({os.path.relpath(v, out)})" for k, v in figures.items())]) + "\n")
+    payload = {"args": vars(args), "timings": clock.timings, "pairs": pairs, "calibration": calibration,
+               "claims": rows, "training": summary, "figures": figures, "diagnostics": diagnostics,
+               "means": {f"{k[0]}-s{k[1]}" if isinstance(k, tuple) else k: v for k, v in means.items()}}
+    (out / "results.json").write_text(json.dumps(payload, indent=1, default=_jsonable))
+    print("\n" + text + f"\n[5/5] {timing}\nwrote {out / 'results.md'}, {out / 'results.json'} and {out / 'figures'}/")
+    return {"tables": text, **payload}
 
 
 if __name__ == "__main__":

@@ -7,10 +7,12 @@ flat colour with hard edges on a flat light-grey background. A caption leaves so
 "big" still allows a range of sizes, and "on the left" a range of places), so `sample_spec`
 draws the concrete centre and size from a seeded generator: the data is deterministic given the seed.
 
-Prompt split. `EVAL_PROMPTS` (54 captions, fixed by a seeded permutation) are never used to make
-preference pairs; `PAIR_PROMPTS` are the other 216. Pretraining (toy_pretrain.py) sees all 270: the base
-model knows the whole world, as SD1.5 knew the kind of prompt Pick-a-Pic's test split holds, and the
-held-out prompts measure whether preference learning transfers to prompts that had no pairs.
+Prompt split (fixed by a seeded permutation). `EVAL_PROMPTS` (54 captions) are never used to make training
+pairs nor to tune anything: the evaluation's. `CALIBRATION_PROMPTS` (27) are the calibration's, where τ and δ
+are chosen (reproduce.py), and are never used for training pairs either; `PAIR_PROMPTS` are the other 189.
+Pretraining (toy_pretrain.py) sees all 270: the base model knows the whole world, as SD1.5 knew the kind of
+prompt Pick-a-Pic's test split holds, and the held-out prompts measure whether preference learning transfers
+to prompts that had no pairs.
 
 Rewards (stand-ins for PickScore, HPSv2, ...; pure numpy on pixels, no learned weights):
 - `fidelity`: does the image show the caption? Mean of the probabilities that the object has the named
@@ -99,9 +101,12 @@ def parse_caption(caption: str) -> dict:
 
 
 ALL_PROMPTS = [caption_for(c, s, p, z) for c in COLOURS for s in SHAPES for p in POSITIONS for z in SIZES]
-_held_out = set(np.random.default_rng(1234).permutation(len(ALL_PROMPTS))[: len(ALL_PROMPTS) // 5].tolist())
+_order = np.random.default_rng(1234).permutation(len(ALL_PROMPTS))
+_held_out = set(_order[: len(ALL_PROMPTS) // 5].tolist())
+_calibration = set(_order[len(ALL_PROMPTS) // 5: len(ALL_PROMPTS) // 5 + len(ALL_PROMPTS) // 10].tolist())
 EVAL_PROMPTS = [p for i, p in enumerate(ALL_PROMPTS) if i in _held_out]
-PAIR_PROMPTS = [p for i, p in enumerate(ALL_PROMPTS) if i not in _held_out]
+CALIBRATION_PROMPTS = [p for i, p in enumerate(ALL_PROMPTS) if i in _calibration]
+PAIR_PROMPTS = [p for i, p in enumerate(ALL_PROMPTS) if i not in _held_out and i not in _calibration]
 
 
 def sample_spec(rng: np.random.Generator, caption: str | None = None) -> ToySpec:
@@ -295,9 +300,13 @@ TOY_REWARDS = {"toy_fidelity": fidelity, "toy_aesthetic": aesthetic, "toy_label"
 
 # Sampling from a pipeline and making preference pairs.
 
-# Sampler settings for pairs and for evaluation on the toy model (measured in the toy_model README).
+# Sampler settings for pairs and for evaluation on the toy model. DDIM with "trailing" spacing: its first step
+# is at t = 999, and its 10 steps (999, 899, …, 99) visit every tenth of the schedule, so a model is queried at
+# the noisy end that the timestep-aware training over-samples ("leading" spacing starts at t = 876 and never
+# queries above it). toy_model's scheduler config says so too, and the trained pipelines inherit it.
 SAMPLER = "ddim"
-NUM_INFERENCE_STEPS = 8
+TIMESTEP_SPACING = "trailing"
+NUM_INFERENCE_STEPS = 10
 GUIDANCE_SCALE = 3.0
 # Bradley–Terry temperature of the labelling noise, in units of the labelling reward (see `bt_labels`).
 BT_TEMPERATURE = 0.03
@@ -309,7 +318,7 @@ def load_pipeline(model: str, sampler: str = SAMPLER):
 
     pipe = StableDiffusionPipeline.from_pretrained(model)
     schedulers = {"ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler, "ddpm": DDPMScheduler}
-    pipe.scheduler = schedulers[sampler].from_config(pipe.scheduler.config)
+    pipe.scheduler = schedulers[sampler].from_config(pipe.scheduler.config, timestep_spacing=TIMESTEP_SPACING)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -418,20 +427,26 @@ def model_fingerprint(model: str | os.PathLike) -> str:
     return digest.hexdigest()[:12]
 
 
+PAIRS_VERSION = 2  # bumped when the sampler or the prompt split changes: cached pairs are then made again
+
+
 def cached_pairs(model: str | os.PathLike = TOY_MODEL, num_pairs: int = 1000, seed: int = 0,
-                 progress: bool = True) -> Path:
-    """`make_pairs` of `model` on `pair_prompts(num_pairs, seed)`, written once as Pick-a-Pic parquet under
-    tiny.default_cache_root() (~/.cache/rethinking-dpo, or $RDPO_CACHE) and reused: sampling 1000 pairs
+                 progress: bool = True, split: str = "pair") -> Path:
+    """`make_pairs` of `model` on `pair_prompts(num_pairs, seed)` (split "pair": the training pairs) or on the
+    held-out prompts cycled (split "eval": pairs for diagnostics only), written once as Pick-a-Pic parquet
+    under tiny.default_cache_root() (~/.cache/rethinking-dpo, or $RDPO_CACHE) and reused: sampling 1000 pairs
     takes a few CPU minutes. The file appears complete or not at all (written aside, then renamed)."""
     import tiny
 
     root = tiny.default_cache_root()
-    path = root / f"toy-pairs-{model_fingerprint(model)}-n{num_pairs}-s{seed}.parquet"
+    path = root / f"toy-pairs-v{PAIRS_VERSION}-{model_fingerprint(model)}-{split}-n{num_pairs}-s{seed}.parquet"
     if not path.is_file():
         root.mkdir(parents=True, exist_ok=True)
         if progress:
             print(f"making {num_pairs} toy preference pairs from {model} (once; cached in {path})", flush=True)
-        cols, stats = make_pairs(load_pipeline(str(model)), pair_prompts(num_pairs, seed), seed, progress=progress)
+        prompts = (pair_prompts(num_pairs, seed) if split == "pair"
+                   else [EVAL_PROMPTS[i % len(EVAL_PROMPTS)] for i in range(num_pairs)])
+        cols, stats = make_pairs(load_pipeline(str(model)), prompts, seed, progress=progress)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         write_parquet(cols, str(tmp))
         os.replace(tmp, path)
@@ -440,7 +455,8 @@ def cached_pairs(model: str | os.PathLike = TOY_MODEL, num_pairs: int = 1000, se
 
 
 def pair_prompts(num_prompts: int, seed: int) -> list[str]:
-    """num_prompts captions drawn uniformly (with replacement) from PAIR_PROMPTS, never EVAL_PROMPTS."""
+    """num_prompts captions drawn uniformly (with replacement) from PAIR_PROMPTS, never the evaluation's or
+    the calibration's."""
     rng = np.random.default_rng(seed)
     return [PAIR_PROMPTS[i] for i in rng.integers(len(PAIR_PROMPTS), size=num_prompts)]
 

@@ -34,9 +34,10 @@ def test_world_is_deterministic_and_captions_match_specs():
 
 def test_prompt_split_is_disjoint_and_covers_the_world():
     assert len(toy.ALL_PROMPTS) == 270 == len(set(toy.ALL_PROMPTS))
-    assert set(toy.EVAL_PROMPTS).isdisjoint(toy.PAIR_PROMPTS)
-    assert sorted(toy.EVAL_PROMPTS + toy.PAIR_PROMPTS) == sorted(toy.ALL_PROMPTS)
-    assert len(toy.EVAL_PROMPTS) == 54
+    splits = (toy.EVAL_PROMPTS, toy.CALIBRATION_PROMPTS, toy.PAIR_PROMPTS)
+    assert all(set(a).isdisjoint(b) for i, a in enumerate(splits) for b in splits[i + 1:])
+    assert sorted(toy.EVAL_PROMPTS + toy.CALIBRATION_PROMPTS + toy.PAIR_PROMPTS) == sorted(toy.ALL_PROMPTS)
+    assert (len(toy.EVAL_PROMPTS), len(toy.CALIBRATION_PROMPTS)) == (54, 27)
     assert set(toy.pair_prompts(200, seed=0)) <= set(toy.PAIR_PROMPTS)
 
 
@@ -184,7 +185,7 @@ def test_tiny_demo_trains_the_toy_model_on_its_sampled_pairs(tmp_path, monkeypat
     monkeypatch.setattr(toolbox, "TOY_DEMO_PAIRS", 8)  # the demo samples 256; the mechanics are the same
     train_sd15.main(["--tiny", "--max_steps", "2", "--output_dir", str(tmp_path), "--train_batch_size", "2",
                      "--effective_batch_size", "2"])
-    pairs = list(Path(os.environ["RDPO_CACHE"]).glob("toy-pairs-*-n8-s0.parquet"))
+    pairs = list(Path(os.environ["RDPO_CACHE"]).glob("toy-pairs-*-pair-n8-s0.parquet"))
     assert len(pairs) == 1 and pq.read_table(pairs[0]).num_rows == 8
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert log[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)

@@ -27,6 +27,7 @@ import argparse
 import dataclasses
 import importlib
 import json
+import math
 import os
 import platform
 import resource
@@ -339,7 +340,15 @@ def report(opts, args, run, timer, log, run_seconds) -> dict:
         "reference_update_pct": 100 * wall_ms["reference_update"] / step_ms,
         "peak_memory": memory, "run_s": run_seconds,
         "loss_first": log[0]["loss"], "loss_last": log[-1]["loss"],
+        "all_finite": all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in log),
+        "graph_breaks": _graph_breaks() if args.compile else None,
     }
+
+
+def _graph_breaks() -> int:
+    """torch.compile's graph breaks in this process so far (each splits the hot path into more graphs)."""
+    from torch._dynamo.utils import counters
+    return int(sum(counters["graph_break"].values()))
 
 
 def print_table(r: dict) -> None:

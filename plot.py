@@ -92,6 +92,14 @@ def _aligned(logs, name, window=1):
     return pairs[0][0][:n], [smooth(y[:n], window) for _, y in pairs]
 
 
+def monitor_labelled(ax, label: str) -> bool:
+    return label in ax.get_legend_handles_labels()[1]
+
+
+def highest_of(ax) -> float:
+    return max((float(np.nanmax(line.get_ydata())) for line in ax.lines if len(line.get_ydata())), default=0.0)
+
+
 def draw(groups: dict[str, list[str]], out: str, title: str | None = None) -> str:
     """Draw the panels for `groups` (label → run folders, several = seeds of one configuration) into `out`."""
     import matplotlib
@@ -100,6 +108,7 @@ def draw(groups: dict[str, list[str]], out: str, title: str | None = None) -> st
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 4, figsize=(17, 7.5))
+    deltas, ceilings = [], []  # the δ lines drawn, and the highest D of the runs that have one
     for (label, runs), colour in zip(groups.items(), COLOURS):
         logs = [read_log(run) for run in runs]
         logs = [log for log in logs if log]
@@ -112,11 +121,10 @@ def draw(groups: dict[str, list[str]], out: str, title: str | None = None) -> st
             if x is not None:
                 _band(ax, x, ys, colour, label)
         monitor, highest = axes[0][3], 0.0
-        for name, what, style in (("divergence", "D(p_ref, p_init)", "o-"), ("policy_divergence", "D(policy, p_init)", "s-"),
-                                  ("ref_distance", "E‖ε_ref − ε_init‖²", "^--")):
+        for name, style in (("divergence", "o-"), ("policy_divergence", "s-"), ("ref_distance", "^--")):
             x, ys = _aligned(logs, name)
-            if x is not None:
-                _band(monitor, x, ys, colour, f"{label}: {what}", marker=style[0])
+            if x is not None:  # one legend entry per run or configuration: the marker says which quantity
+                _band(monitor, x, ys, colour, label if not monitor_labelled(monitor, label) else "_", marker=style[0])
                 monitor.lines[-1].set_linestyle(style[1:])
                 highest = max(highest, float(np.nanmax(ys)))
         for log in logs:
@@ -125,16 +133,20 @@ def draw(groups: dict[str, list[str]], out: str, title: str | None = None) -> st
                 monitor.axvline(frozen, color=colour, ls=":", lw=1)
         config = read_config(runs[0])
         delta, tau = config.get("delta"), config.get("tau")
-        if delta is not None and tau and math.isfinite(delta) and delta < 1e6:
-            shown = delta <= 3 * highest  # δ far above every D would flatten the curves: named, not drawn
-            monitor.axhline(delta, color=colour, ls="--", lw=0.8, label=f"{label}: δ = {delta:g}") if shown else \
-                monitor.plot([], [], " ", label=f"{label}: δ = {delta:g} (above)")
+        watched = config.get("on_diverge", "freeze") != "ignore"
+        if watched and delta is not None and tau and math.isfinite(delta) and delta < 1e6:
+            monitor.axhline(delta, color=colour, ls="--", lw=0.8)
+            deltas.append(delta)
+            ceilings.append(highest)
         centres = (np.arange(NUM_BINS) + 0.5) * 1000 / NUM_BINS
         half = steps // 2
         for ax, name in zip(axes[1], ("bin_accuracy", "bin_reward_magnitude", "bin_model_err", "bin_reward_scale")):
             _band(ax, centres, [bin_profile(log, name, half) for log in logs], colour, label, marker="o")
+    if deltas and highest_of(axes[0][3]) > 4 * max(max(deltas), *ceilings):
+        top = 4 * max(max(deltas), *ceilings)  # a run without the monitor would flatten the others
+        axes[0][3].set_ylim(-0.05 * top, top)
     titles = [("loss", "step"), ("implicit accuracy", "step"), ("implicit reward margin r(w) − r(l)", "step"),
-              ("monitor (§2; dotted: freeze)", "step"),
+              ("monitor: ● D(ref) ■ D(policy) ▲ distance, -- δ", "step"),
               ("implicit accuracy per t-bin (2nd half)", "t"), ("reward magnitude |r(w) − r(l)| per t-bin", "t"),
               ("policy error e_θ per t-bin", "t"), ("λ(t) per t-bin (mean of the pairs')", "t")]
     for ax, (name, xlabel) in zip(axes.flat, titles):

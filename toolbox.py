@@ -130,8 +130,9 @@ def parser(doc: str, recipe: dict) -> argparse.ArgumentParser:
                         "of the data with their t ~ U and ε, drawn once and kept in the checkpoint, the same at "
                         "every check (lower noise); 'batch' = the last micro-batch's winners with fresh draws "
                         "at every check")
-    g.add_argument("--monitor_samples", type=int, default=64,
-                   help="(winner latent, t, ε) draws of the divergence estimate D, per process")
+    g.add_argument("--monitor_samples", type=int, default=None,
+                   help="(winner latent, t, ε) draws of the divergence estimate D, per process (default 64; "
+                        "the --tiny demo: 32, as the miniature)")
     g.add_argument("--divergence_every", type=int, default=None,
                    help="also log D(policy, initial) every N steps (Fig. 1b); 0 = off (default 0)")
 
@@ -233,7 +234,7 @@ def _fill_defaults(args, recipe: dict, family: str, world_size: int, tiny_recipe
     else:
         recipe["dataset"] = data.DEFAULT_DATASET
     generic = dict(train_batch_size=1, scale_lr=True, learning_rate=1e-8, checkpoint_every=500,
-                   dataloader_workers=_available_cpus(), divergence_every=0)
+                   dataloader_workers=_available_cpus(), divergence_every=0, monitor_samples=64)
     for name, default in {**generic, **recipe, **(tiny_recipe if args.tiny else {})}.items():
         if getattr(args, name, None) is None:
             setattr(args, name, default)

@@ -33,10 +33,10 @@ import toolbox
 RECIPE = dict(pretrained_model="stable-diffusion-v1-5/stable-diffusion-v1-5", resolution=512,
               effective_batch_size=2048, warmup_steps=500, max_steps=2000, tau=32, delta=0.005,
               output_dir="out/sd15")
-# --tiny trains the pretrained toy model (miniature/) on its preference pairs with the miniature's recipe:
-# β, lr and the pair budget from there, τ and δ from its calibration (README, "The paper in miniature").
-TOY_RECIPE = dict(train_batch_size=8, effective_batch_size=8, max_steps=200, learning_rate=3e-5,
-                  warmup_steps=10, beta=5000.0, tau=8, delta=0.025, checkpoint_every=100)
+# --tiny trains the pretrained toy model (miniature/) on 256 of its preference pairs with the miniature's
+# recipe: steps, lr, β and the probe from there, τ and δ from its calibration (README, "The paper in miniature").
+TOY_RECIPE = dict(train_batch_size=8, effective_batch_size=8, max_steps=100, learning_rate=6e-5,
+                  warmup_steps=5, beta=5000.0, tau=1, delta=0.0299, monitor_samples=32, checkpoint_every=50)
 
 
 @dataclass

@@ -205,7 +205,8 @@ def markdown(report: dict) -> str:
              f"{'tiny' if report['tiny'] else 'real size (860M-parameter UNet, random weights), 512 px'}, "
              f"{report['pairs_per_step']} pairs per step, {report['steps']} timed steps after {report['warmup']}; "
              + ", ".join(f"{k} {v}" for k, v in report["packages"].items()) + ".", "",
-             "| configuration | pairs/s | × eager | step ms | peak MB (CUDA allocated; RSS on a CPU) | nvidia-smi peak MB | precision |",
+             "| configuration | pairs/s | × eager | step ms | peak MB (CUDA allocated; RSS on a CPU) "
+             "| nvidia-smi peak MB | precision |",
              "|---|---|---|---|---|---|---|"]
     eager = next((r for r in report["results"] if r["name"] == "full, eager" and "error" not in r), None)
     for r in report["results"]:

@@ -1,9 +1,11 @@
 """What several test files share: in-process runs of the trainers on the tiny models, and one micro-batch of
 train_sd15.py's loop written out from the script's own functions (encode, add_noise, predict)."""
 import json
+import math
 import os
 from pathlib import Path
 
+import pytest
 import torch
 
 import losses
@@ -57,3 +59,35 @@ def sd15_dpo_loss(args, m, batch, generators, policy, reference):
     with torch.no_grad():
         ref_err = losses.per_sample_error(train_sd15.predict(reference, noisy, t.repeat(2), cond), target)
     return losses.dpo_loss(model_err[:n], model_err[n:], ref_err[:n], ref_err[n:], args.beta, scale)
+
+
+def check_resume_matches_an_uninterrupted_run(run, weights, tmp_path):
+    """A run cut at step 3 and resumed ends with the losses and weights of one that was never cut (any trainer:
+    run(output_dir, *flags) -> log lines, weights(folder) -> the denoiser's state dict)."""
+    flags = ["--max_steps", 6, "--tau", 2, "--checkpoint_every", 3, "--learning_rate", 1e-4]
+    full_log = run(tmp_path / "full", *flags)
+    run(tmp_path / "split", "--max_steps", 3, "--tau", 2, "--checkpoint_every", 3, "--learning_rate", 1e-4)
+    resumed_log = run(tmp_path / "split", *flags, "--resume", "latest")
+    assert [r["step"] for r in resumed_log] == list(range(1, 7))
+    assert [r["loss"] for r in resumed_log] == [r["loss"] for r in full_log]
+    full, resumed = weights(tmp_path / "full" / "final"), weights(tmp_path / "split" / "final")
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+
+
+def check_cached_latents_and_lora(run, pipeline_class, pipeline_dir, tmp_path):
+    """--cache_latents gives the losses of encoding every step, and a LoRA run starts at log 2 and writes an
+    adapter that the model's diffusers pipeline loads and that changes its samples."""
+    flags = ["--max_steps", 2, "--checkpoint_every", 1000, "--max_train_samples", 32]
+    plain = [r["loss"] for r in run(tmp_path / "plain", *flags)]
+    cached = [r["loss"] for r in run(tmp_path / "cached", *flags, "--cache_latents")]
+    assert cached == pytest.approx(plain, rel=1e-4)  # the cache encodes in other batch shapes: float noise
+    log = run(tmp_path / "lora", *flags, "--lora_rank", 4, "--learning_rate", 1e-3)
+    assert log[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    pipe = pipeline_class.from_pretrained(pipeline_dir)
+
+    def sample():
+        return pipe("a red square", num_inference_steps=2, height=32, width=32, output_type="np",
+                    generator=torch.Generator().manual_seed(0)).images[0]
+    before = sample()
+    pipe.load_lora_weights(tmp_path / "lora" / "final_lora")
+    assert abs(sample() - before).max() > 0

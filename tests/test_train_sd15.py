@@ -15,7 +15,7 @@ import torch
 
 import toolbox
 import train_sd15
-from helpers import ROOT, run_sd15 as run, sd15_flags as tiny_flags, unet_weights
+from helpers import ROOT, check_resume_matches_an_uninterrupted_run, run_sd15 as run, sd15_flags as tiny_flags, unet_weights
 
 
 def test_tiny_run_starts_at_log2_and_saves_a_pipeline_that_samples(tmp_path):
@@ -67,14 +67,7 @@ def test_diffusion_dpo_settings_never_change_the_reference(tmp_path):
 
 
 def test_resume_ends_with_the_same_weights_as_an_uninterrupted_run(tmp_path):
-    flags = ["--max_steps", 6, "--tau", 2, "--checkpoint_every", 3, "--learning_rate", 1e-4]
-    full_log = run(tmp_path / "full", *flags)
-    run(tmp_path / "split", "--max_steps", 3, "--tau", 2, "--checkpoint_every", 3, "--learning_rate", 1e-4)
-    resumed_log = run(tmp_path / "split", *flags, "--resume", "latest")
-    assert [r["step"] for r in resumed_log] == list(range(1, 7))
-    assert [r["loss"] for r in resumed_log] == [r["loss"] for r in full_log]
-    full, resumed = unet_weights(tmp_path / "full" / "final"), unet_weights(tmp_path / "split" / "final")
-    assert all(torch.equal(full[k], resumed[k]) for k in full)
+    check_resume_matches_an_uninterrupted_run(run, unet_weights, tmp_path)
 
 
 def test_two_process_torchrun_matches_one_process_with_twice_the_accumulation(tmp_path):

@@ -9,7 +9,7 @@ import torch
 import schedule
 import tiny
 import train_sd3
-from helpers import read_log
+from helpers import check_cached_latents_and_lora, check_resume_matches_an_uninterrupted_run, read_log
 
 
 def load_model(drop_t5=False):
@@ -112,31 +112,12 @@ def test_prompts_are_encoded_as_the_sd3_pipeline_does_with_and_without_t5(model)
 
 
 def test_resume_ends_with_the_same_weights_as_an_uninterrupted_run(tmp_path):
-    flags = ["--max_steps", 6, "--tau", 2, "--checkpoint_every", 3, "--learning_rate", 1e-4]
-    full_log = run(tmp_path / "full", *flags)
-    run(tmp_path / "split", "--max_steps", 3, "--tau", 2, "--checkpoint_every", 3, "--learning_rate", 1e-4)
-    resumed_log = run(tmp_path / "split", *flags, "--resume", "latest")
-    assert [r["step"] for r in resumed_log] == list(range(1, 7))
-    assert [r["loss"] for r in resumed_log] == [r["loss"] for r in full_log]
-    full, resumed = transformer_weights(tmp_path / "full" / "final"), transformer_weights(tmp_path / "split" / "final")
-    assert all(torch.equal(full[k], resumed[k]) for k in full)
+    check_resume_matches_an_uninterrupted_run(run, transformer_weights, tmp_path)
 
 
 def test_cached_latents_give_the_same_losses_and_a_lora_adapter_loads(tmp_path):
-    flags = ["--max_steps", 2, "--checkpoint_every", 1000, "--max_train_samples", 32]
-    plain = [r["loss"] for r in run(tmp_path / "plain", *flags)]
-    cached = [r["loss"] for r in run(tmp_path / "cached", *flags, "--cache_latents")]
-    assert cached == pytest.approx(plain, rel=1e-4)  # the cache encodes in other batch shapes: float noise
-    log = run(tmp_path / "lora", *flags, "--lora_rank", 4, "--learning_rate", 1e-3)
-    assert log[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     from diffusers import StableDiffusion3Pipeline
-    pipe = StableDiffusion3Pipeline.from_pretrained(os.environ["RDPO_CACHE"] + "/tiny-sd3-v1")
-    before = pipe("a red square", num_inference_steps=2, height=32, width=32, output_type="np",
-                  generator=torch.Generator().manual_seed(0)).images[0]
-    pipe.load_lora_weights(tmp_path / "lora" / "final_lora")
-    after = pipe("a red square", num_inference_steps=2, height=32, width=32, output_type="np",
-                 generator=torch.Generator().manual_seed(0)).images[0]
-    assert abs(after - before).max() > 0
+    check_cached_latents_and_lora(run, StableDiffusion3Pipeline, os.environ["RDPO_CACHE"] + "/tiny-sd3-v1", tmp_path)
 
 
 def test_an_sd35_layout_model_trains_with_the_same_script(tmp_path):

@@ -63,7 +63,7 @@ from PIL import Image, PngImagePlugin
 from tqdm.auto import tqdm
 
 import rewards as rw
-from toolbox import hub_reachable
+from toolbox import PIPELINES, hub_reachable
 
 EVAL_FORMAT = 1  # bump when the image store layout changes
 
@@ -75,11 +75,7 @@ FAMILY_DEFAULTS = {
     "sdxl": {"steps": 50, "guidance_scale": 5.0, "resolution": 1024},
     "sd3": {"steps": 28, "guidance_scale": 7.0, "resolution": 1024},
 }
-PIPELINE_FAMILIES = {
-    "StableDiffusionPipeline": "sd15",
-    "StableDiffusionXLPipeline": "sdxl",
-    "StableDiffusion3Pipeline": "sd3",
-}
+PIPELINE_FAMILIES = {cls: family for family, cls in PIPELINES.items()}  # class name → family
 
 # Prompt sets: (description, default number of seeds per prompt).
 PROMPT_SETS = {
@@ -423,7 +419,7 @@ def load_pipeline(model: ModelRef, device: str, dtype: torch.dtype):
     """The model's diffusers pipeline on `device`, built with its family's class."""
     import diffusers
 
-    cls = getattr(diffusers, {v: k for k, v in PIPELINE_FAMILIES.items()}[model.family])
+    cls = getattr(diffusers, PIPELINES[model.family])
     kwargs = {"dtype": dtype, "local_files_only": not model.is_local and not hub_online()}
     if model.family == "sd15":
         # Scored as generated: the safety checker would replace flagged images by black ones.

@@ -92,14 +92,6 @@ def _aligned(logs, name, window=1):
     return pairs[0][0][:n], [smooth(y[:n], window) for _, y in pairs]
 
 
-def monitor_labelled(ax, label: str) -> bool:
-    return label in ax.get_legend_handles_labels()[1]
-
-
-def highest_of(ax) -> float:
-    return max((float(np.nanmax(line.get_ydata())) for line in ax.lines if len(line.get_ydata())), default=0.0)
-
-
 def draw(groups: dict[str, list[str]], out: str, title: str | None = None) -> str:
     """Draw the panels for `groups` (label → run folders, several = seeds of one configuration) into `out`."""
     import matplotlib
@@ -108,7 +100,7 @@ def draw(groups: dict[str, list[str]], out: str, title: str | None = None) -> st
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 4, figsize=(17, 7.5))
-    deltas, ceilings = [], []  # the δ lines drawn, and the highest D of the runs that have one
+    deltas, ceilings, highest_of_all = [], [], 0.0  # the δ lines drawn, the highest D of their runs, of all runs
     for (label, runs), colour in zip(groups.items(), COLOURS):
         logs = [read_log(run) for run in runs]
         logs = [log for log in logs if log]
@@ -120,13 +112,14 @@ def draw(groups: dict[str, list[str]], out: str, title: str | None = None) -> st
             x, ys = _aligned(logs, name, window)
             if x is not None:
                 _band(ax, x, ys, colour, label)
-        monitor, highest = axes[0][3], 0.0
+        monitor, highest, legend = axes[0][3], 0.0, label
         for name, style in (("divergence", "o-"), ("policy_divergence", "s-"), ("ref_distance", "^--")):
             x, ys = _aligned(logs, name)
             if x is not None:  # one legend entry per run or configuration: the marker says which quantity
-                _band(monitor, x, ys, colour, label if not monitor_labelled(monitor, label) else "_", marker=style[0])
+                _band(monitor, x, ys, colour, legend, marker=style[0])
                 monitor.lines[-1].set_linestyle(style[1:])
-                highest = max(highest, float(np.nanmax(ys)))
+                highest, legend = max(highest, float(np.nanmax(ys))), "_"
+        highest_of_all = max(highest_of_all, highest)
         for log in logs:
             frozen = next((r["step"] for r in log if r.get("ref_frozen")), None)
             if frozen:
@@ -142,7 +135,7 @@ def draw(groups: dict[str, list[str]], out: str, title: str | None = None) -> st
         half = steps // 2
         for ax, name in zip(axes[1], ("bin_accuracy", "bin_reward_magnitude", "bin_model_err", "bin_reward_scale")):
             _band(ax, centres, [bin_profile(log, name, half) for log in logs], colour, label, marker="o")
-    if deltas and highest_of(axes[0][3]) > 4 * max(max(deltas), *ceilings):
+    if deltas and highest_of_all > 4 * max(max(deltas), *ceilings):
         top = 4 * max(max(deltas), *ceilings)  # a run without the monitor would flatten the others
         axes[0][3].set_ylim(-0.05 * top, top)
     titles = [("loss", "step"), ("implicit accuracy", "step"), ("implicit reward margin r(w) − r(l)", "step"),

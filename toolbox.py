@@ -757,22 +757,19 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _fsync_tree(path: str) -> None:
-    for folder, _, files in os.walk(path):
-        for name in files:
-            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
-
-def _fsync_dir(path: str) -> None:
+def _fsync(path: str) -> None:
+    """Flush a file, or a folder's entries, to the disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _fsync_tree(path: str) -> None:
+    for folder, _, files in os.walk(path):
+        for name in files:
+            _fsync(os.path.join(folder, name))
 
 
 @contextmanager
@@ -794,7 +791,7 @@ def atomic_dir(final_dir: str):
     if os.path.exists(final_dir):
         shutil.rmtree(final_dir)
     os.replace(tmp, final_dir)
-    _fsync_dir(os.path.dirname(os.path.abspath(final_dir)))
+    _fsync(os.path.dirname(os.path.abspath(final_dir)))
 
 
 def _prepare_output(args, run: Run) -> None:
@@ -1195,7 +1192,7 @@ class TrainLog:
     def close(self) -> None:
         if self.progress is not None:
             self.progress.close()
-        if getattr(self, "tracker", None) is not None:
+        if self.tracker is not None:
             self.tracker.close()
             self.tracker = None
 

@@ -30,6 +30,14 @@ def reward_margin(model_err_w, model_err_l, ref_err_w, ref_err_l) -> torch.Tenso
     return (ref_err_w - model_err_w) - (ref_err_l - model_err_l)
 
 
+def pair_margin(model_err: torch.Tensor, ref_err: torch.Tensor, n: int) -> torch.Tensor | None:
+    """−Δ of n pairs from errors [2n] (winners, then losers), for the log's per-t statistics; None when the
+    objective computed the winners' errors only [n] (SFT)."""
+    if len(model_err) != 2 * n:
+        return None
+    return reward_margin(model_err[:n], model_err[n:], ref_err[:n], ref_err[n:])
+
+
 def implicit_accuracy(logits: torch.Tensor) -> torch.Tensor:
     """Share of pairs the implicit reward ranks correctly: mean(z > 0), a tie z == 0 counting 1/2 (§1)."""
     return ((logits > 0).float() + 0.5 * (logits == 0).float()).mean()
@@ -170,6 +178,11 @@ def dspo_loss(model_err_w, model_err_l, ref_err_w, ref_err_l, beta, scale=1.0, *
     return loss, _metrics(model_err_w, model_err_l, ref_err_w, ref_err_l, margin, logits)
 
 
+# DSPO's authors compute the SDXL branch of their loss for SDXL only (launchers/sdxl.sh); every other model
+# takes the SD1.5 branch. [choice for SD3: the SD1.5 branch, whose β is the per-element scale of its errors]
+DSPO_SDXL_BRANCH = {"sdxl"}
+
+
 @dataclass(frozen=True)
 class Objective:
     """A loss of this file and what the trainer must compute for it (it skips the rest).
@@ -186,6 +199,21 @@ class Objective:
 
     def default_beta(self, family: str) -> float | None:
         return self.betas.get(family, self.betas.get("*"))
+
+    def inputs(self, family: str, pred, ref_pred, target, reference_point: float = 0.0) -> dict:
+        """What this objective takes beyond the per-sample errors: DSPO the winners' raw predictions (and its
+        branch for the model family), KTO its reference point. For KTO the trainers pass [choice] the mean
+        implicit reward of the previous optimizer step's pairs over all ranks (0 at step 1, where policy =
+        reference; the log's `kto_mean_reward`): the official code takes each micro-batch's, which at 1 pair
+        per device is the pair itself."""
+        extra = {}
+        if self.needs_predictions:
+            n = len(pred) // 2
+            extra = dict(model_pred_w=pred[:n], ref_pred_w=ref_pred[:n], target_w=target[:n],
+                         sdxl=family in DSPO_SDXL_BRANCH)
+        if self.needs_reference_point:
+            extra["reference_point"] = reference_point
+        return extra
 
 
 # name → objective, for the trainers' --loss flag.

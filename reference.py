@@ -6,15 +6,16 @@ divergence of each new reference from p_init: once it exceeds δ, the reference 
 "Re-Init" variant, reset to p_init). Without the monitor, small τ lets the policy widen the margin by
 inflating both errors ("error scaling") and training collapses; `on_diverge="ignore"` reproduces that.
 
-The monitor measures on inputs the caller fixes (the "probe"): `predict(model)` returns the model's
-predictions on them and `target` what they should be, so that p_init, every new reference and the policy are
-compared on exactly the same noised images.
+The monitor measures on inputs the caller fixes (the "probe", `Probe` below): a few winner images of the data,
+each noised at one t with one ε, drawn once, so that p_init, every new reference and the policy are compared on
+exactly the same noised images. p_init never changes, so its predictions on a probe are computed once.
 
 Memory: the initial weights stay in (pinned) CPU memory. They visit the accelerator only while the
 monitor measures, loaded into the reference model's own parameters, which are about to be overwritten
 by the policy anyway; so the method costs no accelerator memory beyond Diffusion-DPO's reference.
 """
 import copy
+from contextlib import nullcontext
 from typing import Callable
 
 import torch
@@ -26,6 +27,39 @@ from losses import per_sample_error
 ON_DIVERGE = ("freeze", "reinit", "ignore")
 
 PredictFn = Callable[[nn.Module], torch.Tensor]
+
+
+class Probe:
+    """The monitor's inputs (§2): noised winner latents `noisy`, their timesteps `t` and conditioning `cond`
+    (a dict of tensors), and the targets the model should predict. Called with a model it returns its
+    predictions, `predict(model, noisy, t, cond)` of the train script, without autograd, in chunks of `chunk`
+    images under `autocast`. A checkpoint keeps the inputs, so a resumed run measures on the very same ones.
+
+    `initial` holds p_init's predictions once a Reference has computed them: the inputs are fixed and p_init
+    never changes, so every later check needs only the new reference's forwards."""
+
+    def __init__(self, predict, noisy, t, cond: dict, target, chunk: int, autocast=nullcontext):
+        self.predict, self.chunk, self.autocast = predict, max(1, chunk), autocast
+        self.noisy, self.t, self.cond, self.target = noisy, t, cond, target
+        self.initial: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def __call__(self, model: nn.Module) -> torch.Tensor:
+        out = []
+        for i in range(0, len(self.noisy), self.chunk):
+            part = slice(i, i + self.chunk)
+            with self.autocast():
+                out.append(self.predict(model, self.noisy[part], self.t[part], {k: v[part] for k, v in self.cond.items()}))
+        return torch.cat(out)
+
+    def state_dict(self) -> dict:
+        return {"noisy": self.noisy, "t": self.t, "cond": self.cond, "target": self.target}
+
+    def load_state_dict(self, state: dict) -> None:
+        device = self.noisy.device
+        self.noisy, self.t, self.target = (state[k].to(device) for k in ("noisy", "t", "target"))
+        self.cond = {k: v.to(device) for k, v in state["cond"].items()}
+        self.initial = None
 
 
 def _tensors(model: nn.Module) -> list[torch.Tensor]:
@@ -59,6 +93,8 @@ class Reference:
                 at that last copy for the rest of training), "reinit" (the Re-Init ablation, Table 3:
                 reset to p_init; the monitor keeps checking later copies), or "ignore" (update every τ
                 without the monitor, the failure mode the paper warns about).
+    The copy runs in the policy's mode (train or eval: diffusers' blocks take different code paths), so that
+    policy and reference compute the same function and the loss is exactly log 2 at the first step.
     dtype:      dtype of the reference copy (the training dtype, e.g. bf16: it is only ever run); p_init is
                 kept in that dtype too, in pinned CPU memory.
     model:      the reference module to use instead of a deep copy of the policy; it must start equal to the
@@ -80,7 +116,7 @@ class Reference:
             model = copy.deepcopy(policy)
             if dtype is not None:
                 model.to(dtype=dtype)  # the training dtype: the reference is only ever run, never trained
-        self.model = model.eval().requires_grad_(False)
+        self.model = model.requires_grad_(False)
         # The tensors every update copies, listed once: updates copy in place and allocate nothing.
         self._tensors = _tensors(self.model)
         self._policy, self._policy_tensors = None, []
@@ -100,10 +136,29 @@ class Reference:
         return self._policy_tensors
 
     @torch.no_grad()
-    def _predict_initial(self, predict: PredictFn) -> torch.Tensor:
-        _copy_into(self._tensors, self.initial)
-        self.holds_initial = True
-        return predict(self.model)
+    def _initial_predictions(self, predict: PredictFn, keep_reference: bool) -> torch.Tensor:
+        """p_init's predictions: kept on a Probe after the first time; else p_init is loaded into the reference's
+        parameters (which, unless `keep_reference` is false, are parked in CPU memory and put back after)."""
+        if isinstance(predict, Probe) and predict.initial is not None:
+            return predict.initial
+        if self.holds_initial:
+            pred = predict(self.model)
+        elif not keep_reference:
+            _copy_into(self._tensors, self.initial)
+            self.holds_initial = True
+            pred = predict(self.model)
+        else:
+            if self._parked is None:
+                self._parked = [torch.empty(t.shape, dtype=t.dtype, pin_memory=torch.cuda.is_available())
+                                for t in self._tensors]
+            # Stream order keeps these asynchronous copies safe: nothing reads the parked weights on the host.
+            _copy_into(self._parked, self._tensors)
+            _copy_into(self._tensors, self.initial)
+            pred = predict(self.model)
+            _copy_into(self._tensors, self._parked)
+        if isinstance(predict, Probe):
+            predict.initial = pred
+        return pred
 
     @staticmethod
     def _gap(pred, pred_init, target) -> tuple[float, float]:
@@ -119,8 +174,9 @@ class Reference:
         """Apply the §2 rule after optimizer step `step` (1-based). Returns what happened, for the log.
 
         predict(model) -> Tensor[n, ...]: the model's predictions on the probe, a few winner images noised
-        at fixed t with fixed ε, the same inputs on every call; target: their ε (or velocity). On an update step:
-            1. load p_init into the reference's parameters and predict;
+        at fixed t with fixed ε, the same inputs on every call (a Probe); target: their ε (or velocity). On an
+        update step:
+            1. p_init's predictions (computed once per Probe);
             2. copy the policy into the reference (p_ref ← p_θ) and predict;
             3. D(p_ref, p_init) = mean(e_ref − e_init), and the output distance E‖ε_ref − ε_init‖²;
             4. if D > δ: freeze the reference, or reset it to p_init ("reinit"), or go on ("ignore").
@@ -130,13 +186,10 @@ class Reference:
         """
         if not self.tau or self.frozen or step % self.tau != 0:
             return {"ref_updated": False, "ref_frozen": self.frozen}
-        was_training = policy.training
-        policy.eval()
-        pred_init = self._predict_initial(predict)
+        pred_init = self._initial_predictions(predict, keep_reference=False)
         _copy_into(self._tensors, self._tensors_of(policy))
         self.holds_initial = False
         divergence, distance = self._gap(predict(self.model), pred_init, target)
-        policy.train(was_training)
         self.last_divergence = divergence
         self.num_updates += 1
         reinit = False
@@ -161,18 +214,7 @@ class Reference:
         model.eval()
         pred = predict(model)
         model.train(was_training)
-        if self.holds_initial:
-            pred_init = predict(self.model)
-        else:
-            if self._parked is None:
-                self._parked = [torch.empty(t.shape, dtype=t.dtype, pin_memory=torch.cuda.is_available())
-                                for t in self._tensors]
-            # Stream order keeps these asynchronous copies safe: nothing reads the parked weights on the host.
-            _copy_into(self._parked, self._tensors)
-            pred_init = self._predict_initial(predict)
-            _copy_into(self._tensors, self._parked)
-            self.holds_initial = False
-        return self._gap(pred, pred_init, target)
+        return self._gap(pred, self._initial_predictions(predict, keep_reference=True), target)
 
     def state_dict(self) -> dict:
         """Everything needed to resume: the reference weights and the monitor's state (p_init is the

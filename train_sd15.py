@@ -9,14 +9,18 @@ reference updated every τ = 32 steps under the monitor δ = 0.005, γ = 0.9 ove
     torchrun --nproc_per_node=8 train_sd15.py              # 8 GPUs (accumulation 256 each)
     python train_sd15.py --tiny                            # offline CPU demo: the toy model and its pairs (~2 min)
     python train_sd15.py --resume latest                   # continue the run in --output_dir
-    python train_sd15.py --tau 0 --gamma 1 --no_reward_scale   # plain Diffusion-DPO (Wallace et al. 2023)
-    python train_sd15.py --loss sft                        # the SFT baseline (winners only)
+    python train_sd15.py --method plain                    # plain Diffusion-DPO (Wallace et al. 2023)
+    python train_sd15.py --loss kto --method plain         # another objective, "X"; without --method: "X + ours"
+    python train_sd15.py --tiny --help                     # every flag with the value the run will take
     python train_sd15.py --dataset /data/pickapic_parquet  # a local copy of Pick-a-Pic v2
 
 Output: OUTPUT_DIR/log.jsonl (one JSON line per optimizer step), OUTPUT_DIR/checkpoint-STEP/ and the trained
 pipeline in OUTPUT_DIR/final/ (StableDiffusionPipeline.from_pretrained loads it). The equations are in
-losses.py (§1), schedule.py (§3) and reference.py (§2); the run mechanics in toolbox.py.
+losses.py (§1), schedule.py (§3) and reference.py (§2); the run's mechanics in mechanics/.
 """
+import math
+import os
+import sys
 from dataclasses import dataclass
 from functools import partial
 
@@ -26,15 +30,26 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from transformers import CLIPTextModel, CLIPTokenizer
 
 import losses
+import plot
 import reference
 import schedule
-import toolbox
+import tiny
+from mechanics import checkpoints, flags, loading, runtime, trainlog
+from miniature import toy
 
 RECIPE = dict(pretrained_model="stable-diffusion-v1-5/stable-diffusion-v1-5", resolution=512,
               effective_batch_size=2048, warmup_steps=500, max_steps=2000, tau=32, delta=0.005,
               output_dir="out/sd15")
-# --tiny trains the pretrained toy model (miniature/) on 256 of its preference pairs with the miniature's
-# recipe: steps, lr, β and the probe from there, τ and δ from its calibration (README, "The paper in miniature").
+# --tiny: the offline demo, the pretrained toy model (miniature/) on TOY_DEMO_PAIRS of its own samples labelled by
+# the toy reward. TINY_RECIPE is the small scale of every trainer's demo; TOY_RECIPE, the miniature's recipe
+# (steps, lr, β, probe; τ and δ from its calibration, miniature/README.md), applies to the toy model only (not
+# with --pretrained_model). One CPU thread: two spinning OpenMP threads on a busy 2-core laptop were ~5× slower.
+TOY_DEMO_PAIRS = 256
+TINY_RECIPE = dict(pretrained_model=lambda v: str(toy.TOY_MODEL),
+                   dataset=lambda v: str(toy.pairs_path(v["pretrained_model"], TOY_DEMO_PAIRS)),
+                   resolution=32, train_batch_size=4, effective_batch_size=4, learning_rate=2e-5, scale_lr=False,
+                   warmup_steps=0, max_steps=60, checkpoint_every=30, beta=500.0, tau=8, delta=0.05,
+                   dataloader_workers=0, divergence_every=5, cpu_threads=1)
 TOY_RECIPE = dict(train_batch_size=8, effective_batch_size=8, max_steps=100, learning_rate=6e-5,
                   warmup_steps=5, beta=5000.0, tau=1, delta=0.0299, monitor_samples=32, checkpoint_every=50)
 
@@ -52,11 +67,11 @@ class Models:
 
 def load_models(path: str, device, dtype) -> Models:
     """The pipeline's components: the frozen ones in the training dtype, the UNet in fp32 (it is trained)."""
-    text_encoder = toolbox.frozen(toolbox.load(CLIPTextModel, path, "text_encoder"), device, dtype)
-    tokenizer = toolbox.load(CLIPTokenizer, path, "tokenizer")
-    toolbox.check_tokenizer(tokenizer, text_encoder, "tokenizer")
-    return Models(tokenizer, text_encoder, toolbox.frozen(toolbox.load(AutoencoderKL, path, "vae"), device, dtype),
-                  toolbox.load(DDPMScheduler, path, "scheduler"), toolbox.load(UNet2DConditionModel, path, "unet"),
+    text_encoder = loading.frozen(loading.load(CLIPTextModel, path, "text_encoder"), device, dtype)
+    tokenizer = loading.load(CLIPTokenizer, path, "tokenizer")
+    loading.check_tokenizer(tokenizer, text_encoder, "tokenizer")
+    return Models(tokenizer, text_encoder, loading.frozen(loading.load(AutoencoderKL, path, "vae"), device, dtype),
+                  loading.load(DDPMScheduler, path, "scheduler"), loading.load(UNet2DConditionModel, path, "unet"),
                   torch.device(device))
 
 
@@ -95,7 +110,7 @@ def predict(unet, noisy, t, cond):
     return unet(noisy, t, encoder_hidden_states=cond["encoder_hidden_states"]).sample
 
 
-def monitor_probe(m: Models, batch, num_samples, generators, run, chunk) -> toolbox.MonitorProbe:
+def monitor_probe(m: Models, batch, num_samples, generators, run, chunk) -> reference.Probe:
     """The inputs of §2's monitor: num_samples of the batch's winners (cycling through them), each noised at
     one t ~ U with one ε, drawn once so that p_init, the reference and the policy see the same inputs."""
     latents, cond = encode(m, batch, generators[1])
@@ -105,24 +120,32 @@ def monitor_probe(m: Models, batch, num_samples, generators, run, chunk) -> tool
                                   generator=generators[0]).to(m.device)
     noise = torch.randn(latents.shape, generator=generators[1], device=m.device, dtype=latents.dtype)
     noisy, target = add_noise(m.scheduler, latents, noise, t)
-    return toolbox.MonitorProbe(predict, noisy, t, cond, target, run, chunk)
+    return reference.Probe(predict, noisy, t, cond, target, chunk, run.autocast)
 
 
-def main(argv=None):
-    args = toolbox.parser(__doc__, RECIPE).parse_args(argv)
-    run = toolbox.start(args, RECIPE, "sd15", TOY_RECIPE)
-    m = load_models(run.model_path, run.device, run.weight_dtype)
+def main(argv=None) -> int:
+    args, defaults = flags.resolve(argv, __doc__, "sd15", RECIPE, losses.LOSSES, TINY_RECIPE, TOY_RECIPE)
+    run = runtime.start(args, "sd15")
+    if args.tiny:  # the demo's model and pairs, made once and cached (rank 0 first)
+        with run.main_first():
+            tiny.ensure(args.pretrained_model, args.dataset, toy_pairs=TOY_DEMO_PAIRS)
+    model_path = loading.pipeline_folder(args, "sd15")
+    m = load_models(model_path, run.device, run.weight_dtype)
     encoders = partial(encode_images, m), partial(encode_captions, m)
-    loader = toolbox.pair_loader(args, run, *encoders)
+    loader = loading.pair_loader(args, run, *encoders)
     # §2's monitor measures D(p_ref, p_init) on a probe: --monitor_samples winners of the data with their
     # t ~ U and ε, drawn once and kept in the checkpoint (or, with --monitor batch, the last micro-batch's).
-    probe = monitor_probe(m, toolbox.probe_batch(args, run, *encoders), args.monitor_samples,
-                          toolbox.micro_generators(args.seed, 0, toolbox.MONITOR_STREAM, run.device), run,
-                          chunk=2 * args.train_batch_size)
+    probe = monitor_probe(m, loading.probe_pairs(args, run, *encoders, seed_offset=runtime.PROBE_SEED),
+                          args.monitor_samples, runtime.micro_generators(args.seed, 0, runtime.MONITOR_STREAM, run.device),
+                          run, chunk=2 * args.train_batch_size)
     if args.cache_latents:
-        toolbox.to_cpu(m.vae, m.text_encoder, device=run.device)  # never run again
+        loading.to_cpu(m.vae, m.text_encoder, device=run.device)  # never run again
     num_train_timesteps = m.scheduler.config.num_train_timesteps
-    reward_scale = toolbox.reward_scale(schedule.reward_scale(m.scheduler.alphas_cumprod), args).to(run.device)
+    reward_scale = schedule.reward_scale(m.scheduler.alphas_cumprod).to(run.device)  # λ(t) of §3
+    if args.no_reward_scale:
+        reward_scale = torch.ones_like(reward_scale)
+    elif args.reward_scale_norm:  # ablation: the same shape over t, mean 1 under the sampler
+        reward_scale = reward_scale / schedule.sampler_mean(reward_scale, args.gamma, args.num_bins)
 
     unet = m.unet.to(run.device).train()
     if args.gradient_checkpointing:
@@ -137,28 +160,31 @@ def main(argv=None):
     else:
         ref = reference.Reference(unet, tau=args.tau, delta=args.delta, on_diverge=args.on_diverge,
                                   dtype=run.autocast_dtype)
-        ref.model.train()  # the policy's code path (diffusers' blocks differ by mode): loss exactly log 2 at step 1
         ref_source = unet
     params = [p for p in unet.parameters() if p.requires_grad]
-    optimizer, lr_schedule = toolbox.optimizer(args, params)
+    optimizer, lr_schedule = runtime.optimizer(args, params)
     scaler = run.grad_scaler()
-    log = toolbox.TrainLog(args, run, num_train_timesteps, desc=f"sd15 {args.loss}")
-    checkpoints = toolbox.Checkpoints(args, run, policy=unet, reference=ref, optimizer=optimizer,
-                                      lr_schedule=lr_schedule, loader=loader, scaler=scaler, monitor_probe=probe,
-                                      log=log)
-    step = checkpoints.resume()  # refuses a checkpoint of another run (README, "Checkpoints and resume")
+    log = trainlog.TrainLog(args, run, num_train_timesteps, desc=f"sd15 {args.loss}")
+    ckpt = checkpoints.Checkpoints(args, run, model_path, defaults, policy=unet, reference=ref, optimizer=optimizer,
+                                   lr_schedule=lr_schedule, loader=loader, scaler=scaler, monitor_probe=probe, log=log)
+    step = ckpt.resume()  # refuses a checkpoint of another run (README, "Checkpoints and resume")
     log.begin(step)
-    ddp_unet = toolbox.ddp(unet, run)
-    unet_forward = toolbox.maybe_compile(ddp_unet, args.compile)
-    ref_forward = toolbox.maybe_compile(ref.model, args.compile and not args.lora_rank)  # LoRA: eager
+    ddp_unet = runtime.ddp(unet, run)
+    unet_forward = runtime.maybe_compile(ddp_unet, args.compile)
+    ref_forward = runtime.maybe_compile(ref.model, args.compile and not args.lora_rank)  # LoRA: eager
     objective = losses.LOSSES[args.loss]
     accumulation = args.gradient_accumulation_steps
     batches = iter(loader)
+    record = {}
 
     while step < args.max_steps:
+        step_loss = 0.0
         for micro in range(accumulation):
-            batch = next(batches)
-            generators = toolbox.micro_generators(args.seed, step, micro * run.world_size + run.rank, run.device)
+            batch = next(batches, None)
+            if batch is None:  # a signal stopped the loader while no pair would decode: exit, no checkpoint
+                log.close()
+                return 128 + run.signals.signum
+            generators = runtime.micro_generators(args.seed, step, micro * run.world_size + run.rank, run.device)
             latents, cond = encode(m, batch, generators[1])  # [2B]: winners, then losers
             n = latents.shape[0] // 2
             # §3: one t per pair, the early (noisy) steps over-sampled by Cat(γ^k), and its reward scale λ(t).
@@ -180,15 +206,18 @@ def main(argv=None):
                 with torch.no_grad(), run.autocast():
                     ref_pred = predict(ref_forward, noisy, t.repeat(k), cond_k)
                 ref_err = losses.per_sample_error(ref_pred, target)
-            extra = toolbox.objective_inputs(objective, "sd15", n, pred, ref_pred, target, log.last)  # DSPO, KTO
+            extra = objective.inputs("sd15", pred, ref_pred, target, record.get("kto_mean_reward", 0.0))  # DSPO, KTO
             loss, metrics = objective.fn(model_err[:n], model_err[n:], ref_err[:n], ref_err[n:], args.beta,
                                          scale, **extra)
             scaler.scale(loss / accumulation).backward()
-            log.add(loss, metrics, batch["num_skipped"], t, scale, model_err, ref_err)
+            step_loss += loss.detach() / accumulation
+            log.add(loss, metrics, batch["num_skipped"], t, scale, losses.pair_margin(model_err, ref_err, n), model_err)
 
         scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-        if log.finite(grad_norm, scaler):  # a non-finite loss or gradient norm skips the step (--max_nonfinite_steps)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm or math.inf)  # 0: no clipping
+        # A non-finite loss or gradient norm on any rank skips the step (fp16: the scaler skips overflows).
+        finite = run.all_finite(step_loss, *([] if scaler.is_enabled() else [grad_norm]))
+        if finite:
             scaler.step(optimizer)
         scaler.update()
         lr_schedule.step()
@@ -197,24 +226,34 @@ def main(argv=None):
 
         # §2: every τ steps the reference becomes a copy of the policy, unless the monitor has frozen it.
         if args.monitor == "batch":
-            probe = monitor_probe(m, batch, args.monitor_samples, toolbox.micro_generators(
-                args.seed, step, toolbox.MONITOR_STREAM, run.device), run, chunk=2 * args.train_batch_size)
+            probe = monitor_probe(m, batch, args.monitor_samples, runtime.micro_generators(
+                args.seed, step, runtime.MONITOR_STREAM, run.device), run, chunk=2 * args.train_batch_size)
         ref_info = ref.step(step, ref_source, probe, probe.target)
         if args.divergence_every and step % args.divergence_every == 0:
             ref_info["policy_divergence"], ref_info["policy_distance"] = ref.divergence(ref_source, probe, probe.target)
-        log.write(step, grad_norm=grad_norm, lr=lr_schedule.get_last_lr()[0], **ref_info)
-
-        stopping = run.stop_requested()  # SIGTERM / Ctrl-C: checkpoint, then exit
-        if step % args.checkpoint_every == 0 or (stopping and step < args.max_steps):
-            log.note(f"saved {checkpoints.save(step)}")
-        if stopping:
+        record = log.write(step, skipped_step=not finite, grad_norm=grad_norm, lr=lr_schedule.get_last_lr()[0],
+                           **ref_info)
+        if log.nonfinite_in_a_row >= args.max_nonfinite_steps:  # diverged: stop, no final model
             log.close()
-            return toolbox.report(args, run, None, step)
+            trainlog.report_diverged(args, run, log, step, checkpoints.checkpoint_dirs(args.output_dir))
+            return flags.EXIT_DIVERGED
+
+        signum = run.stop_requested()  # SIGTERM / Ctrl-C: checkpoint, then exit with 128 + N
+        if step % args.checkpoint_every == 0 or (signum and step < args.max_steps):
+            log.note(f"saved {ckpt.save(step)}")
+        if signum:
+            log.close()
+            trainlog.report_stop(args, run, step, f"stopped at step {step}")
+            return 128 + signum
     log.close()
 
-    final_dir = toolbox.save_final(args, run, unet=unet)
-    toolbox.report(args, run, final_dir, step)
+    final_dir = checkpoints.save_final(args, run, model_path, "StableDiffusionPipeline", unet=unet)
+    curves = (plot.draw({os.path.basename(os.path.normpath(args.output_dir)): [args.output_dir]},
+                        os.path.join(args.output_dir, "curves.png")) if args.plot and run.is_main else None)
+    toy_demo = args.tiny and args.pretrained_model == str(toy.TOY_MODEL)  # eval.py --tiny compares with it
+    trainlog.report(args, run, log, final_dir, step, curves, baseline=None if toy_demo else args.pretrained_model)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -13,7 +13,7 @@ the paper gives no SD3 recipe; these are SDXL's settings.]
     python train_sd3.py --resume latest                    # continue the run in --output_dir
     python train_sd3.py --drop_t5                          # no T5 encoder: zeros in its place, ~9 GB less
     python train_sd3.py --gradient_checkpointing --optimizer adamw8bit   # less memory (needs bitsandbytes)
-    python train_sd3.py --tau 0 --gamma 1 --no_reward_scale --beta 2000  # plain Diffusion-DPO
+    python train_sd3.py --method plain --beta 2000         # plain Diffusion-DPO
 
 What differs from train_sd15.py: rectified flow (x_σ = (1 − σ)x0 + σε, velocity target) on the scheduler's
 shifted σ grid, two CLIP encoders with pooled projections and T5, and latents (z − shift)·scale. β does not
@@ -22,6 +22,9 @@ accuracy. Output: OUTPUT_DIR/log.jsonl, OUTPUT_DIR/checkpoint-STEP/ and the trai
 OUTPUT_DIR/final/ (StableDiffusion3Pipeline.from_pretrained loads it; it keeps T5 even after --drop_t5, and
 `text_encoder_3=None, tokenizer_3=None` there samples as the model was trained).
 """
+import math
+import os
+import sys
 from dataclasses import dataclass
 from functools import partial
 
@@ -32,13 +35,21 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
 import losses
+import plot
 import reference
 import schedule
-import toolbox
+import tiny
+from mechanics import checkpoints, flags, loading, runtime, trainlog
 
 RECIPE = dict(pretrained_model="stabilityai/stable-diffusion-3-medium-diffusers", resolution=1024,
               effective_batch_size=2048, warmup_steps=200, max_steps=2000, tau=32, delta=0.002,
               optimizer="adafactor", output_dir="out/sd3")
+# --tiny: the offline demo's small-scale recipe, on a tiny random SD3 of the real classes (tiny/) and the
+# built-in smooth-vs-noise pairs, both made once in the cache; each value a flag's default, which a flag overrides.
+TINY_RECIPE = dict(pretrained_model=lambda v: tiny.pipeline_path("sd3"), dataset=lambda v: tiny.builtin_pairs_path(),
+                   resolution=32, train_batch_size=4, effective_batch_size=4, learning_rate=2e-5, scale_lr=False,
+                   warmup_steps=0, max_steps=60, checkpoint_every=30, beta=500.0, tau=8, delta=0.05,
+                   dataloader_workers=0, divergence_every=5, cpu_threads=1)
 # [choice] T5 tokens per prompt, as diffusers' SD3 training scripts (the pipeline samples with 256).
 T5_MAX_LENGTH = 77
 
@@ -60,22 +71,22 @@ class Models:
 
 def load_models(path: str, device, dtype, drop_t5: bool = False) -> Models:
     """The pipeline's components: the frozen ones in the training dtype, the transformer in fp32 (trained)."""
-    tokenizers = [toolbox.load(CLIPTokenizer, path, "tokenizer"), toolbox.load(CLIPTokenizer, path, "tokenizer_2")]
-    text_encoders = [toolbox.frozen(toolbox.load(CLIPTextModelWithProjection, path, folder), device, dtype)
+    tokenizers = [loading.load(CLIPTokenizer, path, "tokenizer"), loading.load(CLIPTokenizer, path, "tokenizer_2")]
+    text_encoders = [loading.frozen(loading.load(CLIPTextModelWithProjection, path, folder), device, dtype)
                      for folder in ("text_encoder", "text_encoder_2")]
     for tokenizer, encoder, name in zip(tokenizers, text_encoders, ("tokenizer", "tokenizer_2")):
-        toolbox.check_tokenizer(tokenizer, encoder, name)
+        loading.check_tokenizer(tokenizer, encoder, name)
     tokenizer_3 = text_encoder_3 = None
     if not drop_t5:
-        tokenizer_3 = toolbox.load(T5TokenizerFast, path, "tokenizer_3")
-        text_encoder_3 = toolbox.frozen(toolbox.load(T5EncoderModel, path, "text_encoder_3"), device, dtype)
-        toolbox.check_tokenizer(tokenizer_3, text_encoder_3, "tokenizer_3")
-    vae = toolbox.load(AutoencoderKL, path, "vae")
+        tokenizer_3 = loading.load(T5TokenizerFast, path, "tokenizer_3")
+        text_encoder_3 = loading.frozen(loading.load(T5EncoderModel, path, "text_encoder_3"), device, dtype)
+        loading.check_tokenizer(tokenizer_3, text_encoder_3, "tokenizer_3")
+    vae = loading.load(AutoencoderKL, path, "vae")
     # As the pipeline decodes: in fp32 if the VAE's config asks for it (SD3's does), then cast.
-    vae = toolbox.frozen(vae, device, torch.float32 if vae.config.force_upcast else dtype)
+    vae = loading.frozen(vae, device, torch.float32 if vae.config.force_upcast else dtype)
     return Models(tokenizers, text_encoders, tokenizer_3, text_encoder_3, vae,
-                  toolbox.load(FlowMatchEulerDiscreteScheduler, path, "scheduler"),
-                  toolbox.load(SD3Transformer2DModel, path, "transformer"), torch.device(device), dtype)
+                  loading.load(FlowMatchEulerDiscreteScheduler, path, "scheduler"),
+                  loading.load(SD3Transformer2DModel, path, "transformer"), torch.device(device), dtype)
 
 
 @torch.no_grad()
@@ -143,7 +154,7 @@ def predict(transformer, noisy, t, cond):
                        pooled_projections=cond["pooled_projections"], return_dict=False)[0]
 
 
-def monitor_probe(m: Models, batch, num_samples, generators, run, chunk) -> toolbox.MonitorProbe:
+def monitor_probe(m: Models, batch, num_samples, generators, run, chunk) -> reference.Probe:
     """The inputs of §2's monitor: num_samples of the batch's winners (cycling through them), each noised at
     one σ ~ U(grid) with one ε, drawn once so that p_init, the reference and the policy see the same inputs."""
     latents, cond = encode(m, batch, generators[1])
@@ -153,29 +164,40 @@ def monitor_probe(m: Models, batch, num_samples, generators, run, chunk) -> tool
     sigma = sigmas[schedule.sample_timesteps(num_samples, len(sigmas), gamma=None, generator=generators[0]).to(m.device)]
     noise = torch.randn(latents.shape, generator=generators[1], device=m.device, dtype=latents.dtype)
     noisy, target = add_noise(latents, noise, sigma)
-    return toolbox.MonitorProbe(predict, noisy, sigma * len(sigmas), cond, target, run, chunk)
+    return reference.Probe(predict, noisy, sigma * len(sigmas), cond, target, chunk, run.autocast)
 
 
-def main(argv=None):
-    parser = toolbox.parser(__doc__, RECIPE)
+def model_flags(parser):
     parser.add_argument("--drop_t5", action="store_true",
                         help="do not load T5: zeros in place of its states, as StableDiffusion3Pipeline with "
                              "text_encoder_3=None (saves ~9 GB; prompts are read by CLIP only)")
-    args = parser.parse_args(argv)
-    run = toolbox.start(args, RECIPE, "sd3")
-    m = load_models(run.model_path, run.device, run.weight_dtype, args.drop_t5)
+
+
+def main(argv=None) -> int:
+    args, defaults = flags.resolve(argv, __doc__, "sd3", RECIPE, losses.LOSSES, TINY_RECIPE,
+                                     resolution_multiple=16, model_flags=model_flags)
+    run = runtime.start(args, "sd3")
+    if args.tiny:  # the demo's model and pairs, made once and cached (rank 0 first)
+        with run.main_first():
+            tiny.ensure(args.pretrained_model, args.dataset)
+    model_path = loading.pipeline_folder(args, "sd3")
+    m = load_models(model_path, run.device, run.weight_dtype, args.drop_t5)
     encoders = partial(encode_images, m), partial(encode_captions, m)
-    loader = toolbox.pair_loader(args, run, *encoders)
+    loader = loading.pair_loader(args, run, *encoders)
     # §2's monitor measures D(p_ref, p_init) on a probe: --monitor_samples winners of the data with their
     # t ~ U and ε, drawn once and kept in the checkpoint (or, with --monitor batch, the last micro-batch's).
-    probe = monitor_probe(m, toolbox.probe_batch(args, run, *encoders), args.monitor_samples,
-                          toolbox.micro_generators(args.seed, 0, toolbox.MONITOR_STREAM, run.device), run,
-                          chunk=2 * args.train_batch_size)
+    probe = monitor_probe(m, loading.probe_pairs(args, run, *encoders, seed_offset=runtime.PROBE_SEED),
+                          args.monitor_samples, runtime.micro_generators(args.seed, 0, runtime.MONITOR_STREAM, run.device),
+                          run, chunk=2 * args.train_batch_size)
     if args.cache_latents:
-        toolbox.to_cpu(m.vae, *m.text_encoders, m.text_encoder_3, device=run.device)  # never run again
+        loading.to_cpu(m.vae, *m.text_encoders, m.text_encoder_3, device=run.device)  # never run again
     num_train_timesteps = m.scheduler.config.num_train_timesteps
     sigmas = sigma_grid(m.scheduler).to(run.device)  # [T], σ grows with the index
-    reward_scale = toolbox.reward_scale(schedule.reward_scale_flow(sigmas), args)  # λ(σ) of §3 for flow matching
+    reward_scale = schedule.reward_scale_flow(sigmas)  # λ(σ) of §3 for flow matching
+    if args.no_reward_scale:
+        reward_scale = torch.ones_like(reward_scale)
+    elif args.reward_scale_norm:  # ablation: the same shape over t, mean 1 under the sampler
+        reward_scale = reward_scale / schedule.sampler_mean(reward_scale, args.gamma, args.num_bins)
 
     transformer = m.transformer.to(run.device).train()
     if args.gradient_checkpointing:
@@ -190,28 +212,31 @@ def main(argv=None):
     else:
         ref = reference.Reference(transformer, tau=args.tau, delta=args.delta, on_diverge=args.on_diverge,
                                   dtype=run.autocast_dtype)
-        ref.model.train()  # the policy's code path (diffusers' blocks differ by mode): loss exactly log 2 at step 1
         ref_source = transformer
     params = [p for p in transformer.parameters() if p.requires_grad]
-    optimizer, lr_schedule = toolbox.optimizer(args, params)
+    optimizer, lr_schedule = runtime.optimizer(args, params)
     scaler = run.grad_scaler()
-    log = toolbox.TrainLog(args, run, num_train_timesteps, desc=f"sd3 {args.loss}")
-    checkpoints = toolbox.Checkpoints(args, run, policy=transformer, reference=ref, optimizer=optimizer,
-                                      lr_schedule=lr_schedule, loader=loader, scaler=scaler, monitor_probe=probe,
-                                      log=log)
-    step = checkpoints.resume()  # refuses a checkpoint of another run (README, "Checkpoints and resume")
+    log = trainlog.TrainLog(args, run, num_train_timesteps, desc=f"sd3 {args.loss}")
+    ckpt = checkpoints.Checkpoints(args, run, model_path, defaults, policy=transformer, reference=ref, optimizer=optimizer,
+                                   lr_schedule=lr_schedule, loader=loader, scaler=scaler, monitor_probe=probe, log=log)
+    step = ckpt.resume()  # refuses a checkpoint of another run (README, "Checkpoints and resume")
     log.begin(step)
-    ddp_transformer = toolbox.ddp(transformer, run)
-    transformer_forward = toolbox.maybe_compile(ddp_transformer, args.compile)
-    ref_forward = toolbox.maybe_compile(ref.model, args.compile and not args.lora_rank)  # LoRA: eager
+    ddp_transformer = runtime.ddp(transformer, run)
+    transformer_forward = runtime.maybe_compile(ddp_transformer, args.compile)
+    ref_forward = runtime.maybe_compile(ref.model, args.compile and not args.lora_rank)  # LoRA: eager
     objective = losses.LOSSES[args.loss]
     accumulation = args.gradient_accumulation_steps
     batches = iter(loader)
+    record = {}
 
     while step < args.max_steps:
+        step_loss = 0.0
         for micro in range(accumulation):
-            batch = next(batches)
-            generators = toolbox.micro_generators(args.seed, step, micro * run.world_size + run.rank, run.device)
+            batch = next(batches, None)
+            if batch is None:  # a signal stopped the loader while no pair would decode: exit, no checkpoint
+                log.close()
+                return 128 + run.signals.signum
+            generators = runtime.micro_generators(args.seed, step, micro * run.world_size + run.rank, run.device)
             latents, cond = encode(m, batch, generators[1])  # [2B]: winners, then losers
             n = latents.shape[0] // 2
             # §3: one σ per pair, the early (noisy) steps over-sampled by Cat(γ^k), and its reward scale λ(σ).
@@ -234,15 +259,18 @@ def main(argv=None):
                 with torch.no_grad(), run.autocast():
                     ref_pred = predict(ref_forward, noisy, t.repeat(k), cond_k)
                 ref_err = losses.per_sample_error(ref_pred, target)
-            extra = toolbox.objective_inputs(objective, "sd3", n, pred, ref_pred, target, log.last)  # DSPO, KTO
+            extra = objective.inputs("sd3", pred, ref_pred, target, record.get("kto_mean_reward", 0.0))  # DSPO, KTO
             loss, metrics = objective.fn(model_err[:n], model_err[n:], ref_err[:n], ref_err[n:], args.beta,
                                          scale, **extra)
             scaler.scale(loss / accumulation).backward()
-            log.add(loss, metrics, batch["num_skipped"], t, scale, model_err, ref_err)
+            step_loss += loss.detach() / accumulation
+            log.add(loss, metrics, batch["num_skipped"], t, scale, losses.pair_margin(model_err, ref_err, n), model_err)
 
         scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-        if log.finite(grad_norm, scaler):  # a non-finite loss or gradient norm skips the step (--max_nonfinite_steps)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm or math.inf)  # 0: no clipping
+        # A non-finite loss or gradient norm on any rank skips the step (fp16: the scaler skips overflows).
+        finite = run.all_finite(step_loss, *([] if scaler.is_enabled() else [grad_norm]))
+        if finite:
             scaler.step(optimizer)
         scaler.update()
         lr_schedule.step()
@@ -251,24 +279,33 @@ def main(argv=None):
 
         # §2: every τ steps the reference becomes a copy of the policy, unless the monitor has frozen it.
         if args.monitor == "batch":
-            probe = monitor_probe(m, batch, args.monitor_samples, toolbox.micro_generators(
-                args.seed, step, toolbox.MONITOR_STREAM, run.device), run, chunk=2 * args.train_batch_size)
+            probe = monitor_probe(m, batch, args.monitor_samples, runtime.micro_generators(
+                args.seed, step, runtime.MONITOR_STREAM, run.device), run, chunk=2 * args.train_batch_size)
         ref_info = ref.step(step, ref_source, probe, probe.target)
         if args.divergence_every and step % args.divergence_every == 0:
             ref_info["policy_divergence"], ref_info["policy_distance"] = ref.divergence(ref_source, probe, probe.target)
-        log.write(step, grad_norm=grad_norm, lr=lr_schedule.get_last_lr()[0], **ref_info)
-
-        stopping = run.stop_requested()  # SIGTERM / Ctrl-C: checkpoint, then exit
-        if step % args.checkpoint_every == 0 or (stopping and step < args.max_steps):
-            log.note(f"saved {checkpoints.save(step)}")
-        if stopping:
+        record = log.write(step, skipped_step=not finite, grad_norm=grad_norm, lr=lr_schedule.get_last_lr()[0],
+                           **ref_info)
+        if log.nonfinite_in_a_row >= args.max_nonfinite_steps:  # diverged: stop, no final model
             log.close()
-            return toolbox.report(args, run, None, step)
+            trainlog.report_diverged(args, run, log, step, checkpoints.checkpoint_dirs(args.output_dir))
+            return flags.EXIT_DIVERGED
+
+        signum = run.stop_requested()  # SIGTERM / Ctrl-C: checkpoint, then exit with 128 + N
+        if step % args.checkpoint_every == 0 or (signum and step < args.max_steps):
+            log.note(f"saved {ckpt.save(step)}")
+        if signum:
+            log.close()
+            trainlog.report_stop(args, run, step, f"stopped at step {step}")
+            return 128 + signum
     log.close()
 
-    final_dir = toolbox.save_final(args, run, transformer=transformer)
-    toolbox.report(args, run, final_dir, step)
+    final_dir = checkpoints.save_final(args, run, model_path, "StableDiffusion3Pipeline", transformer=transformer)
+    curves = (plot.draw({os.path.basename(os.path.normpath(args.output_dir)): [args.output_dir]},
+                        os.path.join(args.output_dir, "curves.png")) if args.plot and run.is_main else None)
+    trainlog.report(args, run, log, final_dir, step, curves, baseline=args.pretrained_model)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -11,7 +11,7 @@ reference updated every τ = 32 steps under the monitor δ = 0.002, γ = 0.9 ove
     python train_sdxl.py --resume latest                   # continue the run in --output_dir
     python train_sdxl.py --gradient_checkpointing --optimizer adamw8bit   # less memory (needs bitsandbytes)
     python train_sdxl.py --vae madebyollin/sdxl-vae-fp16-fix   # encode with the fp16-safe VAE
-    python train_sdxl.py --tau 0 --gamma 1 --no_reward_scale   # plain Diffusion-DPO (Wallace et al. 2023)
+    python train_sdxl.py --method plain                    # plain Diffusion-DPO (Wallace et al. 2023)
 
 What differs from train_sd15.py: two text encoders (penultimate states concatenated, the second one's pooled
 embedding), the size/crop micro-conditioning of every image, and the VAE kept in fp32. Memory: the reference
@@ -20,6 +20,9 @@ Diffusion-DPO recipe slow); only the initial weights, needed by the monitor alon
 (reference.py). Output: OUTPUT_DIR/log.jsonl, OUTPUT_DIR/checkpoint-STEP/ and the trained pipeline in
 OUTPUT_DIR/final/ (StableDiffusionXLPipeline.from_pretrained loads it; it keeps the base pipeline's VAE).
 """
+import math
+import os
+import sys
 from dataclasses import dataclass
 from functools import partial
 
@@ -29,13 +32,21 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 import losses
+import plot
 import reference
 import schedule
-import toolbox
+import tiny
+from mechanics import checkpoints, flags, loading, runtime, trainlog
 
 RECIPE = dict(pretrained_model="stabilityai/stable-diffusion-xl-base-1.0", resolution=1024,
               effective_batch_size=2048, warmup_steps=200, max_steps=2000, tau=32, delta=0.002,
               optimizer="adafactor", output_dir="out/sdxl")
+# --tiny: the offline demo's small-scale recipe, on a tiny random SDXL of the real classes (tiny/) and the
+# built-in smooth-vs-noise pairs, both made once in the cache; each value a flag's default, which a flag overrides.
+TINY_RECIPE = dict(pretrained_model=lambda v: tiny.pipeline_path("sdxl"), dataset=lambda v: tiny.builtin_pairs_path(),
+                   resolution=32, train_batch_size=4, effective_batch_size=4, learning_rate=2e-5, scale_lr=False,
+                   warmup_steps=0, max_steps=60, checkpoint_every=30, beta=500.0, tau=8, delta=0.05,
+                   dataloader_workers=0, divergence_every=5, cpu_threads=1)
 
 
 @dataclass
@@ -54,18 +65,18 @@ class Models:
 def load_models(path: str, device, dtype, vae: str | None = None) -> Models:
     """The pipeline's components: the frozen ones in the training dtype, the UNet in fp32 (it is trained).
     The saved pipeline samples with Euler; training noises with the DDPM schedule of the same config."""
-    tokenizers = [toolbox.load(CLIPTokenizer, path, "tokenizer"), toolbox.load(CLIPTokenizer, path, "tokenizer_2")]
-    text_encoders = [toolbox.frozen(toolbox.load(CLIPTextModel, path, "text_encoder"), device, dtype),
-                     toolbox.frozen(toolbox.load(CLIPTextModelWithProjection, path, "text_encoder_2"), device, dtype)]
+    tokenizers = [loading.load(CLIPTokenizer, path, "tokenizer"), loading.load(CLIPTokenizer, path, "tokenizer_2")]
+    text_encoders = [loading.frozen(loading.load(CLIPTextModel, path, "text_encoder"), device, dtype),
+                     loading.frozen(loading.load(CLIPTextModelWithProjection, path, "text_encoder_2"), device, dtype)]
     for tokenizer, encoder, name in zip(tokenizers, text_encoders, ("tokenizer", "tokenizer_2")):
-        toolbox.check_tokenizer(tokenizer, encoder, name)
-    vae = (toolbox.load(AutoencoderKL, path, "vae") if vae is None
-           else toolbox.load(AutoencoderKL, toolbox.resolve_model(vae, "--vae")))
+        loading.check_tokenizer(tokenizer, encoder, name)
+    vae = (loading.load(AutoencoderKL, path, "vae") if vae is None
+           else loading.load(AutoencoderKL, loading.resolve_model(vae, "--vae")))
     # SDXL's VAE overflows in fp16 (its config says force_upcast): it encodes in fp32, and the latents are
     # then cast to the training dtype. An fp16-safe VAE (force_upcast false) runs in that dtype.
-    vae = toolbox.frozen(vae, device, torch.float32 if vae.config.force_upcast else dtype)
-    return Models(tokenizers, text_encoders, vae, toolbox.load(DDPMScheduler, path, "scheduler"),
-                  toolbox.load(UNet2DConditionModel, path, "unet"), torch.device(device), dtype)
+    vae = loading.frozen(vae, device, torch.float32 if vae.config.force_upcast else dtype)
+    return Models(tokenizers, text_encoders, vae, loading.load(DDPMScheduler, path, "scheduler"),
+                  loading.load(UNet2DConditionModel, path, "unet"), torch.device(device), dtype)
 
 
 @torch.no_grad()
@@ -122,7 +133,7 @@ def predict(unet, noisy, t, cond):
     return unet(noisy, t, encoder_hidden_states=cond["encoder_hidden_states"], added_cond_kwargs=added).sample
 
 
-def monitor_probe(m: Models, batch, num_samples, generators, run, chunk) -> toolbox.MonitorProbe:
+def monitor_probe(m: Models, batch, num_samples, generators, run, chunk) -> reference.Probe:
     """The inputs of §2's monitor: num_samples of the batch's winners (cycling through them), each noised at
     one t ~ U with one ε, drawn once so that p_init, the reference and the policy see the same inputs."""
     latents, cond = encode(m, batch, generators[1])
@@ -132,28 +143,39 @@ def monitor_probe(m: Models, batch, num_samples, generators, run, chunk) -> tool
                                   generator=generators[0]).to(m.device)
     noise = torch.randn(latents.shape, generator=generators[1], device=m.device, dtype=latents.dtype)
     noisy, target = add_noise(m.scheduler, latents, noise, t)
-    return toolbox.MonitorProbe(predict, noisy, t, cond, target, run, chunk)
+    return reference.Probe(predict, noisy, t, cond, target, chunk, run.autocast)
 
 
-def main(argv=None):
-    parser = toolbox.parser(__doc__, RECIPE)
+def model_flags(parser):
     parser.add_argument("--vae", default=None,
                         help="hub id or folder of another VAE to encode with, e.g. the fp16-safe "
-                             "madebyollin/sdxl-vae-fp16-fix (default: the pipeline's own, kept in fp32)")
-    args = parser.parse_args(argv)
-    run = toolbox.start(args, RECIPE, "sdxl")
-    m = load_models(run.model_path, run.device, run.weight_dtype, args.vae)
+                             "madebyollin/sdxl-vae-fp16-fix (None: the pipeline's own, kept in fp32)")
+
+
+def main(argv=None) -> int:
+    args, defaults = flags.resolve(argv, __doc__, "sdxl", RECIPE, losses.LOSSES, TINY_RECIPE,
+                                     model_flags=model_flags)
+    run = runtime.start(args, "sdxl")
+    if args.tiny:  # the demo's model and pairs, made once and cached (rank 0 first)
+        with run.main_first():
+            tiny.ensure(args.pretrained_model, args.dataset)
+    model_path = loading.pipeline_folder(args, "sdxl")
+    m = load_models(model_path, run.device, run.weight_dtype, args.vae)
     encoders = partial(encode_images, m), partial(encode_captions, m)
-    loader = toolbox.pair_loader(args, run, *encoders)
+    loader = loading.pair_loader(args, run, *encoders)
     # §2's monitor measures D(p_ref, p_init) on a probe: --monitor_samples winners of the data with their
     # t ~ U and ε, drawn once and kept in the checkpoint (or, with --monitor batch, the last micro-batch's).
-    probe = monitor_probe(m, toolbox.probe_batch(args, run, *encoders), args.monitor_samples,
-                          toolbox.micro_generators(args.seed, 0, toolbox.MONITOR_STREAM, run.device), run,
-                          chunk=2 * args.train_batch_size)
+    probe = monitor_probe(m, loading.probe_pairs(args, run, *encoders, seed_offset=runtime.PROBE_SEED),
+                          args.monitor_samples, runtime.micro_generators(args.seed, 0, runtime.MONITOR_STREAM, run.device),
+                          run, chunk=2 * args.train_batch_size)
     if args.cache_latents:
-        toolbox.to_cpu(m.vae, *m.text_encoders, device=run.device)  # never run again
+        loading.to_cpu(m.vae, *m.text_encoders, device=run.device)  # never run again
     num_train_timesteps = m.scheduler.config.num_train_timesteps
-    reward_scale = toolbox.reward_scale(schedule.reward_scale(m.scheduler.alphas_cumprod), args).to(run.device)
+    reward_scale = schedule.reward_scale(m.scheduler.alphas_cumprod).to(run.device)  # λ(t) of §3
+    if args.no_reward_scale:
+        reward_scale = torch.ones_like(reward_scale)
+    elif args.reward_scale_norm:  # ablation: the same shape over t, mean 1 under the sampler
+        reward_scale = reward_scale / schedule.sampler_mean(reward_scale, args.gamma, args.num_bins)
 
     unet = m.unet.to(run.device).train()
     if args.gradient_checkpointing:
@@ -168,28 +190,31 @@ def main(argv=None):
     else:
         ref = reference.Reference(unet, tau=args.tau, delta=args.delta, on_diverge=args.on_diverge,
                                   dtype=run.autocast_dtype)
-        ref.model.train()  # the policy's code path (diffusers' blocks differ by mode): loss exactly log 2 at step 1
         ref_source = unet
     params = [p for p in unet.parameters() if p.requires_grad]
-    optimizer, lr_schedule = toolbox.optimizer(args, params)
+    optimizer, lr_schedule = runtime.optimizer(args, params)
     scaler = run.grad_scaler()
-    log = toolbox.TrainLog(args, run, num_train_timesteps, desc=f"sdxl {args.loss}")
-    checkpoints = toolbox.Checkpoints(args, run, policy=unet, reference=ref, optimizer=optimizer,
-                                      lr_schedule=lr_schedule, loader=loader, scaler=scaler, monitor_probe=probe,
-                                      log=log)
-    step = checkpoints.resume()  # refuses a checkpoint of another run (README, "Checkpoints and resume")
+    log = trainlog.TrainLog(args, run, num_train_timesteps, desc=f"sdxl {args.loss}")
+    ckpt = checkpoints.Checkpoints(args, run, model_path, defaults, policy=unet, reference=ref, optimizer=optimizer,
+                                   lr_schedule=lr_schedule, loader=loader, scaler=scaler, monitor_probe=probe, log=log)
+    step = ckpt.resume()  # refuses a checkpoint of another run (README, "Checkpoints and resume")
     log.begin(step)
-    ddp_unet = toolbox.ddp(unet, run)
-    unet_forward = toolbox.maybe_compile(ddp_unet, args.compile)
-    ref_forward = toolbox.maybe_compile(ref.model, args.compile and not args.lora_rank)  # LoRA: eager
+    ddp_unet = runtime.ddp(unet, run)
+    unet_forward = runtime.maybe_compile(ddp_unet, args.compile)
+    ref_forward = runtime.maybe_compile(ref.model, args.compile and not args.lora_rank)  # LoRA: eager
     objective = losses.LOSSES[args.loss]
     accumulation = args.gradient_accumulation_steps
     batches = iter(loader)
+    record = {}
 
     while step < args.max_steps:
+        step_loss = 0.0
         for micro in range(accumulation):
-            batch = next(batches)
-            generators = toolbox.micro_generators(args.seed, step, micro * run.world_size + run.rank, run.device)
+            batch = next(batches, None)
+            if batch is None:  # a signal stopped the loader while no pair would decode: exit, no checkpoint
+                log.close()
+                return 128 + run.signals.signum
+            generators = runtime.micro_generators(args.seed, step, micro * run.world_size + run.rank, run.device)
             latents, cond = encode(m, batch, generators[1])  # [2B]: winners, then losers
             n = latents.shape[0] // 2
             # §3: one t per pair, the early (noisy) steps over-sampled by Cat(γ^k), and its reward scale λ(t).
@@ -211,15 +236,18 @@ def main(argv=None):
                 with torch.no_grad(), run.autocast():
                     ref_pred = predict(ref_forward, noisy, t.repeat(k), cond_k)
                 ref_err = losses.per_sample_error(ref_pred, target)
-            extra = toolbox.objective_inputs(objective, "sdxl", n, pred, ref_pred, target, log.last)  # DSPO, KTO
+            extra = objective.inputs("sdxl", pred, ref_pred, target, record.get("kto_mean_reward", 0.0))  # DSPO, KTO
             loss, metrics = objective.fn(model_err[:n], model_err[n:], ref_err[:n], ref_err[n:], args.beta,
                                          scale, **extra)
             scaler.scale(loss / accumulation).backward()
-            log.add(loss, metrics, batch["num_skipped"], t, scale, model_err, ref_err)
+            step_loss += loss.detach() / accumulation
+            log.add(loss, metrics, batch["num_skipped"], t, scale, losses.pair_margin(model_err, ref_err, n), model_err)
 
         scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-        if log.finite(grad_norm, scaler):  # a non-finite loss or gradient norm skips the step (--max_nonfinite_steps)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm or math.inf)  # 0: no clipping
+        # A non-finite loss or gradient norm on any rank skips the step (fp16: the scaler skips overflows).
+        finite = run.all_finite(step_loss, *([] if scaler.is_enabled() else [grad_norm]))
+        if finite:
             scaler.step(optimizer)
         scaler.update()
         lr_schedule.step()
@@ -228,24 +256,33 @@ def main(argv=None):
 
         # §2: every τ steps the reference becomes a copy of the policy, unless the monitor has frozen it.
         if args.monitor == "batch":
-            probe = monitor_probe(m, batch, args.monitor_samples, toolbox.micro_generators(
-                args.seed, step, toolbox.MONITOR_STREAM, run.device), run, chunk=2 * args.train_batch_size)
+            probe = monitor_probe(m, batch, args.monitor_samples, runtime.micro_generators(
+                args.seed, step, runtime.MONITOR_STREAM, run.device), run, chunk=2 * args.train_batch_size)
         ref_info = ref.step(step, ref_source, probe, probe.target)
         if args.divergence_every and step % args.divergence_every == 0:
             ref_info["policy_divergence"], ref_info["policy_distance"] = ref.divergence(ref_source, probe, probe.target)
-        log.write(step, grad_norm=grad_norm, lr=lr_schedule.get_last_lr()[0], **ref_info)
-
-        stopping = run.stop_requested()  # SIGTERM / Ctrl-C: checkpoint, then exit
-        if step % args.checkpoint_every == 0 or (stopping and step < args.max_steps):
-            log.note(f"saved {checkpoints.save(step)}")
-        if stopping:
+        record = log.write(step, skipped_step=not finite, grad_norm=grad_norm, lr=lr_schedule.get_last_lr()[0],
+                           **ref_info)
+        if log.nonfinite_in_a_row >= args.max_nonfinite_steps:  # diverged: stop, no final model
             log.close()
-            return toolbox.report(args, run, None, step)
+            trainlog.report_diverged(args, run, log, step, checkpoints.checkpoint_dirs(args.output_dir))
+            return flags.EXIT_DIVERGED
+
+        signum = run.stop_requested()  # SIGTERM / Ctrl-C: checkpoint, then exit with 128 + N
+        if step % args.checkpoint_every == 0 or (signum and step < args.max_steps):
+            log.note(f"saved {ckpt.save(step)}")
+        if signum:
+            log.close()
+            trainlog.report_stop(args, run, step, f"stopped at step {step}")
+            return 128 + signum
     log.close()
 
-    final_dir = toolbox.save_final(args, run, unet=unet)
-    toolbox.report(args, run, final_dir, step)
+    final_dir = checkpoints.save_final(args, run, model_path, "StableDiffusionXLPipeline", unet=unet)
+    curves = (plot.draw({os.path.basename(os.path.normpath(args.output_dir)): [args.output_dir]},
+                        os.path.join(args.output_dir, "curves.png")) if args.plot and run.is_main else None)
+    trainlog.report(args, run, log, final_dir, step, curves, baseline=args.pretrained_model)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

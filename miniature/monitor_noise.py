@@ -21,8 +21,8 @@ import torch
 from diffusers import UNet2DConditionModel
 
 import data
-import toolbox
 import train_sd15
+from mechanics import runtime
 from miniature import toy
 
 ESTIMATORS = (("batch", 1, 8), ("batch", 8, 8), ("probe", 8, 8), ("probe", 64, 64), ("probe", 256, 256))
@@ -38,11 +38,11 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    run = toolbox.Run(torch.device("cpu"))
+    run = runtime.Run(torch.device("cpu"))
     models = train_sd15.load_models(args.base, run.device, torch.float32)
     init = models.unet.eval()
     policy = UNet2DConditionModel.from_pretrained(args.policy, subfolder="unet").eval()
-    pairs = data.load_pairs(args.pairs or str(toy.cached_pairs(args.base, toolbox.TOY_DEMO_PAIRS, seed=0)))
+    pairs = data.load_pairs(args.pairs or str(toy.cached_pairs(args.base, train_sd15.TOY_DEMO_PAIRS, seed=0)))
     transform = data.PairTransform(32, caption_dropout=0.0)
     rows = []
     for kind, pairs_drawn, samples in ESTIMATORS:
@@ -51,7 +51,7 @@ def main(argv=None):
             rng = np.random.default_rng([r, pairs_drawn, samples])
             picked = rng.choice(len(pairs), size=pairs_drawn, replace=False)
             batch = data.collate_pairs([transform(pairs[int(i)], 0, int(i)) for i in picked])
-            probe = train_sd15.monitor_probe(models, batch, samples, toolbox.micro_generators(r, samples, 0, run.device),
+            probe = train_sd15.monitor_probe(models, batch, samples, runtime.micro_generators(r, samples, 0, run.device),
                                              run, chunk=64)
             gap = (torch.stack([((probe(m) - probe.target) ** 2).flatten(1).mean(1) for m in (policy, init)]))
             estimates.append((gap[0] - gap[1]).mean().item())

@@ -416,7 +416,7 @@ def write_parquet(cols: dict, path: str) -> None:
 TOY_MODEL = Path(__file__).resolve().parent / "toy_model"  # the committed base model (toy_pretrain.py)
 
 
-def model_fingerprint(model: str | os.PathLike) -> str:
+def pairs_key(model: str | os.PathLike) -> str:
     """A short hash of a pipeline folder's weights and configs: pairs cached for one model are never
     mistaken for another's (a retrained toy_model gets new pairs)."""
     digest = hashlib.sha1()
@@ -430,16 +430,21 @@ def model_fingerprint(model: str | os.PathLike) -> str:
 PAIRS_VERSION = 2  # bumped when the sampler or the prompt split changes: cached pairs are then made again
 
 
+def pairs_path(model: str | os.PathLike = TOY_MODEL, num_pairs: int = 1000, seed: int = 0, split: str = "pair") -> Path:
+    """Where `cached_pairs` keeps these pairs, under tiny.default_cache_root() (nothing is made)."""
+    import tiny
+
+    return tiny.default_cache_root() / f"toy-pairs-v{PAIRS_VERSION}-{pairs_key(model)}-{split}-n{num_pairs}-s{seed}.parquet"
+
+
 def cached_pairs(model: str | os.PathLike = TOY_MODEL, num_pairs: int = 1000, seed: int = 0,
                  progress: bool = True, split: str = "pair") -> Path:
     """`make_pairs` of `model` on `pair_prompts(num_pairs, seed)` (split "pair": the training pairs) or on the
     held-out prompts cycled (split "eval": pairs for diagnostics only), written once as Pick-a-Pic parquet
     under tiny.default_cache_root() (~/.cache/rethinking-dpo, or $RDPO_CACHE) and reused: sampling 1000 pairs
     takes a few CPU minutes. The file appears complete or not at all (written aside, then renamed)."""
-    import tiny
-
-    root = tiny.default_cache_root()
-    path = root / f"toy-pairs-v{PAIRS_VERSION}-{model_fingerprint(model)}-{split}-n{num_pairs}-s{seed}.parquet"
+    path = pairs_path(model, num_pairs, seed, split)
+    root = path.parent
     if not path.is_file():
         root.mkdir(parents=True, exist_ok=True)
         if progress:

@@ -44,7 +44,7 @@ import data
 import losses
 import reference
 import tiny
-import toolbox
+from mechanics import checkpoints, flags, loading, runtime, trainlog
 
 TRAINERS = ("sd15", "sdxl", "sd3")
 SECTIONS = ("data", "encode", "policy_forward_backward", "reference_forward", "loss", "optimizer", "reference_update")
@@ -153,7 +153,7 @@ def _quiet_tqdm(*args, **kwargs):
 
 def instrument(timer: SectionTimer, stack: ExitStack) -> dict:
     """Wrap, until `stack` closes, every component whose time the table reports. Returns a dict that
-    receives the script's (args, run) once toolbox.start has filled them in."""
+    receives the script's (args, run) once runtime.start has them."""
     from diffusers import AutoencoderKL
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel
 
@@ -183,11 +183,11 @@ def instrument(timer: SectionTimer, stack: ExitStack) -> dict:
             return started["run"]
         return run
 
-    patch(toolbox, "start", capture)
-    patch(toolbox, "pair_loader", lambda fn: lambda *a, **k: _TimedLoader(timer, fn(*a, **k)))
-    patch(toolbox, "maybe_compile", lambda fn: lambda *a, **k: _timed_forward(timer, fn(*a, **k)))
-    patch(toolbox, "atomic_dir", lambda fn: no_final_save)
-    patch(toolbox, "tqdm", lambda fn: _quiet_tqdm)
+    patch(runtime, "start", capture)
+    patch(loading, "pair_loader", lambda fn: lambda *a, **k: _TimedLoader(timer, fn(*a, **k)))
+    patch(runtime, "maybe_compile", lambda fn: lambda *a, **k: _timed_forward(timer, fn(*a, **k)))
+    patch(checkpoints, "atomic_dir", lambda fn: no_final_save)
+    patch(trainlog, "tqdm", lambda fn: _quiet_tqdm)
     patch(torch.Tensor, "backward", lambda fn: _timed(timer, "policy_forward_backward", fn))
     patch(torch.nn.utils, "clip_grad_norm_", lambda fn: _timed(timer, "optimizer", fn))
     patch(reference.Reference, "step", reference_step)
@@ -270,7 +270,7 @@ def trainer_argv(opts, output_dir: str) -> list[str]:
     else:
         # The random tiny model of the trainer's family and the built-in pairs (not the SD1.5 toy demo).
         argv += ["--tiny", "--pretrained_model", tiny.tiny_pipeline_dir(opts.trainer),
-                 "--dataset", toolbox.builtin_pairs()]
+                 "--dataset", tiny.builtin_pairs()]
         argv += ["--resolution", str(opts.resolution)] if opts.resolution else []
     flags = list(opts.trainer_flags)
     if flags[:1] == ["--"]:
@@ -280,9 +280,9 @@ def trainer_argv(opts, output_dir: str) -> list[str]:
 
 def run(opts) -> dict:
     if opts.real_size and opts.trainer != "sd15":
-        toolbox.fail("--real_size builds the SD1.5 architecture only: use --trainer sd15")
+        flags.fail("--real_size builds the SD1.5 architecture only: use --trainer sd15")
     if opts.steps < 1 or opts.warmup < 1:
-        toolbox.fail("need --steps >= 1 and --warmup >= 1")
+        flags.fail("need --steps >= 1 and --warmup >= 1")
     if opts.threads:
         torch.set_num_threads(opts.threads)
     script = importlib.import_module(f"train_{opts.trainer}")

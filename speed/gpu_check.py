@@ -223,6 +223,12 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def fail(message: str):
+    """One `error: ...` line on stderr and exit code 2, as the trainers."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
 def preflight() -> dict[str, str]:
     """The versions of what the check imports, or one line naming the wheel to carry."""
     import importlib
@@ -231,8 +237,8 @@ def preflight() -> dict[str, str]:
         try:
             versions[name] = importlib.import_module(name).__version__
         except ImportError as error:
-            raise SystemExit(f"error: {name} does not import ({error}): carry its wheel, e.g. "
-                             f"bash speed/gpu_wheels.sh {name}==VERSION (see that file)") from None
+            fail(f"{name} does not import ({error}): carry its wheel, e.g. "
+                 f"bash speed/gpu_wheels.sh {name}==VERSION (see that file)")
     return versions
 
 
@@ -254,7 +260,7 @@ def main(argv=None) -> dict:
     import tiny
 
     if not opts.tiny and not torch.cuda.is_available():
-        raise SystemExit("error: no CUDA device: run with --tiny for the plumbing on a CPU")
+        fail("no CUDA device: run with --tiny for the plumbing on a CPU")
     model = tiny.tiny_pipeline_dir("sd15") if opts.tiny else tiny.real_sd15_pipeline_dir()
     from speed.bench import real_pairs
 

@@ -15,7 +15,7 @@ Augmentation: crops must be center crops (a random crop would need every offset 
 is dropped, by the same (seed, epoch, row) draw as data.PairTransform, so the cached and the uncached run see the
 same augmented pairs in the same order. --no_flip halves the cache and the first pass.
 
-Layout, <cache_dir>/<model>-<fingerprint>/: meta.json (written last: a folder without it is incomplete and is
+Layout, <cache_dir>/<model>-<cache_key>/: meta.json (written last: a folder without it is incomplete and is
 rebuilt), captions.json (the unique captions, "" first), caption_ids.npy [pairs], and for each rank r of the run
 that built it (pair i is on rank i % W at row i // W, caption j on rank j % W at row j // W):
     moments-r.npy   [n_r, flips, 2 (winner, loser), 2·C, h, w]   the VAE posterior parameters
@@ -101,13 +101,15 @@ def pair_captions(dataset: data.PairDataset) -> list[str]:
     return ["" if column[row] is None else str(column[row]) for row in dataset.rows]
 
 
-def fingerprint(run, args, dataset: data.PairDataset, transform: data.PairTransform, captions: list[str]) -> str:
+def cache_key(run, args, dataset: data.PairDataset, transform: data.PairTransform, captions: list[str]) -> str:
     """What the cached numbers depend on; a change of any of it means another cache folder."""
     digest = hashlib.sha256()
     digest.update(np.asarray(dataset.rows, np.int64).tobytes())
     digest.update(np.asarray(dataset.winner_is_0, np.bool_).tobytes())
     digest.update("\0".join(captions).encode())
-    key = {"version": CACHE_VERSION, "model": run.family, "pretrained_model": os.path.abspath(run.model_path),
+    key = {"version": CACHE_VERSION, "model": run.family, "pretrained_model": (os.path.abspath(args.pretrained_model)
+                                                                    if os.path.isdir(args.pretrained_model)
+                                                                    else args.pretrained_model),
            "model_options": {k: getattr(args, k, None) for k in ("vae", "drop_t5")},
            "dataset": str(args.dataset), "split": args.split, "pairs": len(dataset), "content": digest.hexdigest(),
            "resolution": transform.resolution, "flips": bool(transform.random_flip),
@@ -293,7 +295,7 @@ def cached_loader(args, runtime, dataset, transform, encode_images, encode_capti
     """Build the cache for this run's data and model if it is not on disk yet, then a loader that reads it."""
     captions = pair_captions(dataset)
     root = args.cache_dir or os.path.join(args.output_dir, "cache")
-    folder = os.path.join(root, f"{runtime.family}-{fingerprint(runtime, args, dataset, transform, captions)}")
+    folder = os.path.join(root, f"{runtime.family}-{cache_key(runtime, args, dataset, transform, captions)}")
     if not os.path.exists(os.path.join(folder, "meta.json")):
         if runtime.is_main:
             logger.info("caching VAE latents and prompt embeddings of %d pairs in %s", len(dataset), folder)

@@ -11,8 +11,8 @@ import torch
 import losses
 import schedule
 import tiny
-import toolbox
 import train_sd15
+from mechanics import flags, loading, runtime
 
 ROOT = Path(__file__).resolve().parent.parent  # where the train scripts are
 
@@ -25,7 +25,7 @@ def read_log(output_dir) -> list[dict]:
 def sd15_flags() -> list[str]:
     """The random tiny SD1.5 pipeline and the built-in smooth-vs-noise pairs: the mechanics in seconds
     (`--tiny` alone trains the toy model on its sampled pairs, tested in test_toy.py)."""
-    return ["--tiny", "--pretrained_model", tiny.tiny_pipeline_dir("sd15"), "--dataset", toolbox.builtin_pairs()]
+    return ["--tiny", "--pretrained_model", tiny.tiny_pipeline_dir("sd15"), "--dataset", tiny.builtin_pairs()]
 
 
 def run_sd15(output_dir, *flags) -> list[dict]:
@@ -34,12 +34,12 @@ def run_sd15(output_dir, *flags) -> list[dict]:
     return read_log(output_dir)
 
 
-def setup_sd15(output_dir, *flags):
-    """The flags, Run and models train_sd15.main would have, without training."""
-    args = toolbox.parser("test", train_sd15.RECIPE).parse_args(["--tiny", "--output_dir", str(output_dir),
-                                                                 *map(str, flags)])
-    run = toolbox.start(args, train_sd15.RECIPE, "sd15")
-    return args, run, train_sd15.load_models(run.model_path, run.device, run.weight_dtype)
+def setup_sd15(output_dir, *extra):
+    """The flags, Run and models train_sd15.main would have with sd15_flags(), without training."""
+    args, _ = flags.resolve([*sd15_flags(), "--output_dir", str(output_dir), *map(str, extra)], "test", "sd15",
+                            train_sd15.RECIPE, losses.LOSSES, train_sd15.TINY_RECIPE, train_sd15.TOY_RECIPE)
+    run = runtime.start(args, "sd15")
+    return args, run, train_sd15.load_models(loading.pipeline_folder(args, "sd15"), run.device, run.weight_dtype)
 
 
 def unet_weights(folder):

@@ -11,7 +11,7 @@ from diffusers import AutoencoderKL
 from transformers import CLIPTextModel
 
 import data
-import toolbox
+from mechanics import runtime as mruntime
 import train_sd15
 from helpers import run_sd15 as run_log, sd15_dpo_loss, setup_sd15 as setup
 from speed import latent_cache
@@ -53,7 +53,7 @@ def test_cached_batches_give_the_same_loss_as_uncached_ones(tmp_path):
         drops += sum(d["drop_caption"] for d in draws)
         results = []
         for batch in (a, b):
-            generators = toolbox.micro_generators(args.seed, step, 0, runtime.device)
+            generators = mruntime.micro_generators(args.seed, step, 0, runtime.device)
             loss, metrics = sd15_dpo_loss(args, model, batch, generators, model.unet, reference)
             results.append((loss.item(), {k: v.item() for k, v in metrics.items()}))
         (loss_a, metrics_a), (loss_b, metrics_b) = results
@@ -102,7 +102,7 @@ def test_cache_built_by_two_ranks_equals_one_built_by_one(tmp_path, monkeypatch)
     # Two ranks as two threads on one model, meeting at a thread barrier in place of torch.distributed's.
     barrier = threading.Barrier(2)
     monkeypatch.setattr(latent_cache, "_barrier", lambda runtime: barrier.wait())
-    ranks = [toolbox.Run(runtime.device, rank=r, world_size=2) for r in (0, 1)]
+    ranks = [mruntime.Run(runtime.device, rank=r, world_size=2) for r in (0, 1)]
     errors = []
 
     def build(rank_runtime):

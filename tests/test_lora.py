@@ -8,7 +8,7 @@ import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from safetensors.torch import load_file
 
-import toolbox
+from mechanics import runtime as mruntime
 from helpers import run_sd15 as run_log, sd15_dpo_loss, setup_sd15 as setup
 from speed import lora
 
@@ -42,7 +42,7 @@ def test_loss_is_log2_at_init_and_only_the_adapter_gets_gradients(tmp_path, tau)
     loader = data.PairLoader(data.load_pairs(args.dataset), data.PairTransform(args.resolution, random_flip=True),
                              args.train_batch_size)
     batch = next(iter(loader))
-    loss, metrics = sd15_dpo_loss(args, model, batch, toolbox.micro_generators(0, 0, 0, runtime.device), unet,
+    loss, metrics = sd15_dpo_loss(args, model, batch, mruntime.micro_generators(0, 0, 0, runtime.device), unet,
                                   reference.model)
     assert loss.item() == pytest.approx(math.log(2), abs=1e-7) and metrics["reward_margin"].item() == 0
     loss.backward()

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from reference import Reference
+from reference import Probe, Reference
 
 
 def make_policy(seed=0):
@@ -128,7 +128,8 @@ def test_reference_is_frozen_and_initial_weights_live_on_the_cpu():
     policy = make_policy()
     ref = Reference(policy)
     assert all(not p.requires_grad for p in ref.model.parameters())
-    assert not ref.model.training
+    assert ref.model.training  # the policy's mode: policy and reference run the same code path
+    assert not Reference(make_policy().eval()).model.training
     assert all(t.device.type == "cpu" for t in ref.initial)
     assert all(a.data_ptr() != b.data_ptr() for a, b in zip(ref.initial, ref.model.parameters()))
     assert all(a.data_ptr() != b.data_ptr() for a, b in zip(ref.initial, policy.parameters()))
@@ -192,3 +193,32 @@ def test_output_distance_sees_a_change_the_error_gap_does_not():
     assert abs(info["divergence"]) < 1e-7
     assert info["ref_distance"] == pytest.approx((2 * flipped).pow(2).mean().item(), rel=1e-5)
 
+
+
+def test_a_probe_computes_p_inits_predictions_once_with_the_same_divergences():
+    """With fixed inputs (a Probe) p_init's predictions are computed at the first check and reused: later
+    checks run only the new reference, and D is what recomputing them every time gives."""
+    calls = []
+
+    def forward(model, x, t, cond):
+        calls.append(model)
+        return model(x)
+
+    def run(make_predict):
+        policy = make_policy()
+        ref = Reference(policy, tau=1, delta=1e9)
+        out = []
+        for step in range(1, 5):
+            nudge(policy, 0.01 * step)
+            out.append(ref.step(step, policy, *make_predict()))
+        return ref, out
+
+    probe = Probe(forward, X, torch.zeros(6), {}, NOISE, chunk=4)
+    ref, cached = run(lambda: (probe, NOISE))
+    assert len(calls) == 2 * 5  # p_init once and each of the 4 new references, in 2 chunks of ≤ 4 rows
+    _, fresh = run(lambda: (lambda model: model(X), NOISE))
+    assert [r["divergence"] for r in cached] == [r["divergence"] for r in fresh]
+    assert all(r["divergence"] > 0 for r in cached)
+    assert probe.initial is not None and torch.equal(probe.initial, make_policy()(X).detach())
+    probe.load_state_dict(probe.state_dict())  # a resume may bring other inputs: p_init's are computed again
+    assert probe.initial is None

@@ -15,16 +15,19 @@ import torch
 
 import data
 import tiny
-import toolbox
 import train_sd15
+from mechanics import checkpoints
+from mechanics.flags import EXIT_DIVERGED
 from helpers import ROOT, read_log, run_sd15 as run, sd15_flags
 
 
 def fails(capsys, argv, *fragments, code=2):
     """main(argv) ends with `code` and one `error:` line holding every fragment; returns that line."""
-    with pytest.raises(SystemExit) as exit_info:
-        train_sd15.main(argv)
-    assert exit_info.value.code == code
+    try:
+        returned = train_sd15.main(argv)  # the loop's own stops (divergence) return their exit code
+    except SystemExit as exit_info:  # a user mistake before training ends through flags.fail
+        returned = exit_info.code
+    assert returned == code
     err = capsys.readouterr().err.strip().splitlines()
     assert err and err[-1].startswith("error: ") and "Traceback" not in "\n".join(err), err[-5:]
     for fragment in fragments:
@@ -90,7 +93,7 @@ def test_a_fresh_run_into_a_folder_with_another_run_is_refused_and_overwrite_sta
     fails(capsys, flags(tmp_path, *SHORT), "--resume latest", "--overwrite", "checkpoint-2")
     assert (tmp_path / "checkpoint-2").is_dir() and len(read_log(tmp_path)) == 2  # nothing was touched
     log = run(tmp_path, *SHORT, "--max_steps", 1, "--overwrite")
-    assert [r["step"] for r in log] == [1] and toolbox.checkpoint_dirs(str(tmp_path)) == []
+    assert [r["step"] for r in log] == [1] and checkpoints.checkpoint_dirs(str(tmp_path)) == []
 
 
 def start_subprocess_run(output_dir, *more):
@@ -111,7 +114,7 @@ def test_two_runs_into_one_folder_the_second_is_refused_and_a_killed_ones_lock_i
     finally:
         proc.kill()  # SIGKILL: no clean-up of its own
         proc.communicate()
-    last = int(toolbox.checkpoint_dirs(str(tmp_path))[-1].rsplit("-", 1)[1])
+    last = int(checkpoints.checkpoint_dirs(str(tmp_path))[-1].rsplit("-", 1)[1])
     log = run(tmp_path, "--max_steps", last + 2, "--checkpoint_every", 1, "--resume", "latest")
     assert [r["step"] for r in log] == list(range(1, last + 3))  # one run's log, no interleaved or repeated steps
 
@@ -121,11 +124,11 @@ def test_two_runs_into_one_folder_the_second_is_refused_and_a_killed_ones_lock_i
 
 def test_divergence_skips_steps_then_stops_with_exit_3_keeping_finite_checkpoints(tmp_path, capsys):
     fails(capsys, flags(tmp_path, "--max_steps", 30, "--learning_rate", 1e9, "--checkpoint_every", 1,
-                        "--keep_checkpoints", 30), "diverged", "3 steps in a row", code=toolbox.EXIT_DIVERGED)
+                        "--keep_checkpoints", 30), "diverged", "3 steps in a row", code=EXIT_DIVERGED)
     log = read_log(tmp_path)
     assert [r.get("skipped_step", False) for r in log[-3:]] == [True, True, True] and log[-1]["nonfinite_steps"] == 3
     assert not (tmp_path / "final").exists()
-    for checkpoint in toolbox.checkpoint_dirs(str(tmp_path)):
+    for checkpoint in checkpoints.checkpoint_dirs(str(tmp_path)):
         state = torch.load(os.path.join(checkpoint, "state.pt"), weights_only=True)
         assert all(torch.isfinite(v).all() for v in state["policy"].values()), checkpoint
 
@@ -135,7 +138,7 @@ def test_divergence_skips_steps_then_stops_with_exit_3_keeping_finite_checkpoint
 
 def broken_pairs(tmp_path, bad_images: bool = False, bad_labels: int = 0) -> str:
     """The built-in pairs with every image replaced by bytes that are no image, or some labels out of range."""
-    table = pq.read_table(toolbox.builtin_pairs()).to_pydict()
+    table = pq.read_table(tiny.builtin_pairs()).to_pydict()
     if bad_images:
         table["jpg_0"] = table["jpg_1"] = [b"not an image"] * len(table["caption"])
     for i in range(bad_labels):
@@ -159,7 +162,7 @@ def test_a_stop_is_honoured_while_no_pair_decodes():
         def __call__(self, pair, epoch, key):
             return None
     requests = []
-    loader = data.PairLoader(data.load_pairs(toolbox.builtin_pairs()), Undecodable(32), batch_size=2,
+    loader = data.PairLoader(data.load_pairs(tiny.builtin_pairs()), Undecodable(32), batch_size=2,
                              max_bad_in_a_row=10**9, stop_requested=lambda: requests.append(1) or len(requests) > 5)
     with pytest.raises(data.Interrupted):
         next(iter(loader))
@@ -187,14 +190,14 @@ def test_stale_temporary_folders_of_dead_processes_are_removed(tmp_path):
 
 
 def test_a_full_disk_is_one_line_saying_how_much_the_checkpoint_needs(tmp_path, capsys, monkeypatch):
-    real = toolbox.shutil.disk_usage
-    monkeypatch.setattr(toolbox.shutil, "disk_usage", lambda path: real(path)._replace(free=1000))
+    real = checkpoints.shutil.disk_usage
+    monkeypatch.setattr(checkpoints.shutil, "disk_usage", lambda path: real(path)._replace(free=1000))
     fails(capsys, flags(tmp_path, *SHORT), "no space left for checkpoint-2", "needs about")
-    monkeypatch.setattr(toolbox.shutil, "disk_usage", real)
+    monkeypatch.setattr(checkpoints.shutil, "disk_usage", real)
 
     def no_space(*args, **kwargs):
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr(toolbox.torch, "save", no_space)
+    monkeypatch.setattr(checkpoints.torch, "save", no_space)
     fails(capsys, flags(tmp_path / "b", *SHORT), "no space left on the device")
     assert not list(tmp_path.glob("b/*.tmp-*"))
 
@@ -213,7 +216,7 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_or_refuses(tmp_p
     log = run(tmp_path, "--max_steps", 5, "--checkpoint_every", 2, "--tau", 2, "--learning_rate", 1e-4,
               "--resume", "latest", "--keep_checkpoints", 5)
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5] and "checkpoint-4 cannot be read" in caplog.text
-    for checkpoint in toolbox.checkpoint_dirs(str(tmp_path)):
+    for checkpoint in checkpoints.checkpoint_dirs(str(tmp_path)):
         with open(os.path.join(checkpoint, "state.pt"), "wb"):
             pass  # emptied
     fails(capsys, flags(tmp_path, "--max_steps", 6, "--checkpoint_every", 2, "--tau", 2, "--learning_rate", 1e-4,
@@ -241,8 +244,8 @@ def test_bad_flags_and_paths_are_refused_before_any_model_loads(tmp_path, capsys
     fails(capsys, flags(afile / "under"), "cannot be written")
     fails(capsys, flags("/proc/1/not-writable"), "cannot be written")
     for flag in ("--checkpoint_every", "--train_batch_size", "--resolution", "--keep_checkpoints", "--bin_stats_every"):
-        fails(capsys, flags(tmp_path / "out", flag, 0), f"{flag} must be positive")
-    fails(capsys, flags(tmp_path / "out", "--dataloader_workers", -1), "--dataloader_workers must be >= 0")
+        fails(capsys, flags(tmp_path / "out", flag, 0), f"{flag} 0 is out of range: it must be > 0")
+    fails(capsys, flags(tmp_path / "out", "--dataloader_workers", -1), "--dataloader_workers -1 is out of range: it must be >= 0")
     sdxl = [*flags(tmp_path / "out")]
     sdxl[sdxl.index("--pretrained_model") + 1] = tiny.tiny_pipeline_dir("sdxl")
     fails(capsys, sdxl, "StableDiffusionXLPipeline", "train_sdxl.py")
@@ -255,7 +258,9 @@ def test_a_second_ctrl_c_exits_at_once_without_a_traceback(tmp_path):
     time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 128 + signal.SIGINT and "Traceback" not in err, err[-2000:]
+    # The first Ctrl-C gave SIGINT its default action back, so the second ends the process by that signal (a shell
+    # shows 130); if both arrive inside one forward pass, Python sees one and the run stops after the step (130).
+    assert proc.returncode in (-signal.SIGINT, 128 + signal.SIGINT) and "Traceback" not in err, err[-2000:]
 
 
 # eval.py's image store
@@ -264,7 +269,7 @@ def test_a_second_ctrl_c_exits_at_once_without_a_traceback(tmp_path):
 def test_eval_samples_a_truncated_stored_image_again(tmp_path):
     import eval as ev
     base = tiny.tiny_pipeline_dir("sd15")
-    model = ev.resolve_model(f"tiny={base}")
+    model = ev.model_ref(f"tiny={base}")
     settings = {"steps": 2, "guidance_scale": 1.0, "height": 32, "width": 32, "family": "sd15"}
     keys, prompts = [(0, 0), (0, 1)], {0: "a red square"}
     store = tmp_path / "images"

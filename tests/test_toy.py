@@ -166,10 +166,10 @@ def test_cached_pairs_are_made_once_per_model(tmp_path):
     # Other weights, other pairs: a retrained model never reads the old model's pairs.
     copy = tmp_path / "model"
     shutil.copytree(TOY_MODEL, copy)
-    assert toy.model_fingerprint(copy) == toy.model_fingerprint(TOY_MODEL)
+    assert toy.pairs_key(copy) == toy.pairs_key(TOY_MODEL)
     config = copy / "scheduler" / "scheduler_config.json"
     config.write_text(config.read_text().replace('"beta_end": 0.012', '"beta_end": 0.013'))
-    assert toy.model_fingerprint(copy) != toy.model_fingerprint(TOY_MODEL)
+    assert toy.pairs_key(copy) != toy.pairs_key(TOY_MODEL)
 
 
 def test_tiny_demo_trains_the_toy_model_on_its_sampled_pairs(tmp_path, monkeypatch):
@@ -179,10 +179,9 @@ def test_tiny_demo_trains_the_toy_model_on_its_sampled_pairs(tmp_path, monkeypat
 
     from diffusers import UNet2DConditionModel
 
-    import toolbox
     import train_sd15
 
-    monkeypatch.setattr(toolbox, "TOY_DEMO_PAIRS", 8)  # the demo samples 256; the mechanics are the same
+    monkeypatch.setattr(train_sd15, "TOY_DEMO_PAIRS", 8)  # the demo samples 256; the mechanics are the same
     train_sd15.main(["--tiny", "--max_steps", "2", "--output_dir", str(tmp_path), "--train_batch_size", "2",
                      "--effective_batch_size", "2"])
     pairs = list(Path(os.environ["RDPO_CACHE"]).glob("toy-pairs-*-pair-n8-s0.parquet"))

@@ -438,6 +438,52 @@ def default_cache_root() -> Path:
     return Path(os.environ.get("RDPO_CACHE") or "~/.cache/rethinking-dpo").expanduser()
 
 
+def pipeline_path(kind: str, root: str | os.PathLike | None = None, seed: int = 0) -> str:
+    """Where `tiny_pipeline_dir` keeps the tiny `kind` pipeline (nothing is built): the trainers' --tiny recipes
+    name it, so that --help shows the real path."""
+    if kind not in BUILDERS:
+        raise ValueError(f"unknown tiny pipeline kind {kind!r}; expected one of {', '.join(KINDS)}")
+    root_dir = Path(root).expanduser() if root is not None else default_cache_root()
+    return str(root_dir / (f"tiny-{kind}-v{TINY_VERSION}" if seed == 0 else f"tiny-{kind}-seed{seed}-v{TINY_VERSION}"))
+
+
+def builtin_pairs_path() -> str:
+    """Where `builtin_pairs` keeps the built-in smooth-vs-noise pairs (nothing is written)."""
+    return str(default_cache_root() / "tiny-pairs-v1.parquet")
+
+
+def builtin_pairs() -> str:
+    """The built-in smooth-vs-noise pairs (data.write_tiny_pickapic), written once into the tiny cache."""
+    import data
+
+    pairs = Path(builtin_pairs_path())
+    if not pairs.exists():
+        pairs.parent.mkdir(parents=True, exist_ok=True)
+        tmp = f"{pairs}.tmp-{os.getpid()}"
+        data.write_tiny_pickapic(tmp, num_pairs=256, resolution=32, seed=0)
+        os.replace(tmp, pairs)
+    return str(pairs)
+
+
+def ensure(model: str, dataset: str, toy_pairs: int = 0) -> None:
+    """Make the --tiny demo's model and pairs that a trainer's TINY_RECIPE named, if they are not cached yet:
+    a tiny pipeline, the built-in pairs, or (toy_pairs > 0, SD1.5) `toy_pairs` preference pairs sampled from
+    `model` and labelled by the toy reward (miniature/toy.py; minutes on first use)."""
+    for kind in BUILDERS:
+        if model == pipeline_path(kind):
+            tiny_pipeline_dir(kind)
+    if dataset == builtin_pairs_path():
+        builtin_pairs()
+    if toy_pairs:
+        from miniature import toy
+        if dataset == str(toy.pairs_path(model, toy_pairs)) and not os.path.isfile(dataset):
+            if not os.path.isfile(os.path.join(model, "model_index.json")):
+                from mechanics.flags import fail
+                fail(f"--tiny samples its preference pairs from a local pipeline folder, and {model} is not "
+                     "one: give --dataset, or build it with miniature/toy_pretrain.py")
+            toy.cached_pairs(model, toy_pairs, seed=0)
+
+
 def tiny_pipeline_dir(kind: str, root: str | os.PathLike | None = None, seed: int = 0) -> str:
     """The folder of the tiny `kind` pipeline ("sd15", "sdxl", "sd3" or "sd35") with weights drawn from `seed`,
     built on first use and cached.
@@ -447,10 +493,8 @@ def tiny_pipeline_dir(kind: str, root: str | os.PathLike | None = None, seed: in
     concurrent builders (torchrun ranks) each build their own copy and the first rename wins; a process
     killed mid-build leaves at most a stray temporary folder, never a half-written pipeline.
     """
-    if kind not in BUILDERS:
-        raise ValueError(f"unknown tiny pipeline kind {kind!r}; expected one of {', '.join(KINDS)}")
-    root_dir = Path(root).expanduser() if root is not None else default_cache_root()
-    final = root_dir / (f"tiny-{kind}-v{TINY_VERSION}" if seed == 0 else f"tiny-{kind}-seed{seed}-v{TINY_VERSION}")
+    final = Path(pipeline_path(kind, root, seed))
+    root_dir = final.parent
     if (final / "model_index.json").is_file():
         return str(final)
     root_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,5 @@
+"""The run's mechanics, below the method: flags, runtime, loading, checkpoints, the training log.
+
+Each module is one concept; none imports losses, reference, schedule, tiny, miniature or plot. They record and
+serve: the train script decides every step (whether to take it, when to stop, what exit code to return).
+"""

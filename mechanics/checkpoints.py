@@ -1,0 +1,317 @@
+"""The output folder, checkpoints and the final model. A run owns its folder (a lock that dies with its
+process), every file appears complete or not at all (written aside, fsync'ed, renamed), and a resume continues
+only the run that wrote the folder (its identity: defining flags, base model, world size)."""
+import errno
+import fcntl
+import glob
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import tempfile
+from contextlib import contextmanager
+
+import torch
+
+from mechanics.flags import fail
+
+logger = logging.getLogger("train")
+
+RUN_FILES = ("log.jsonl", "final", "final_lora")
+# Flags that may change on --resume: how long, how often to save and log, and how fast; every other flag
+# defines the run (its model, data, objective, schedule, batch geometry, precision) and must stay the same.
+SAFE_TO_CHANGE = {"max_steps", "checkpoint_every", "keep_checkpoints", "bin_stats_every", "divergence_every",
+                  "dataloader_workers", "cpu_threads", "device", "compile", "allow_tf32", "gradient_checkpointing",
+                  "cache_latents", "cache_dir", "output_dir", "resume", "resume_override", "overwrite", "tiny",
+                  "max_nonfinite_steps", "report_to", "plot"}
+OPTIMIZER_FLAGS = ("learning_rate", "adam_beta1", "adam_beta2", "weight_decay", "adam_epsilon")
+_locks: dict[str, object] = {}  # output folder → the open lock file this process holds
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _fsync(path: str) -> None:
+    """Flush a file, or a folder's entries, to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_dir(final_dir: str):
+    """Yield a temporary sibling folder to write into, then fsync it and rename it to `final_dir`: a crash,
+    even of the machine, never leaves a folder that looks done. A full disk ends the run in one line."""
+    tmp = final_dir + f".tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        os.makedirs(tmp)
+        yield tmp
+        for folder, _, files in os.walk(tmp):
+            for name in files:
+                _fsync(os.path.join(folder, name))
+    except BaseException as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            fail(f"no space left on the device writing {final_dir} "
+                 f"({shutil.disk_usage(os.path.dirname(final_dir) or '.').free / 2**20:.0f} MB free)")
+        raise
+    if os.path.exists(final_dir):
+        shutil.rmtree(final_dir)
+    os.replace(tmp, final_dir)
+    _fsync(os.path.dirname(os.path.abspath(final_dir)))
+
+
+def lock_folder(folder: str, flag: str = "--output_dir") -> None:
+    """Hold an exclusive lock on `folder` for this process (released when it ends, however it ends); a folder
+    another live process holds is refused in one line naming that process."""
+    key = os.path.realpath(folder)
+    if key in _locks:
+        return
+    lock = open(os.path.join(folder, ".lock"), "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        owner = lock.read().strip() or "another process"
+        lock.close()
+        fail(f"{flag} {folder} is in use by another run ({owner}); wait for it, or choose another folder")
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    lock.flush()
+    _locks[key] = lock
+
+
+def release(folder: str) -> None:
+    """Give the folder's lock back (it also goes when the process ends)."""
+    lock = _locks.pop(os.path.realpath(folder), None)
+    if lock is not None:
+        lock.close()
+
+
+def prepare_output(args, is_main: bool) -> None:
+    """Before any model loads: the output folder exists and is writable, no other process uses it, the
+    temporary files of dead processes are gone, and a fresh run does not mix with an earlier run's files."""
+    out = args.output_dir
+    if os.path.exists(out) and not os.path.isdir(out):
+        fail(f"--output_dir {out} is a file, not a folder")
+    try:
+        os.makedirs(out, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+            pass
+    except OSError as error:
+        fail(f"--output_dir {out} cannot be written: {error.strerror or error}")
+    if not is_main:
+        return
+    lock_folder(out)
+    for stale in glob.glob(os.path.join(out, "*.tmp-*")):
+        pid = stale.rsplit(".tmp-", 1)[1]
+        if pid.isdigit() and not _alive(int(pid)):
+            logger.info("removing %s, left by a process that died while writing it", stale)
+            shutil.rmtree(stale, ignore_errors=True) if os.path.isdir(stale) else os.remove(stale)
+    earlier = [name for name in RUN_FILES if os.path.exists(os.path.join(out, name))]
+    earlier += [os.path.basename(d) for d in checkpoint_dirs(out)]
+    if earlier and args.overwrite:
+        logger.info("--overwrite: removing the earlier run in %s (%s)", out, ", ".join(earlier))
+        for name in earlier:
+            path = os.path.join(out, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    elif earlier and args.resume is None:
+        fail(f"--output_dir {out} holds an earlier run ({', '.join(earlier[:4])}); continue it with --resume "
+             "latest, start over with --overwrite, or choose another folder")
+
+
+def base_model_identity(folder: str) -> str:
+    """Which base model a run started from, as a short hash of its folder: every file's path and size, the full
+    text of the small ones (configs, tokenizers) and the first and last 64 KB of the weights."""
+    digest = hashlib.sha1()
+    for path in sorted(glob.glob(os.path.join(folder, "**", "*"), recursive=True)):
+        if not os.path.isfile(path) or os.path.basename(path).startswith("."):
+            continue
+        size = os.path.getsize(path)
+        digest.update(f"{os.path.relpath(path, folder)}:{size}".encode())
+        with open(path, "rb") as f:
+            if size <= 2**20:
+                digest.update(f.read())
+            else:
+                digest.update(f.read(2**16))
+                f.seek(-2**16, os.SEEK_END)
+                digest.update(f.read())
+    return digest.hexdigest()[:16]
+
+
+def save_final(args, run, model_path: str, pipeline: str, **denoiser) -> str:
+    """The trained model in OUTPUT_DIR/final/: the base pipeline with the trained denoiser (`unet=` or
+    `transformer=`) in its place, which diffusers' `pipeline` class's from_pretrained loads. With LoRA the adapter alone in
+    OUTPUT_DIR/final_lora/, for `pipe.load_lora_weights(final_lora)` on the base pipeline, with base_model.json
+    naming that base (eval.py reads it)."""
+    import diffusers
+
+    pipeline_class = getattr(diffusers, pipeline)
+    (name, module), = denoiser.items()
+    final_dir = os.path.join(args.output_dir, "final_lora" if args.lora_rank else "final")
+    if run.is_main:
+        with atomic_dir(final_dir) as tmp:
+            if args.lora_rank:
+                from speed import lora
+                pipeline_class.save_lora_weights(tmp, **{f"{name}_lora_layers": lora.adapter_state_dict(module),
+                                                         f"{name}_lora_adapter_metadata": lora.adapter_metadata(module)})
+                base = os.path.abspath(model_path) if os.path.isdir(args.pretrained_model) else args.pretrained_model
+                with open(os.path.join(tmp, "base_model.json"), "w") as f:
+                    json.dump({"base_model": base, "pipeline": pipeline_class.__name__}, f, indent=1)
+            else:
+                pipeline_class.from_pretrained(model_path, **denoiser).save_pretrained(tmp)
+    run.barrier()
+    return final_dir
+
+
+def checkpoint_dirs(output_dir: str) -> list[str]:
+    """Complete checkpoints, oldest first (a checkpoint folder only exists once fully written)."""
+    found = glob.glob(os.path.join(output_dir, "checkpoint-*"))
+    found = [d for d in found if re.fullmatch(r"checkpoint-\d+", os.path.basename(d))]
+    return sorted(found, key=lambda d: int(d.rsplit("-", 1)[1]))
+
+
+def _tensor_bytes(value) -> int:
+    if torch.is_tensor(value):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in value)
+    return 0
+
+
+class Checkpoints:
+    """OUTPUT_DIR/checkpoint-STEP/state.pt: everything a bit-exact resume needs — the objects passed as `state`
+    (weights, reference, optimizer, lr schedule, loader position, fp16 loss scale, the log's pending
+    statistics, the monitor's probe) — and the run's identity. Written atomically; only the newest
+    --keep_checkpoints are kept. Read with torch.load(weights_only=True): a checkpoint is data, not a program.
+
+    defaults: the values of flags.resolve's defaults; a flag that an older checkpoint does not know is not a
+    change while it is at its default (the code gained a flag, the run is the same)."""
+
+    def __init__(self, args, run, model_path: str, defaults: dict, **state):
+        self.args, self.run, self.state, self.defaults = args, run, state, defaults
+        self.identity = {"flags": {k: v for k, v in sorted(vars(args).items()) if k not in SAFE_TO_CHANGE
+                                   and k != "pretrained_model"},
+                         "pretrained_model": base_model_identity(model_path), "world_size": run.world_size}
+
+    def save(self, step: int) -> str | None:
+        path = os.path.join(self.args.output_dir, f"checkpoint-{step}")
+        if self.run.is_main:
+            scaler = self.state["scaler"]
+            state = {"step": step, **{name: obj.state_dict() for name, obj in self.state.items() if name != "scaler"},
+                     "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                     "identity": self.identity, "args": vars(self.args)}
+            needed, free = _tensor_bytes(state), shutil.disk_usage(self.args.output_dir).free
+            if needed > free:
+                fail(f"no space left for checkpoint-{step}: it needs about {needed / 2**20:.0f} MB and "
+                     f"{free / 2**20:.0f} MB are free in {self.args.output_dir}")
+            with atomic_dir(path) as tmp:
+                torch.save(state, os.path.join(tmp, "state.pt"))
+            for old in checkpoint_dirs(self.args.output_dir)[:-self.args.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.run.barrier()
+        return path
+
+    def _load(self) -> tuple[str, dict] | None:
+        """The checkpoint --resume names, read; for "latest" the newest that reads, with a warning for each
+        newer one that does not (a disk error, a copy cut short)."""
+        resume = self.args.resume
+        if resume is None:
+            return None
+        if resume == "latest":
+            candidates = checkpoint_dirs(self.args.output_dir)[::-1]
+            if not candidates:
+                logger.info("no checkpoint in %s: starting from scratch", self.args.output_dir)
+                return None
+        elif os.path.isfile(os.path.join(resume, "state.pt")):
+            candidates = [resume]
+        else:
+            fail(f"--resume {resume}: no checkpoint there (expected {resume}/state.pt)")
+        for folder in candidates:
+            try:
+                return folder, torch.load(os.path.join(folder, "state.pt"), map_location="cpu", weights_only=True)
+            except Exception as error:  # a truncated zip, a pickle with code in it, an empty file: not usable
+                reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+                if resume != "latest":
+                    fail(f"--resume {resume}: its state.pt cannot be read ({reason})")
+                logger.warning("%s cannot be read (%s); trying the one before", folder, reason)
+        fail(f"no checkpoint in {self.args.output_dir} can be read; start over with --overwrite")
+
+    def _changed(self, saved: dict) -> dict:
+        """Defining values that differ from the checkpoint's: flag → (then, now)."""
+        old, new = saved.get("identity") or {}, self.identity
+        old_flags, changed = old.get("flags", {}), {}
+        for key in sorted(set(old_flags) | set(new["flags"])):
+            if key not in old_flags and new["flags"][key] == self.defaults.get(key, "(unset)"):
+                continue  # a flag the code gained since, at its default: the same run
+            a, b = old_flags.get(key, "(unset)"), new["flags"].get(key, "(unset)")
+            if a != b:
+                changed[key] = (a, b)
+        if old.get("pretrained_model") != new["pretrained_model"]:
+            changed["pretrained_model"] = ("the model it was started from", f"another model ({self.args.pretrained_model})")
+        if old.get("world_size") != new["world_size"]:
+            changed["world_size"] = (old.get("world_size"), new["world_size"])
+        return changed
+
+    def resume(self) -> int:
+        """Load the checkpoint --resume names into the state objects; returns its step (0: a fresh run). A
+        checkpoint of another run is refused unless the differing flags are named in --resume_override; then
+        their new values take effect, the optimizer's hyper-parameters included."""
+        loaded = self._load()
+        if loaded is None:
+            return 0
+        folder, saved = loaded
+        changed = self._changed(saved)
+        override = set(filter(None, (self.args.resume_override or "").split(",")))
+        refused = {k: v for k, v in changed.items() if k not in override}
+        if refused:
+            listed = "; ".join(f"--{k} {a} → {b}" for k, (a, b) in refused.items())
+            fail(f"--resume {folder} belongs to another run: {listed}. Resume with the run's own flags, pass "
+                 f"--resume_override {','.join(refused)} to change them anyway, or start a new --output_dir")
+        for k, (a, b) in changed.items():
+            logger.warning("--resume_override: --%s %s → %s", k, a, b)
+        try:
+            for name, obj in self.state.items():
+                if name != "scaler":
+                    obj.load_state_dict(saved[name])
+        except (RuntimeError, KeyError, ValueError) as error:
+            fail(f"--resume {folder} does not fit this run's {name}: {str(error).splitlines()[0][:300]}")
+        if saved["scaler"] and self.state["scaler"].is_enabled():
+            self.state["scaler"].load_state_dict(saved["scaler"])
+        if set(changed) & set(OPTIMIZER_FLAGS):
+            self._set_optimizer_flags()
+        if self.run.is_main:
+            logger.info("resumed from %s at step %d", folder, saved["step"])
+        return saved["step"]
+
+    def _set_optimizer_flags(self) -> None:
+        """The optimizer's state_dict carries its hyper-parameters: an overridden --learning_rate (or β, weight
+        decay, ε) is set into it again."""
+        optimizer, schedule = self.state.get("optimizer"), self.state.get("lr_schedule")
+        if optimizer is None:
+            return
+        flags = {"betas": (self.args.adam_beta1, self.args.adam_beta2), "weight_decay": self.args.weight_decay,
+                 "eps": self.args.adam_epsilon}
+        for group in optimizer.param_groups:
+            group.update({k: v for k, v in flags.items() if k in group and not (k == "eps" and isinstance(group[k], tuple))})
+        if schedule is not None:
+            schedule.base_lrs = [self.args.learning_rate] * len(optimizer.param_groups)
+            factor = schedule.lr_lambdas[0](schedule.last_epoch)
+            for group in optimizer.param_groups:
+                group["lr"] = self.args.learning_rate * factor

@@ -1,0 +1,321 @@
+"""The flags every trainer shares, resolved once into the values the run uses.
+
+`resolve` is the one place a default is decided: the parser's generic values, then the script's paper recipe,
+with --tiny its small-scale recipe (and SD1.5's toy recipe), then the --method preset, then what the user typed.
+Derived values (gradient accumulation, the learning rate × batch, β per objective, device, compile) are filled
+in the same pass. `--help` prints exactly these values, run.json records them, and nothing changes them later.
+A value outside its range ends the run before any model loads, in one line (`fail`).
+"""
+import argparse
+import math
+import os
+import sys
+
+import torch
+
+import data
+
+EXIT_USAGE, EXIT_DIVERGED = 2, 3  # 0 finished, 2 a user or data error, 3 diverged, 128 + N stopped by signal N
+
+# Baselines one flag away (PAPER.md's tables have rows "X" and "X + ours"): each preset sets τ, γ and λ(t)
+# together; an explicit --tau, --gamma or --(no_)reward_scale still wins.
+METHODS = {
+    "plain": dict(tau=0, gamma=1.0, no_reward_scale=True),  # Diffusion-DPO (Wallace et al. 2023)
+    "exploration": dict(gamma=1.0, no_reward_scale=True),   # §2 only: the recipe's τ/δ reference update
+    "timestep": dict(tau=0),                                # §3 only: γ over-sampling and λ(t)
+    "ours": dict(),                                         # §2 + §3, the paper's full method
+}
+
+# Valid values: (low, high, low included, high included). Checked on the resolved values, recipe ones too.
+POSITIVE, NON_NEGATIVE = (0, math.inf, False, False), (0, math.inf, True, False)
+RANGES = {
+    "beta": POSITIVE, "delta": NON_NEGATIVE, "gamma": (0, 1, False, True), "num_bins": (1, 1000, True, True),
+    "tau": NON_NEGATIVE, "monitor_samples": POSITIVE, "divergence_every": NON_NEGATIVE,
+    "caption_dropout": (0, 1, True, True), "max_train_samples": POSITIVE, "resolution": POSITIVE,
+    "max_steps": POSITIVE, "train_batch_size": POSITIVE, "effective_batch_size": POSITIVE,
+    "gradient_accumulation_steps": POSITIVE, "learning_rate": POSITIVE, "warmup_steps": NON_NEGATIVE,
+    "adam_beta1": (0, 1, True, False), "adam_beta2": (0, 1, True, False), "weight_decay": NON_NEGATIVE,
+    "adam_epsilon": POSITIVE, "max_grad_norm": NON_NEGATIVE, "seed": NON_NEGATIVE, "cpu_threads": POSITIVE,
+    "dataloader_workers": NON_NEGATIVE, "lora_rank": NON_NEGATIVE, "lora_alpha": POSITIVE,
+    "checkpoint_every": POSITIVE, "keep_checkpoints": POSITIVE, "max_nonfinite_steps": POSITIVE,
+    "bin_stats_every": POSITIVE,
+}
+
+
+def fail(message: str):
+    """End the run with `error: message` on one line and exit code 2 (a user mistake, not a bug)."""
+    from tqdm import tqdm
+    for bar in list(getattr(tqdm, "_instances", ())):  # the error is the last line, under no progress bar
+        bar.close()
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(EXIT_USAGE)
+
+
+def range_text(spec) -> str:
+    low, high, low_in, high_in = spec
+    if high == math.inf:
+        return f"{'>=' if low_in else '>'} {low:g}"
+    return f"in {'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
+
+
+def in_range(value, spec) -> bool:
+    low, high, low_in, high_in = spec
+    return (low <= value if low_in else low < value) and (value <= high if high_in else value < high)
+
+
+def available_cpus() -> int:
+    """DataLoader workers: the CPUs this process may run on, at most 8 (torch warns past the machine's)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, cpus))
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every flag's resolved value in its help, and the script's docstring (its commands) kept as written."""
+
+    def _get_help_string(self, action):
+        if isinstance(action, argparse._StoreFalseAction):  # --reward_scale: its value is --no_reward_scale's
+            return action.help
+        spec = RANGES.get(action.dest)
+        return super()._get_help_string(action) + (f" [valid: {range_text(spec)}]" if spec else "")
+
+
+def parser(doc: str, objectives: dict) -> argparse.ArgumentParser:
+    """Every flag the trainers share, with its generic default; a script adds its model's flags to it.
+    objectives: losses.LOSSES (name → objective with `beta_help`), for --loss and --beta."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=_HelpFormatter)
+    g = p.add_argument_group("model and data")
+    g.add_argument("--pretrained_model", help="hub id or local folder of the diffusers pipeline to fine-tune")
+    g.add_argument("--tiny", action="store_true",
+                   help="offline demo: the script's TINY_RECIPE (a tiny model of the real classes and built-in "
+                        "pairs; SD1.5: the toy model and its sampled pairs, TOY_RECIPE), each value of which an "
+                        "explicit flag overrides; `--tiny --help` shows them")
+    g.add_argument("--dataset", default=data.DEFAULT_DATASET,
+                   help="Pick-a-Pic-format pairs: a hub dataset id (the recipe's: a public mirror of Pick-a-Pic v2), "
+                        "or a local parquet file or folder")
+    g.add_argument("--split", default="train", help="dataset split")
+    g.add_argument("--streaming", action="store_true",
+                   help="stream the dataset instead of downloading it (Pick-a-Pic v2 is ~335 GB)")
+    g.add_argument("--max_train_samples", type=int, help="use only the first N rows (None: all)")
+    g.add_argument("--resolution", type=int, help="training resolution in pixels")
+    g.add_argument("--random_crop", action="store_true", help="random instead of center crop")
+    g.add_argument("--no_flip", action="store_true", help="disable random horizontal flips")
+    g.add_argument("--caption_dropout", type=float, default=0.2,
+                   help="probability of training a pair with the empty prompt (official recipe: 0.2)")
+    g.add_argument("--dataloader_workers", type=int, default=available_cpus(),
+                   help="DataLoader worker processes for decoding (the CPUs this process may use, at most 8)")
+
+    g = p.add_argument_group("objective (losses.py)")
+    g.add_argument("--loss", default="dpo", choices=sorted(objectives),
+                   help="preference objective; 'sft' trains on the winners only")
+    g.add_argument("--beta", type=float,
+                   help="β of the objective; unset: its published value for this model. " + "; ".join(
+                       f"{name}: {obj.beta_help}" for name, obj in objectives.items() if name != "sft"))
+    g.add_argument("--method", default="ours", choices=sorted(METHODS),
+                   help="plain: Diffusion-DPO (τ 0, γ 1, no λ); exploration: the τ/δ reference update only "
+                        "(§2); timestep: γ over-sampling and λ(t) only (§3); ours: both (the paper)")
+
+    g = p.add_argument_group("reference update (reference.py, PAPER.md §2)")
+    g.add_argument("--tau", type=int,
+                   help="copy the policy into the reference every τ optimizer steps; 0 = the initial model throughout")
+    g.add_argument("--delta", type=float, help="divergence threshold δ of the monitor")
+    g.add_argument("--on_diverge", default="freeze", choices=("freeze", "reinit", "ignore"),
+                   help="once D > δ: freeze the reference (paper), reset it to the initial model (Re-Init), "
+                        "or ignore the monitor (the unstable variant)")
+    g.add_argument("--monitor", default="probe", choices=["probe", "batch"],
+                   help="inputs of the divergence estimate D [choice, README]: 'probe' = --monitor_samples winners "
+                        "of the data with their t ~ U and ε, drawn once and kept in the checkpoint (lower noise; "
+                        "p_init's predictions on them computed once); 'batch' = the last micro-batch's winners "
+                        "with fresh draws at every check")
+    g.add_argument("--monitor_samples", type=int, default=64,
+                   help="(winner latent, t, ε) draws of the divergence estimate D, per process")
+    g.add_argument("--divergence_every", type=int, default=0,
+                   help="also log D(policy, initial) every N steps (Fig. 1b); 0 = off")
+
+    g = p.add_argument_group("timestep-aware training (schedule.py, PAPER.md §3)")
+    g.add_argument("--gamma", type=float, default=0.9,
+                   help="over-sample early (noisy) steps: bin k drawn with probability ∝ γ^k; 1 = uniform t")
+    g.add_argument("--num_bins", type=int, default=50, help="K bins of the timestep grid for --gamma")
+    g.add_argument("--no_reward_scale", action="store_true", default=False,
+                   help="λ(t) ≡ 1 instead of the §3 schedule (--reward_scale: the schedule)")
+    g.add_argument("--reward_scale", dest="no_reward_scale", action="store_false", default=False,
+                   help="λ(t) of §3 on, also with --method plain or exploration")
+    g.add_argument("--reward_scale_norm", action="store_true",
+                   help="ablation: λ(t) divided by its mean under the active sampler (--gamma, --num_bins), so that "
+                        "it changes the shape of β over t but not its average (under γ = 0.9 the mean λ is ≈ 1.50)")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--max_steps", type=int, help="optimizer steps")
+    g.add_argument("--train_batch_size", type=int, default=1,
+                   help="pairs per process per micro-batch (unset: the recipe's, split over the processes)")
+    g.add_argument("--effective_batch_size", type=int,
+                   help="pairs per optimizer step; gradient accumulation = this / (batch × processes)")
+    g.add_argument("--gradient_accumulation_steps", type=int,
+                   help="micro-batches per optimizer step (unset: from --effective_batch_size)")
+    g.add_argument("--learning_rate", type=float, default=1e-8,
+                   help="the optimizer's learning rate; with --scale_lr a value given here is per pair and is "
+                        "multiplied by the effective batch (the default shown is already multiplied)")
+    g.add_argument("--scale_lr", action=argparse.BooleanOptionalAction, default=True,
+                   help="multiply a given --learning_rate by the effective batch size (official recipe)")
+    g.add_argument("--warmup_steps", type=int, help="linear warm-up, then constant lr")
+    g.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw8bit", "adafactor"],
+                   help="adamw8bit needs bitsandbytes; adafactor comes from transformers")
+    g.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW β1")
+    g.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW β2")
+    g.add_argument("--weight_decay", type=float, default=1e-2, help="AdamW weight decay")
+    g.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW ε")
+    g.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping norm; 0 = no clipping")
+    g.add_argument("--seed", type=int, default=0, help="seed of data order, noise, timesteps and augmentation")
+
+    g = p.add_argument_group("speed and memory")
+    g.add_argument("--device", help="cuda, cpu, ... (unset: cuda if available)")
+    g.add_argument("--cpu_threads", type=int, help="torch intra-op threads on CPU (None: torch's own)")
+    g.add_argument("--mixed_precision", default="auto", choices=["auto", "no", "bf16", "fp16"],
+                   help="autocast dtype; auto = bf16 on CUDA, none on CPU (bf16 is slower there)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                   help="torch.compile the policy and reference forward (unset: on with CUDA, off on CPU)")
+    g.add_argument("--gradient_checkpointing", action="store_true", help="trade compute for activation memory")
+    g.add_argument("--allow_tf32", action=argparse.BooleanOptionalAction, default=True,
+                   help="TF32 matmuls on Ampere+ GPUs")
+    g.add_argument("--cache_latents", action="store_true",
+                   help="encode every image (both flips) and caption once, into --cache_dir, and train from there: "
+                        "the VAE and text encoders never run again (speed/latent_cache.py; needs center crops and "
+                        "a map-style dataset)")
+    g.add_argument("--cache_dir", help="where --cache_latents keeps its files (None: OUTPUT_DIR/cache)")
+
+    g = p.add_argument_group("LoRA (speed/lora.py)")
+    g.add_argument("--lora_rank", type=int, default=0,
+                   help="train a LoRA adapter of this rank on the attention projections instead of the full model "
+                        "(0 = full fine-tuning); the reference is the adapter-free base model, or with τ > 0 a "
+                        "second adapter: about one base model of memory in all")
+    g.add_argument("--lora_alpha", type=float, help="LoRA alpha (None: the rank, i.e. scale 1)")
+
+    g = p.add_argument_group("output")
+    g.add_argument("--output_dir", help="log.jsonl, checkpoints and final/ go here")
+    g.add_argument("--checkpoint_every", type=int, default=500, help="save a resumable checkpoint every N steps")
+    g.add_argument("--keep_checkpoints", type=int, default=2, help="keep only the newest N checkpoints")
+    g.add_argument("--resume",
+                   help="'latest' (newest readable checkpoint in --output_dir) or a checkpoint folder; a checkpoint of "
+                        "a run with other defining flags or another base model is refused (README, checkpoints)")
+    g.add_argument("--resume_override", metavar="FLAG,...",
+                   help="with --resume: flags (names without --, comma-separated) that may differ from the run's; "
+                        "their new values take effect (the optimizer's too)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start over in an --output_dir that holds an earlier run: its log, checkpoints and final "
+                        "model are deleted (without it such a folder is refused)")
+    g.add_argument("--max_nonfinite_steps", type=int, default=3,
+                   help="a step with a non-finite loss or gradient norm is skipped; this many in a row stop the run "
+                        "(exit code 3, no final model)")
+    g.add_argument("--bin_stats_every", type=int, default=10,
+                   help="emit per-t-bin statistics aggregated over this many steps")
+    g.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True,
+                   help="draw the run's curves (plot.py) into OUTPUT_DIR/curves.png at the end")
+    g.add_argument("--report_to", default="none", choices=["none", "tensorboard", "wandb"],
+                   help="also send the log's numbers to an experiment tracker (its package must be installed; "
+                        "log.jsonl stays the record)")
+    return p
+
+
+def _given(p: argparse.ArgumentParser, argv: list[str]) -> dict:
+    """The flags the user typed (dest → value), found by parsing with every default suppressed; a wrong type or
+    choice ends here with argparse's usage line. --help is left for the parse with the resolved defaults."""
+    saved = {action: action.default for action in p._actions}
+    for action in p._actions:
+        action.default = argparse.SUPPRESS
+    try:
+        return vars(p.parse_args([a for a in argv if a not in ("-h", "--help")]))
+    finally:
+        for action, default in saved.items():
+            action.default = default
+
+
+def _layered(p, given: dict, family: str, recipe: dict, tiny_recipe: dict, toy_recipe: dict | None) -> dict:
+    """Generic defaults < the script's recipe < --tiny's recipe < (SD1.5, no --pretrained_model) the toy
+    recipe < the --method preset < the command line. A recipe value may be a function of the values so far
+    (a path in the cache, say), evaluated here in order."""
+    values = {a.dest: a.default for a in p._actions if a.dest != "help"}
+    values.update(recipe)
+    if given.get("tiny"):
+        values.update(tiny_recipe)
+        if toy_recipe is not None and "pretrained_model" not in given:
+            values.update(toy_recipe)
+    values.update(METHODS[given.get("method", values["method"])])
+    values.update(given)
+    for name, value in values.items():
+        if callable(value):
+            values[name] = value(values)
+    return values
+
+
+def _derive(values: dict, given: dict, objectives: dict, family: str, world_size: int) -> None:
+    """The values that follow from others: β per objective and model, the batch geometry for this many
+    processes, the learning rate × batch, the device and torch.compile."""
+    if values["beta"] is None:
+        values["beta"] = objectives[values["loss"]].default_beta(family)
+    effective, batch = values["effective_batch_size"], values["train_batch_size"]
+    if values["gradient_accumulation_steps"] is None:
+        if "train_batch_size" not in given:  # the demo on any number of processes: split the recipe's batch
+            if effective % world_size:
+                fail(f"--effective_batch_size {effective} is not a multiple of the {world_size} processes: "
+                     "set --effective_batch_size or --gradient_accumulation_steps")
+            batch = values["train_batch_size"] = math.gcd(batch, effective // world_size)
+        if effective % (batch * world_size):
+            fail(f"--effective_batch_size {effective} is not a multiple of --train_batch_size {batch} × "
+                 f"{world_size} processes: set --gradient_accumulation_steps, or an --effective_batch_size that is")
+        values["gradient_accumulation_steps"] = effective // (batch * world_size)
+    values["effective_batch_size"] = batch * world_size * values["gradient_accumulation_steps"]
+    if values["scale_lr"]:
+        values["learning_rate"] *= values["effective_batch_size"]
+    values["device"] = values["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
+    if values["compile"] is None:
+        values["compile"] = values["device"].startswith("cuda")
+
+
+def _check_ranges(values: dict) -> None:
+    for name, spec in RANGES.items():
+        value = values.get(name)
+        if value is not None and not in_range(value, spec):
+            fail(f"--{name} {value} is out of range: it must be {range_text(spec)}")
+
+
+def _check(values: dict, resolution_multiple: int) -> None:
+    _check_ranges(values)  # the derived values too (β per objective, accumulation)
+    if values["resolution"] % resolution_multiple:
+        fail(f"--resolution {values['resolution']} must be a multiple of {resolution_multiple} for this model "
+             "(its VAE's downsampling and the denoiser's patches)")
+    checks = [(not (values["no_reward_scale"] and values["reward_scale_norm"]),
+               "--reward_scale_norm needs λ(t): drop --no_reward_scale"),
+              (not (values["cache_latents"] and values["streaming"]),
+               "--cache_latents needs a map-style dataset: drop --streaming (a local parquet copy works)"),
+              (not (values["cache_latents"] and values["random_crop"]),
+               "--cache_latents caches center crops: drop --random_crop"),
+              (not values["resume_override"] or values["resume"], "--resume_override goes with --resume")]
+    for ok, message in checks:
+        if not ok:
+            fail(message)
+    unknown = set(filter(None, (values["resume_override"] or "").split(","))) - set(values) - {"world_size"}
+    if unknown:
+        fail(f"--resume_override: no such flag {', '.join(sorted(unknown))}")
+
+
+def resolve(argv, doc: str, family: str, recipe: dict, objectives: dict, tiny_recipe: dict,
+            toy_recipe: dict | None = None, resolution_multiple: int = 8, model_flags=None):
+    """The run's flags, every default decided here once. Returns (args, defaults): `defaults` are the values
+    the run would take with no flag typed beyond --tiny and --method (a checkpoint written before a flag existed
+    resumes when that flag is at its default). model_flags(parser): the script adds its model's flags."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = parser(doc, objectives)
+    if model_flags is not None:
+        model_flags(p)
+    given = _given(p, argv)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    values = _layered(p, given, family, recipe, tiny_recipe, toy_recipe)
+    if "-h" not in argv and "--help" not in argv:
+        _check_ranges(values)
+    _derive(values, given, objectives, family, world_size)
+    defaults = _layered(p, {k: v for k, v in given.items() if k in ("tiny", "method", "pretrained_model")},
+                        family, recipe, tiny_recipe, toy_recipe)
+    if "-h" in argv or "--help" in argv:
+        p.set_defaults(**values)
+        p.parse_args(["--help"])
+    _check(values, resolution_multiple)
+    return argparse.Namespace(**values), defaults

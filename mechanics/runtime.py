@@ -1,0 +1,212 @@
+"""Where and how a run computes: device, precision, torchrun processes, torch.compile, random streams, signals,
+the optimizer. The script calls these; none of them decides whether a step happens or ends the process."""
+import atexit
+import importlib.util
+import json
+import logging
+import os
+import signal
+import sys
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from mechanics import checkpoints
+from mechanics.flags import fail
+
+logger = logging.getLogger("train")
+
+# Generator stream of the monitor's inputs, apart from every micro-batch's, and the seed offset of its pairs.
+MONITOR_STREAM = 1 << 20
+PROBE_SEED = 7919
+
+
+@dataclass
+class Run:
+    """Where this process trains: its device, its rank among the torchrun processes, the autocast dtype."""
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    autocast_dtype: torch.dtype | None = None
+    family: str = ""
+    signals: "StopSignal | None" = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        """dtype of the frozen models (encoders, VAE, reference): the training dtype on an accelerator."""
+        return self.autocast_dtype or torch.float32
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        """fp16 needs loss scaling; with bf16 or fp32 the scaler is disabled and every call passes through."""
+        return torch.amp.GradScaler(self.device.type, enabled=self.autocast_dtype == torch.float16)
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    @contextmanager
+    def main_first(self):
+        """Rank 0 runs the block first (builds what is cached), then the others (find it cached)."""
+        if not self.is_main:
+            self.barrier()
+        yield
+        if self.is_main:
+            self.barrier()
+
+    def stop_requested(self) -> int:
+        """The signal number that asked the run to stop, 0 if none (every rank agrees: one all-reduce)."""
+        return self.signals.agreed(self) if self.signals is not None else 0
+
+    def all_finite(self, *values) -> bool:
+        """Whether every value is finite on every rank (one all-reduce)."""
+        bad = torch.stack([~torch.isfinite(torch.as_tensor(v, device=self.device).float()) for v in values]).any()
+        bad = bad.float().reshape(1)
+        if self.world_size > 1:
+            dist.all_reduce(bad)
+        return bad.item() == 0
+
+
+def _setup_devices(args) -> Run:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        fail("--device cuda but no CUDA device is available")
+    if world_size > 1:
+        dist.init_process_group(backend="nccl" if args.device.startswith("cuda") else "gloo")
+        atexit.register(dist.destroy_process_group)
+    device = torch.device(f"cuda:{local_rank}" if args.device == "cuda" else args.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = args.allow_tf32
+        torch.backends.cudnn.allow_tf32 = args.allow_tf32
+        torch.backends.cudnn.benchmark = True  # every micro-batch has the same shapes: pick the fastest kernels once
+    precision = args.mixed_precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "no"
+    autocast_dtype = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return Run(device, rank, world_size, local_rank, autocast_dtype)
+
+
+def start(args, family: str) -> Run:
+    """Everything before the models load, for resolved `args`: logging, the device, precision and torchrun
+    processes, the output folder (checkpoints.prepare_output), signals, and run.json. Returns the Run."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    _quiet_libraries()
+    run = _setup_devices(args)
+    run.family = family
+    if run.device.type == "cpu" and args.cpu_threads:
+        torch.set_num_threads(args.cpu_threads)
+    checkpoints.prepare_output(args, run.is_main)
+    package = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(args.report_to)
+    if package and importlib.util.find_spec(package) is None:
+        fail(f"--report_to {args.report_to} needs the {package} package: pip install {package}")
+    run.signals = StopSignal()
+    if run.is_main:  # the values the run uses, for plot.py and for people
+        with open(os.path.join(args.output_dir, "run.json"), "w") as f:
+            json.dump({"family": family, **vars(args)}, f, indent=1)
+        logger.info("%s %s: effective batch %d pairs (%d × %d devices × %d accumulation), lr %.3g, β %s, "
+                    "τ %d, δ %g, γ %g, λ(t) %s", family, args.method, args.effective_batch_size, args.train_batch_size,
+                    run.world_size, args.gradient_accumulation_steps, args.learning_rate, args.beta, args.tau,
+                    args.delta, args.gamma, "off" if args.no_reward_scale else "on")
+    return run
+
+
+def _quiet_libraries() -> None:
+    """The first screen of a run shows the run: no loading bars of every component, no transformers notice
+    that torchvision is missing (it falls back to PIL, which is what the trainers use)."""
+    import datasets
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    logging.getLogger("transformers.utils.import_utils").addFilter(
+        lambda record: "requires torchvision" not in record.getMessage())
+
+
+def ddp(module: nn.Module, run: Run) -> nn.Module:
+    """DistributedDataParallel when torchrun started several processes, else the module itself."""
+    if run.world_size == 1:
+        return module
+    return nn.parallel.DistributedDataParallel(
+        module, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+
+
+def maybe_compile(module: nn.Module, enabled: bool):
+    """torch.compile with fixed shapes (dynamic=False): a rare odd-sized batch (skipped pairs) recompiles
+    once, instead of turning every later step into a dynamic-shape graph."""
+    return torch.compile(module, dynamic=False) if enabled else module
+
+
+def micro_generators(seed: int, step: int, micro: int, device) -> tuple[torch.Generator, torch.Generator]:
+    """Timesteps (CPU) and noise / VAE sampling (device) of one micro-batch come from generators seeded
+    by its position (step, global micro-batch index), so a resumed run — or the same pairs split over
+    more processes — draws exactly the same numbers, with no RNG state to checkpoint."""
+    position = (seed * 1_000_003 + step) * 65_537 + micro
+    cpu = torch.Generator().manual_seed(position)
+    on_device = torch.Generator(device).manual_seed(position + 1)
+    return cpu, on_device
+
+
+def optimizer(args, params):
+    """The optimizer of --optimizer and the recipe's schedule: linear warm-up over --warmup_steps, then a
+    constant learning rate (PAPER.md §5)."""
+    if args.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            fail("--optimizer adamw8bit needs bitsandbytes: pip install bitsandbytes")
+        opt = bnb.optim.AdamW8bit(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                  weight_decay=args.weight_decay, eps=args.adam_epsilon)
+    elif args.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+        opt = Adafactor(params, lr=args.learning_rate, relative_step=False, scale_parameter=False,
+                        warmup_init=False, weight_decay=args.weight_decay)
+    else:
+        # The fused kernel (one launch for all tensors) exists for CUDA and, since torch 2.4, for CPU, where it
+        # is ~5x faster than the default per-tensor loop on a UNet's many small tensors.
+        fused = all(p.device.type in ("cuda", "cpu") for p in params)
+        opt = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                weight_decay=args.weight_decay, eps=args.adam_epsilon, fused=fused or None)
+    warmup = max(args.warmup_steps, 1)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+
+
+class StopSignal:
+    """SIGTERM / SIGINT ask the loop to checkpoint and stop after the current step (or, while the loader finds
+    no decodable pair, at once). The handler then gives the signal back its default action: a second one ends
+    the process at once, by that signal, without a checkpoint or a traceback."""
+
+    def __init__(self):
+        self.signum = 0
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+        signal.signal(signum, signal.SIG_DFL)
+        tqdm.write(f"signal {signum}: stopping after this step with a checkpoint (again to exit at once)",
+                   file=sys.stderr)
+
+    def agreed(self, run: Run) -> int:
+        flag = torch.tensor([float(self.signum)], device=run.device)
+        if run.world_size > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        self.signum = self.signum or int(flag.item())
+        return int(flag.item())

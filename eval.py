@@ -30,9 +30,10 @@ How it works. Every (prompt, seed) is sampled with its own CPU generator seeded 
 image and a baseline's image of the same key start from the same noise, whatever the batching. Images go to
 OUTPUT_DIR/images/<model-tag>/<prompt_idx:05d>_<seed>.png (written atomically, the prompt stored inside
 the PNG), next to a settings.json of the sampler settings; a rerun skips every image that exists, so an
-interrupted evaluation resumes, and re-scoring or adding a reward never samples again. Different sampler
-settings for the same folder are refused rather than mixed. Then every reward scores every image, one
-reward model in memory at a time, and the outputs are
+interrupted evaluation resumes (to the same numbers: a missing image is sampled in the batch it would have had),
+and re-scoring or adding a reward never samples again. Different sampler settings for the same folder are
+refused rather than mixed, and so is a second run into a folder another run is using (OUTPUT_DIR/.lock). Then
+every reward scores every image, one reward model in memory at a time, and the outputs are
     scores.csv    one row per (model, prompt, seed), one column per reward
     summary.json  settings, mean scores, win rates
     table.md      the Markdown tables of PAPER.md §6 (also printed)
@@ -44,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import fcntl
 import gc
 import hashlib
 import io
@@ -51,9 +53,11 @@ import json
 import math
 import os
 import re
+import socket
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -63,7 +67,7 @@ from PIL import Image, PngImagePlugin
 from tqdm.auto import tqdm
 
 import rewards as rw
-from toolbox import PIPELINES, hub_reachable
+from mechanics.loading import PIPELINES, hub_reachable
 
 EVAL_FORMAT = 1  # bump when the image store layout changes
 
@@ -187,11 +191,21 @@ class PromptSet:
 
 
 def read_prompt_file(path: str | os.PathLike) -> list[str]:
-    """One prompt per line; blank lines are skipped. An empty file is an error."""
+    """One prompt per line, UTF-8; blank lines are skipped. An empty or unreadable file is an error."""
     path = Path(path)
+    if path.is_dir():
+        raise EvalError(f"--prompts {path} is a folder, not a text file with one prompt per line")
     if not path.is_file():
         raise EvalError(f"prompt file not found: {path}")
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise EvalError(f"cannot read the prompt file {path}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[:exc.start].count(b"\n") + 1
+        raise EvalError(f"prompt file {path} is not UTF-8 text (line {line}, byte {exc.start}); "
+                        f"save it as UTF-8, one prompt per line") from exc
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise EvalError(f"prompt file is empty: {path}")
     return prompts
@@ -203,7 +217,7 @@ def load_prompt_set(spec: str, pickapic_dataset: str = PICKAPIC_DATASET, cache_d
     Hub sets are loaded with datasets / huggingface_hub and saved to cache_dir/prompts.json, so that
     a rerun in the same output folder (resume, re-scoring) needs no network."""
     if spec not in PROMPT_SETS:
-        if os.path.isfile(spec):
+        if os.path.isfile(spec) or os.path.isdir(spec):
             prompts = read_prompt_file(spec)
             return PromptSet(f"file:{Path(spec).name}", f"{spec} ({len(prompts)} prompts)", prompts, None, FILE_SET_SEEDS)
         if os.sep in spec or "." in spec:
@@ -212,9 +226,12 @@ def load_prompt_set(spec: str, pickapic_dataset: str = PICKAPIC_DATASET, cache_d
     description, seeds = PROMPT_SETS[spec]
     cached = cache_dir / "prompts.json" if cache_dir is not None else None
     if cached is not None and cached.is_file():
-        data = json.loads(cached.read_text(encoding="utf-8"))
-        if data.get("name") == spec:
-            return PromptSet(spec, description, data["prompts"], data.get("groups"), seeds)
+        try:
+            data = _read_json(cached, "the prompt set saved by an earlier run")
+            if data.get("name") == spec:
+                return PromptSet(spec, description, _prompt_list(data), data.get("groups"), seeds)
+        except EvalError as exc:  # damaged: loaded again from the hub, which rewrites it
+            print(f"note: ignoring {cached} ({exc})", file=sys.stderr)
     loader = {"pickapic": lambda: _load_pickapic(pickapic_dataset), "parti": _load_parti, "hpsv2": _load_hpsv2}[spec]
     online = hub_online()
     try:
@@ -230,6 +247,14 @@ def load_prompt_set(spec: str, pickapic_dataset: str = PICKAPIC_DATASET, cache_d
     if cached is not None:
         _write_atomic(cached, json.dumps({"name": spec, "prompts": prompts, "groups": groups}, indent=1))
     return PromptSet(spec, description, prompts, groups, seeds)
+
+
+def _prompt_list(data: dict) -> list[str]:
+    prompts, groups = data.get("prompts"), data.get("groups")
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts) or \
+            (groups is not None and (not isinstance(groups, list) or len(groups) != len(prompts))):
+        raise EvalError("no list of prompts (with one group per prompt, if any) in it")
+    return prompts
 
 
 def _load_pickapic(dataset: str) -> tuple[list[str], None]:
@@ -294,7 +319,8 @@ class ModelRef:
     source: str              # pipeline folder or hub id
     family: str              # sd15 / sdxl / sd3
     is_local: bool
-    fingerprint: str         # changes when the weights change (stored images are then refused)
+    weights_version: str     # changes when the weights change (stored images are then refused); stored as
+                             # the "weights" entry of the image folder's settings.json
     denoiser: tuple[str, str | None, bool] | None = None  # (folder or hub id, subfolder, is_local) of a UNet /
                                                           # SD3 transformer that replaces the pipeline's own
     lora: str | None = None  # a folder of LoRA weights loaded into the pipeline (load_lora_weights)
@@ -314,7 +340,7 @@ class ModelRef:
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def resolve_model(spec: str) -> ModelRef:
+def model_ref(spec: str) -> ModelRef:
     """'[LABEL=]SOURCE' -> ModelRef, the family read from the pipeline's model_index.json.
 
     SOURCE is a pipeline folder or hub id, or DENOISER@PIPELINE: a UNet (SD3: transformer) checkpoint,
@@ -335,22 +361,24 @@ def resolve_model(spec: str) -> ModelRef:
             if not named.is_file():
                 raise EvalError(f"{lora} holds LoRA weights without base_model.json: give its base pipeline "
                                 f"as {lora}@PIPELINE")
-            base = json.loads(named.read_text())["base_model"]
-        ref = resolve_model(f"{label}={base}")
+            base = _read_json(named, "a JSON object naming the LoRA's base pipeline").get("base_model")
+            if not isinstance(base, str) or not base.strip():
+                raise EvalError(f"{named} names no base pipeline (no \"base_model\"): give it as {lora}@PIPELINE")
+        ref = model_ref(f"{label}={base}")
         return ModelRef(label, ref.source, ref.family, ref.is_local,
-                        f"{ref.fingerprint}+lora:{_folder_fingerprint(Path(lora))}", ref.denoiser, lora)
+                        f"{ref.weights_version}+lora:{weights_version(Path(lora))}", ref.denoiser, lora)
     if "@" in source:
         denoiser, _, pipeline = source.partition("@")
-        ref = resolve_model(f"{label}={pipeline}")
-        sub, local, fingerprint = _resolve_denoiser(denoiser.strip().rstrip("/"), ref.family)
-        return ModelRef(label, ref.source, ref.family, ref.is_local, f"{ref.fingerprint}+{fingerprint}",
+        ref = model_ref(f"{label}={pipeline}")
+        sub, local, version = _resolve_denoiser(denoiser.strip().rstrip("/"), ref.family)
+        return ModelRef(label, ref.source, ref.family, ref.is_local, f"{ref.weights_version}+{version}",
                         (denoiser.strip().rstrip("/"), sub, local))
     source = source.rstrip("/") or source
     if os.path.isdir(source):
         index = Path(source) / "model_index.json"
         if not index.is_file():
             raise EvalError(f"{source} is not a diffusers pipeline folder (no model_index.json)")
-        return ModelRef(label, source, _family(index, source), True, _folder_fingerprint(Path(source)))
+        return ModelRef(label, source, _family(index, source), True, weights_version(Path(source)))
     looks_local = source.startswith((".", "/", "~")) or os.path.exists(source) or not _HUB_ID.match(source)
     if looks_local:
         raise EvalError(f"model folder not found: {source}")
@@ -375,12 +403,12 @@ def _is_lora(source: str) -> bool:
 
 
 def _resolve_denoiser(source: str, family: str) -> tuple[str | None, bool, str]:
-    """(subfolder, is_local, fingerprint) of a UNet / SD3 transformer checkpoint."""
+    """(subfolder, is_local, weights version) of a UNet / SD3 transformer checkpoint."""
     component = "transformer" if family == "sd3" else "unet"
     if os.path.isdir(source):
         for sub in (component, None):
             if (Path(source, sub or "", "config.json")).is_file():
-                return sub, True, _folder_fingerprint(Path(source, sub or ""))
+                return sub, True, weights_version(Path(source, sub or ""))
         raise EvalError(f"{source}: no {component}/config.json or config.json: not a {component} checkpoint")
     if not _HUB_ID.match(source) or source.startswith((".", "/", "~")):
         raise EvalError(f"{component} folder not found: {source}")
@@ -398,15 +426,31 @@ def _resolve_denoiser(source: str, family: str) -> tuple[str | None, bool, str]:
     raise EvalError(f"{component} checkpoint {source!r}: {why}; {OFFLINE_HINT}")
 
 
+def _read_json(path: Path, what: str) -> dict:
+    """A JSON object from `path`, or one EvalError line saying why it cannot be read."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise EvalError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise EvalError(f"{path} is not UTF-8 text (byte {exc.start}): it should be {what}") from exc
+    except json.JSONDecodeError as exc:
+        raise EvalError(f"{path} is not valid JSON ({exc.msg}, line {exc.lineno}): it should be {what}") from exc
+    if not isinstance(data, dict):
+        raise EvalError(f"{path} holds a JSON {type(data).__name__}: it should be {what}")
+    return data
+
+
 def _family(index: Path, source: str) -> str:
-    class_name = json.loads(index.read_text(encoding="utf-8")).get("_class_name", "")
+    class_name = _read_json(index, "a diffusers pipeline's model_index.json").get("_class_name", "")
     if class_name not in PIPELINE_FAMILIES:
         raise EvalError(f"{source}: unsupported pipeline {class_name!r}; expected one of {', '.join(PIPELINE_FAMILIES)}")
     return PIPELINE_FAMILIES[class_name]
 
 
-def _folder_fingerprint(folder: Path) -> str:
-    """Sizes and modification times of the pipeline's files: cheap, and changes when a run overwrites them."""
+def weights_version(folder: Path) -> str:
+    """What identifies the weights in `folder`, so that images stored for other weights are refused: a hash of
+    the sizes and modification times of its files, cheap, and it changes when a run overwrites them."""
     entries = []
     for path in sorted(folder.rglob("*")):
         if path.is_file() and not any(part.startswith(".") for part in path.relative_to(folder).parts):
@@ -495,7 +539,10 @@ def _check_settings(store: Path, settings: dict) -> None:
     """Record the sampler settings of a store; refuse to add images made with other settings."""
     path = store / "settings.json"
     if path.is_file():
-        old = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            old = _read_json(path, "the sampler settings of the images beside it")
+        except EvalError as exc:
+            raise EvalError(f"{exc}; delete {store} to sample its images again") from exc
         diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
         if diff:
             details = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in diff.items())
@@ -509,15 +556,19 @@ def generate_images(model: ModelRef, prompts: Mapping[int, str], keys: Sequence[
                     settings: dict, device: str, dtype: torch.dtype, batch_size: int, progress: bool = True) -> int:
     """Sample every (prompt_idx, seed) key whose image is not in `store` yet; returns how many were made.
 
-    The pipeline is loaded only when something is missing, so a complete store costs nothing."""
+    The pipeline is loaded only when something is missing, so a complete store costs nothing. The batches are
+    cut from `keys` in order, whatever is missing, and a batch with a missing image is sampled whole (only its
+    missing images are written): an interrupted run thus samples every image in the batch an uninterrupted run
+    samples it in, and its pixels come out bit-identical (batched kernels round differently at other batch
+    sizes, which moved pixels by one level)."""
     store.mkdir(parents=True, exist_ok=True)
     _check_settings(store, settings)
-    missing = []
+    missing = set()
     for idx, seed in keys:
         path = image_path(store, idx, seed)
         stored = _stored_prompt(path) if path.exists() else None
         if stored is None:
-            missing.append((idx, seed))
+            missing.add((idx, seed))
         elif stored != prompts[idx]:
             raise EvalError(f"{path} was made for the prompt {stored!r}, but prompt {idx} is now "
                             f"{prompts[idx]!r}: the prompt list changed; use another --output_dir")
@@ -529,8 +580,10 @@ def generate_images(model: ModelRef, prompts: Mapping[int, str], keys: Sequence[
         extra["max_sequence_length"] = 256
     try:
         with tqdm(total=len(missing), desc=f"sampling {model.label}", unit="img", disable=not progress) as bar:
-            for start in range(0, len(missing), batch_size):
-                batch = missing[start:start + batch_size]
+            for start in range(0, len(keys), batch_size):
+                batch = list(keys[start:start + batch_size])
+                if missing.isdisjoint(batch):
+                    continue
                 # One CPU generator per image: the initial noise of a key depends only on its seed, not on
                 # the batch it lands in or the device, so model and baseline images pair up.
                 generators = [torch.Generator("cpu").manual_seed(seed) for _, seed in batch]
@@ -546,8 +599,9 @@ def generate_images(model: ModelRef, prompts: Mapping[int, str], keys: Sequence[
                         **extra,
                     ).images
                 for (idx, seed), image in zip(batch, images, strict=True):
-                    _save_image_atomic(image, image_path(store, idx, seed), prompts[idx], seed)
-                bar.update(len(batch))
+                    if (idx, seed) in missing:
+                        _save_image_atomic(image, image_path(store, idx, seed), prompts[idx], seed)
+                        bar.update(1)
     finally:
         del pipe
         gc.collect()
@@ -594,7 +648,7 @@ def sampling_settings(model: ModelRef, prompt_set: PromptSet, steps=None, guidan
     return {
         "eval_format": EVAL_FORMAT,
         "model": model.source,
-        "weights": model.fingerprint,
+        "weights": model.weights_version,
         "family": model.family,
         "prompt_set": prompt_set.name,
         "steps": int(steps or defaults["steps"]),
@@ -605,6 +659,25 @@ def sampling_settings(model: ModelRef, prompt_set: PromptSet, steps=None, guidan
     }
 
 
+@dataclass
+class EvalKeys:
+    """The (prompt, seed) keys every model is sampled and scored on."""
+    prompt_set: PromptSet
+    indices: list[int]                 # the prompts evaluated: indices into the whole set
+    seeds: list[int]                   # 0 … N−1: the seeds of each prompt (shifted per prompt with distinct_seeds)
+    distinct_seeds: bool
+    keys: list[tuple[int, int]]        # (prompt index, seed), prompt by prompt
+    prompt_of: dict[int, str]          # prompt index → prompt
+
+
+@dataclass
+class ModelImages:
+    """One model's image folder, the settings its images are made with, and how many this run sampled."""
+    store: Path
+    settings: dict
+    generated: int
+
+
 def evaluate(model: str, baselines: Sequence[str], prompts: str, rewards: Sequence[str], output_dir,
              *, num_seeds: int | None = None, distinct_seeds: bool = False, limit: int | None = None,
              steps: int | None = None,
@@ -613,21 +686,46 @@ def evaluate(model: str, baselines: Sequence[str], prompts: str, rewards: Sequen
              pickapic_dataset: str = PICKAPIC_DATASET, progress: bool = True,
              log: Callable[[str], None] = print) -> EvalResult:
     """Sample (or reuse) images of `model` and each baseline, score them with each reward, and write
-    scores.csv, summary.json and table.md to output_dir. Raises EvalError on bad input, before any work."""
+    scores.csv, summary.json and table.md to output_dir. Raises EvalError on bad input, before any work.
+
+    Everything cheap is checked first (a typo must not surface after hours of sampling), then, holding the
+    output folder: the keys, the images, the scores, the comparison, the files."""
     started = time.time()
-    out = Path(output_dir)
     device = _resolve_device(device)
     torch_dtype = _resolve_dtype(dtype, device)
     if batch_size < 1 or reward_batch_size < 1:
         raise EvalError("batch sizes must be at least 1")
-    if not progress:  # also the libraries' own loading bars
-        import diffusers.utils.logging
-        import transformers.utils.logging
+    if not progress:
+        _hide_library_progress_bars()
+    reward_specs = check_rewards(rewards)
+    models = model_refs(model, baselines)
+    out = Path(output_dir)
+    with output_lock(out):
+        work = choose_keys(prompts, out, limit, num_seeds, distinct_seeds, pickapic_dataset)
+        log(f"{work.prompt_set.description}: {len(work.indices)} prompts x {len(work.seeds)} seeds = "
+            f"{len(work.keys)} images per model")
+        images = sample_models(models, work, out, steps, guidance_scale, resolution, device, torch_dtype,
+                               batch_size, progress, log)
+        sampled_s = time.time() - started
+        scores, reward_info = score_images(models, images, work, reward_specs, device, reward_batch_size, progress)
+        summary = summarise(models, work, images, scores, reward_info, device, started, sampled_s)
+        table, rows = markdown_table(summary), score_rows(models, work, images, scores, out)
+        _write_outputs(out, rows, summary, table)
+    return EvalResult(summary, table, rows, {label: i.generated for label, i in images.items()}, scores, out)
 
-        diffusers.utils.logging.disable_progress_bar()
-        transformers.utils.logging.disable_progress_bar()
 
-    # Validate everything cheap first: a typo must not surface after hours of sampling.
+def _hide_library_progress_bars() -> None:
+    """No loading bars from diffusers and transformers either (--quiet)."""
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def check_rewards(rewards: Sequence[str] | str) -> list[str]:
+    """The reward specs, each known and usable: its optional package installed and, with the hub offline, its
+    weights in the local cache. Checked before anything is sampled."""
     if isinstance(rewards, str):
         rewards = rewards.split(",")
     reward_specs = [s.strip() for s in rewards if s.strip()]
@@ -641,12 +739,73 @@ def evaluate(model: str, baselines: Sequence[str], prompts: str, rewards: Sequen
                 rw.check_spec(spec, offline=True)
     except rw.RewardError as exc:
         raise EvalError(str(exc)) from exc
-    models = [resolve_model(model)] + [resolve_model(b) for b in baselines]
+    return reward_specs
+
+
+def model_refs(model: str, baselines: Sequence[str]) -> list[ModelRef]:
+    """The evaluated model, then the baselines (model_ref); each may appear once, under its own name."""
+    models = [model_ref(model)] + [model_ref(b) for b in baselines]
     labels = [m.label for m in models]
     if len(set(labels)) != len(labels) or len({m.tag for m in models}) != len(models):
         raise EvalError(f"each model must appear once, with distinct names (got {', '.join(labels)}); "
                         f"name them with NAME=PATH")
-    out.mkdir(parents=True, exist_ok=True)
+    return models
+
+
+def _check_output_dir(out: Path) -> None:
+    """The output folder exists, or is made, and can be written."""
+    if out.exists() and not out.is_dir():
+        raise EvalError(f"--output_dir {out} is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise EvalError(f"--output_dir {out} cannot be written: {exc.strerror or exc}") from exc
+
+
+@contextmanager
+def output_lock(out: Path):
+    """Own the output folder for one evaluation, as the trainers own theirs: a second run into the same folder
+    is refused at once, rather than both sampling the same images and overwriting each other's scores. The
+    lock is an fcntl lock on OUT/.lock, whose text names its holder; it goes with the process however that
+    ends, so a killed run never blocks the next."""
+    _check_output_dir(out)
+    try:
+        lock = open(out / ".lock", "a+", encoding="utf-8")
+    except OSError as exc:
+        raise EvalError(f"--output_dir {out} cannot be written: {exc.strerror or exc}") from exc
+    try:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.seek(0)
+            owner = lock.read().strip() or "another process"
+            raise EvalError(f"--output_dir {out} is in use by another run ({owner}); wait for it, or choose "
+                            f"another folder") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        lock.flush()
+        _remove_stale_temporaries(out)
+        yield out
+    finally:
+        lock.close()
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """The files a killed run was writing aside (an image or an output, not yet renamed into place): with the
+    folder's lock held, no other run is writing them."""
+    patterns = [f".{name}.*" for name in ("scores.csv", "summary.json", "table.md", "prompts.json")]
+    for pattern in (*patterns, "images/*/.*.png.*", "images/*/.settings.json.*"):
+        for path in out.glob(pattern):
+            if path.is_file():
+                path.unlink(missing_ok=True)
+
+
+def choose_keys(prompts: str, out: Path, limit: int | None, num_seeds: int | None, distinct_seeds: bool,
+                pickapic_dataset: str = PICKAPIC_DATASET) -> EvalKeys:
+    """The prompt set (a hub set is kept in OUT/prompts.json), its first `limit` prompts, and their seeds."""
     prompt_set = load_prompt_set(prompts, pickapic_dataset, cache_dir=out)
     indices = select_prompts(prompt_set, limit)
     n_seeds = num_seeds or prompt_set.default_seeds
@@ -657,23 +816,34 @@ def evaluate(model: str, baselines: Sequence[str], prompts: str, rewards: Sequen
     # initial noise (in the toy world the noise largely fixes the layout: shared seeds would score n layouts).
     keys = [(idx, idx * n_seeds + seed if distinct_seeds else seed) for idx in indices for seed in seeds]
     prompt_of = {idx: prompt_set.prompts[idx] for idx in indices}
-    log(f"{prompt_set.description}: {len(indices)} prompts x {n_seeds} seeds = {len(keys)} images per model")
+    return EvalKeys(prompt_set, indices, seeds, distinct_seeds, keys, prompt_of)
 
-    # 1. Images.
-    generated, settings_of, stores = {}, {}, {}
+
+def sample_models(models: Sequence[ModelRef], work: EvalKeys, out: Path, steps: int | None,
+                  guidance_scale: float | None, resolution: int | None, device: str, dtype: torch.dtype,
+                  batch_size: int, progress: bool = True, log: Callable[[str], None] = print) -> dict[str, ModelImages]:
+    """Each model's images, in OUT/images/<tag>/: those already stored are kept, the missing ones sampled
+    (generate_images). Returns {label: ModelImages}."""
+    images = {}
     for m in models:
-        settings_of[m.label] = sampling_settings(m, prompt_set, steps, guidance_scale, resolution, torch_dtype)
-        stores[m.label] = out / "images" / m.tag
-        s = settings_of[m.label]
-        log(f"{m.label}: {m.family}, {s['steps']} steps, guidance {s['guidance_scale']}, "
-            f"{s['width']}x{s['height']}, {s['dtype']} -> {stores[m.label]}")
-        generated[m.label] = generate_images(m, prompt_of, keys, stores[m.label], s, device, torch_dtype,
-                                             batch_size, progress)
-        if generated[m.label] == 0:
-            log(f"{m.label}: all {len(keys)} images already stored, none sampled")
-    sampled_s = time.time() - started
+        settings = sampling_settings(m, work.prompt_set, steps, guidance_scale, resolution, dtype)
+        store = out / "images" / m.tag
+        log(f"{m.label}: {m.family}, {settings['steps']} steps, guidance {settings['guidance_scale']}, "
+            f"{settings['width']}x{settings['height']}, {settings['dtype']} -> {store}")
+        generated = generate_images(m, work.prompt_of, work.keys, store, settings, device, dtype, batch_size, progress)
+        if generated == 0:
+            log(f"{m.label}: all {len(work.keys)} images already stored, none sampled")
+        images[m.label] = ModelImages(store, settings, generated)
+    return images
 
-    # 2. Scores, one reward model in memory at a time.
+
+def score_images(models: Sequence[ModelRef], images: Mapping[str, ModelImages], work: EvalKeys,
+                 reward_specs: Sequence[str], device: str, batch_size: int, progress: bool = True
+                 ) -> tuple[dict[str, dict[str, dict]], dict[str, dict]]:
+    """Every reward's score of every stored image, one reward model in memory at a time. Returns
+    ({column: {label: {(prompt_idx, seed): score}}}, {column: {"spec", "units"}}); a reward's column is its
+    name, or its spec when two specs share a name. Scores are not stored: a run stopped while scoring scores
+    the stored images again."""
     scores: dict[str, dict[str, dict]] = {}
     reward_info: dict[str, dict] = {}
     for spec in reward_specs:
@@ -685,25 +855,30 @@ def evaluate(model: str, baselines: Sequence[str], prompts: str, rewards: Sequen
         reward_info[column] = {"spec": spec, "units": reward.units}
         scores[column] = {}
         try:
-            with tqdm(total=len(keys) * len(models), desc=f"scoring {column}", unit="img",
+            with tqdm(total=len(work.keys) * len(models), desc=f"scoring {column}", unit="img",
                       disable=not progress) as bar:
                 for m in models:
                     table = scores[column][m.label] = {}
-                    for start in range(0, len(keys), reward_batch_size):
-                        batch = keys[start:start + reward_batch_size]
-                        images = []
+                    for start in range(0, len(work.keys), batch_size):
+                        batch = work.keys[start:start + batch_size]
+                        pictures = []
                         for idx, seed in batch:
-                            with Image.open(image_path(stores[m.label], idx, seed)) as im:
-                                images.append(im.convert("RGB"))
-                        values = reward.score(images, [prompt_of[idx] for idx, _ in batch])
+                            with Image.open(image_path(images[m.label].store, idx, seed)) as im:
+                                pictures.append(im.convert("RGB"))
+                        values = reward.score(pictures, [work.prompt_of[idx] for idx, _ in batch])
                         table.update(zip(batch, values))
                         bar.update(len(batch))
         finally:
             reward.close()
             del reward
             gc.collect()
+    return scores, reward_info
 
-    # 3. Tables.
+
+def compare(models: Sequence[ModelRef], work: EvalKeys, scores: Mapping[str, Mapping[str, dict]]) -> dict:
+    """The numbers of the tables: each model's mean score per reward (and per HPSv2 style), and the win rate
+    of the first model over each baseline per reward, their average ("Avg"), and each one's bootstrap
+    interval, in percent."""
     columns = list(scores)
     main, base_labels = models[0].label, [m.label for m in models[1:]]
     means = {m.label: {c: _mean(scores[c][m.label].values()) for c in columns} for m in models}
@@ -714,42 +889,53 @@ def evaluate(model: str, baselines: Sequence[str], prompts: str, rewards: Sequen
         wins[b] = row
         intervals[b] = {c: [100.0 * x for x in win_rate_interval(scores[c][main], scores[c][b])] for c in columns}
     by_group = {}
-    if prompt_set.groups:  # the HPSv2 benchmark is usually reported per style as well
-        for group in dict.fromkeys(prompt_set.groups[idx] for idx in indices):
-            in_group = [k for k in keys if prompt_set.groups[k[0]] == group]
+    groups = work.prompt_set.groups
+    if groups:  # the HPSv2 benchmark is usually reported per style as well
+        for group in dict.fromkeys(groups[idx] for idx in work.indices):
+            in_group = [k for k in work.keys if groups[k[0]] == group]
             by_group[group] = {m.label: {c: _mean(scores[c][m.label][k] for k in in_group) for c in columns}
                                for m in models}
-    summary = {
-        "model": main,
-        "baselines": base_labels,
-        "prompt_set": {"name": prompt_set.name, "description": prompt_set.description,
-                       "num_prompts": len(indices), "seeds": seeds, "distinct_seeds": distinct_seeds,
-                       "num_pairs": len(keys)},
-        "models": {m.label: {"source": m.source, "family": m.family, "images": str(stores[m.label]),
-                             "settings": settings_of[m.label], "sampled_this_run": generated[m.label]}
+    return {"mean_scores": means, "mean_scores_by_group": by_group, "win_rates_percent": wins,
+            "win_rate_intervals_percent": intervals}
+
+
+def summarise(models: Sequence[ModelRef], work: EvalKeys, images: Mapping[str, ModelImages],
+              scores: Mapping[str, Mapping[str, dict]], reward_info: dict, device: str, started: float,
+              sampled_s: float) -> dict:
+    """summary.json: what was evaluated and how (prompts, seeds, each model's source and sampler settings,
+    the rewards' scales), the comparison's numbers, and the time taken."""
+    numbers = compare(models, work, scores)
+    return {
+        "model": models[0].label,
+        "baselines": [m.label for m in models[1:]],
+        "prompt_set": {"name": work.prompt_set.name, "description": work.prompt_set.description,
+                       "num_prompts": len(work.indices), "seeds": work.seeds, "distinct_seeds": work.distinct_seeds,
+                       "num_pairs": len(work.keys)},
+        "models": {m.label: {"source": m.source, "family": m.family, "images": str(images[m.label].store),
+                             "settings": images[m.label].settings, "sampled_this_run": images[m.label].generated}
                    for m in models},
         "rewards": reward_info,
-        "mean_scores": means,
-        "mean_scores_by_group": by_group,
-        "win_rates_percent": wins,
-        "win_rate_intervals_percent": intervals,
+        **numbers,
         "win_rate_rule": "share of (prompt, seed) where the model's image scores higher than the baseline's "
                          "image of the same seed; ties count 1/2; Avg = mean over rewards",
         "device": device,
         "seconds": {"sampling": round(sampled_s, 1), "total": round(time.time() - started, 1)},
     }
-    table = markdown_table(summary)
+
+
+def score_rows(models: Sequence[ModelRef], work: EvalKeys, images: Mapping[str, ModelImages],
+               scores: Mapping[str, Mapping[str, dict]], out: Path) -> list[dict]:
+    """scores.csv's rows: one per (model, prompt, seed), its prompt and image, one column per reward."""
+    groups = work.prompt_set.groups
     rows = []
     for m in models:
-        for idx, seed in keys:
-            row = {"model": m.label, "prompt_idx": idx, "seed": seed,
-                   "group": prompt_set.groups[idx] if prompt_set.groups else "",
-                   "prompt": prompt_of[idx],
-                   "image": os.path.relpath(image_path(stores[m.label], idx, seed), out)}
-            row.update({c: scores[c][m.label][(idx, seed)] for c in columns})
+        for idx, seed in work.keys:
+            row = {"model": m.label, "prompt_idx": idx, "seed": seed, "group": groups[idx] if groups else "",
+                   "prompt": work.prompt_of[idx],
+                   "image": os.path.relpath(image_path(images[m.label].store, idx, seed), out)}
+            row.update({c: scores[c][m.label][(idx, seed)] for c in scores})
             rows.append(row)
-    _write_outputs(out, rows, summary, table)
-    return EvalResult(summary, table, rows, generated, scores, out)
+    return rows
 
 
 def win_rate_interval(scores_a: Mapping, scores_b: Mapping, level: float = 0.95, resamples: int = 2000,
@@ -847,6 +1033,7 @@ def tiny_prompt_file(out: Path) -> str:
     except ImportError:
         prompts = ["a red circle", "a big blue square on the left", "a small green triangle at the top",
                    "a yellow circle at the bottom"]
+    _check_output_dir(out)
     path = out / "tiny_prompts.txt"
     _write_atomic(path, "\n".join(prompts) + "\n")
     return str(path)
@@ -943,8 +1130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             reward_batch_size=args.reward_batch_size, device=args.device, dtype=args.dtype,
             pickapic_dataset=args.pickapic_dataset, progress=not args.quiet,
         )
-    except (EvalError, rw.RewardError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (EvalError, rw.RewardError) as exc:  # one line, even when a library's message has several
+        print("error: " + " ".join(line.strip() for line in str(exc).splitlines() if line.strip()), file=sys.stderr)
         return 2
     print()
     print(result.table)

@@ -19,26 +19,61 @@ import warnings
 
 import numpy as np
 
-NUM_BINS = 10  # toolbox.NUM_LOG_BINS: the log's 10 equal t-bins, bin 0 the cleanest
+NUM_BINS = 10  # mechanics.trainlog.NUM_LOG_BINS: the log's 10 equal t-bins, bin 0 the cleanest
 COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray")
 
 
+class LogError(ValueError):
+    """A run's files cannot be read as its log: the CLI prints it as one `error: ...` line (exit code 2)."""
+
+
 def read_log(run_dir) -> list[dict]:
-    """The run's log lines; a last line cut short by a kill is left out."""
+    """The run's log records, one JSON object with its "step" per line. The last line may be cut short by a
+    kill (the trainers drop such a line when they resume): it is left out. Any other line that is not UTF-8
+    text or not such a record raises LogError, as does a log that cannot be read."""
+    path = os.path.join(run_dir, "log.jsonl")
+    try:
+        with open(path, "rb") as f:
+            lines = f.read().splitlines()
+    except OSError as error:
+        raise LogError(f"cannot read {path}: {error.strerror or error}") from error
+    while lines and not lines[-1].strip():
+        lines.pop()
     records = []
-    with open(os.path.join(run_dir, "log.jsonl")) as f:
-        for line in f:
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line.decode("utf-8"))
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise ValueError("not a JSON object with an integer \"step\"")
+        except ValueError as error:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            if number == len(lines):
+                break  # cut short by a kill
+            why = "not UTF-8 text" if isinstance(error, UnicodeDecodeError) else \
+                "not JSON" if isinstance(error, json.JSONDecodeError) else str(error)
+            raise LogError(f"{path} line {number} of {len(lines)} is {why}: not a log written by the "
+                           f"trainers") from error
+        records.append(record)
     return records
 
 
 def read_config(run_dir) -> dict:
-    """The flags the run was started with (OUTPUT_DIR/run.json, written by the trainers), or {}."""
+    """The flags the run was started with (OUTPUT_DIR/run.json, written by the trainers), or {}; LogError if
+    that file is there but not a JSON object."""
     path = os.path.join(run_dir, "run.json")
-    return json.load(open(path)) if os.path.isfile(path) else {}
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except OSError as error:
+        raise LogError(f"cannot read {path}: {error.strerror or error}") from error
+    except ValueError as error:
+        raise LogError(f"{path} is not JSON text ({error})") from error
+    if not isinstance(config, dict):
+        raise LogError(f"{path} holds a JSON {type(config).__name__}, not the run's flags")
+    return config
 
 
 def smooth(values, window: int) -> np.ndarray:
@@ -156,19 +191,56 @@ def draw(groups: dict[str, list[str]], out: str, title: str | None = None) -> st
     return out
 
 
+def fail(message: str):
+    """One `error: ...` line on stderr and exit code 2, as the trainers and eval.py."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def parse_groups(specs: list[str]) -> dict[str, list[str]]:
-    """'DIR' or 'LABEL=DIR[,DIR...]' → {label: [dirs]}."""
+    """'DIR' or 'LABEL=DIR[,DIR...]' → {label: [dirs]}; every folder must hold a readable log with a record
+    (and a readable run.json, if any), else one `error:` line."""
     groups = {}
     for spec in specs:
         label, sep, dirs = spec.partition("=")
         if not sep:
             label, dirs = os.path.basename(os.path.normpath(spec)) or spec, spec
         folders = [d for d in dirs.split(",") if d]
+        if not folders:
+            fail(f"{spec!r} names no run folder (LABEL=DIR[,DIR...])")
         for folder in folders:
-            if not os.path.isfile(os.path.join(folder, "log.jsonl")):
-                raise SystemExit(f"error: {folder} holds no log.jsonl (a run's --output_dir?)")
+            check_run(folder)
         groups[label] = folders
     return groups
+
+
+def check_run(folder: str) -> None:
+    """A run folder that plot.py can draw, or one `error:` line saying why not."""
+    if not os.path.exists(folder):
+        fail(f"run folder {folder} not found")
+    if not os.path.isdir(folder):
+        fail(f"{folder} is a file, not a run folder (a run's --output_dir)")
+    if not os.path.isfile(os.path.join(folder, "log.jsonl")):
+        fail(f"{folder} holds no log.jsonl (a run's --output_dir?)")
+    try:
+        log = read_log(folder)
+        read_config(folder)
+    except LogError as error:
+        fail(str(error))
+    if not log:
+        fail(f"{os.path.join(folder, 'log.jsonl')} holds no complete record yet: nothing to draw")
+
+
+def check_out(out: str) -> None:
+    """The figure's path: a format matplotlib writes, in a folder that is or can be made."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    suffix = os.path.splitext(out)[1].lstrip(".").lower()
+    formats = FigureCanvasAgg.get_supported_filetypes()
+    if suffix and suffix not in formats:
+        fail(f"--out {out}: matplotlib writes no .{suffix} files; use one of .{', .'.join(sorted(formats))}")
+    if os.path.isdir(out):
+        fail(f"--out {out} is a folder; give the figure's file name")
 
 
 def main(argv=None) -> str:
@@ -182,7 +254,12 @@ def main(argv=None) -> str:
     if args.out is None and not single:
         print("error: several runs: say where the figure goes with --out", file=sys.stderr)
         raise SystemExit(2)
-    out = draw(groups, args.out or os.path.join(next(iter(groups.values()))[0], "curves.png"), args.title)
+    out = args.out or os.path.join(next(iter(groups.values()))[0], "curves.png")
+    check_out(out)
+    try:
+        draw(groups, out, args.title)
+    except OSError as error:
+        fail(f"cannot write {out}: {error.strerror or error}")
     print(out)
     return out
 

@@ -42,7 +42,7 @@ HERE = Path(__file__).resolve().parent
 DEFAULT_MODEL = HERE / "toy_model"
 REWARDS = ("toy_fidelity", "toy_aesthetic", "toy_label")
 PRIMARY = "toy_label"
-NUM_BINS = 10  # toolbox.NUM_LOG_BINS: the paper's 10 equal t-bins, bin 0 the cleanest
+NUM_BINS = 10  # mechanics.trainlog.NUM_LOG_BINS: the paper's 10 equal t-bins, bin 0 the cleanest
 CALIBRATION_SEED = 1000  # the calibration runs' training seed, apart from the study's 0, 1, …
 
 # The recipe, fixed before the final run (README, pre-registration). Every value is a flag of this script.
@@ -156,7 +156,55 @@ def parse_args(argv=None):
         p.error("--freeze_window takes two shares of the run, 0 < a < b <= 1")
     if args.jobs is None:  # a smoke run's few steps cost less than starting a worker process
         args.jobs = 1 if args.smoke else max(1, min(2, os.cpu_count() or 1))
+    if args.jobs < 1:
+        p.error("--jobs must be at least 1")
     return args
+
+
+def fail(message: str):
+    """One `error: ...` line on stderr and exit code 2, as the trainers and eval.py."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def check_inputs(args) -> None:
+    """Before any work: --model is an SD1.5 pipeline folder (what train_sd15.py trains) whose model_index.json
+    reads, and --output_dir is, or can be made, a writable folder."""
+    model = Path(args.model)
+    hint = "build it with miniature/toy_pretrain.py"
+    if not model.is_dir():
+        fail(f"--model {args.model} is not a pipeline folder ({'no such folder' if not model.exists() else 'a file'}; "
+               f"{hint})")
+    index = model / "model_index.json"
+    if not index.is_file():
+        fail(f"--model {args.model} is not a pipeline folder (no model_index.json; {hint})")
+    try:
+        config = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:  # unreadable, not UTF-8, not JSON
+        fail(f"--model {args.model}: model_index.json is not readable JSON ({error})")
+    kind = config.get("_class_name") if isinstance(config, dict) else None
+    if kind != "StableDiffusionPipeline":
+        fail(f"--model {args.model} is a {kind or 'pipeline of no known class'}, not an SD1.5 "
+               f"StableDiffusionPipeline: the study trains with train_sd15.py")
+    out = Path(args.output_dir)
+    if out.exists() and not out.is_dir():
+        fail(f"--output_dir {out} is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        fail(f"--output_dir {out} cannot be written: {error.strerror or error}")
+
+
+def read_state(path: Path):
+    """A JSON file this script wrote into --output_dir, or None when it is missing or unreadable (cut short by
+    a kill while written, or damaged): what it records is then made again."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
 
 
 def configs(args) -> list[tuple[str, list[int]]]:
@@ -185,9 +233,8 @@ def train_argv(args, run_dir: Path, seed: int, flags: list[str], steps: int | No
 
 def run_done(run_dir: Path, argv: list[str]) -> bool:
     """A finished run with exactly these flags is reused (a rerun resumes the study, not each run)."""
-    info = run_dir / "reproduce.json"
-    return info.is_file() and (run_dir / "final" / "model_index.json").is_file() and \
-        json.loads(info.read_text()).get("argv") == argv
+    info = read_state(run_dir / "reproduce.json")
+    return isinstance(info, dict) and (run_dir / "final" / "model_index.json").is_file() and info.get("argv") == argv
 
 
 def train_one(run_dir: str, argv: list[str]) -> dict:
@@ -199,7 +246,7 @@ def train_one(run_dir: str, argv: list[str]) -> dict:
     (run_dir / "reproduce.json").unlink(missing_ok=True)
     start, cpu = time.time(), time.process_time()
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    root_level = logging.getLogger().level  # toolbox.start sets INFO logging for its own run only
+    root_level = logging.getLogger().level  # runtime.start sets INFO logging for its own run only
     sys.stdout.flush(), sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
     try:
@@ -267,9 +314,8 @@ def ensure_pairs(args) -> dict:
     print("[0/5] pairs")
     args.pairs = str(toy.cached_pairs(args.model, args.num_pairs, seed=0))
     args.held_out_pairs = str(toy.cached_pairs(args.model, args.diagnostic_pairs, seed=1, split="eval"))
-    stats = Path(args.pairs).with_suffix(".json")
-    return {"pairs": args.pairs, "held_out_pairs": args.held_out_pairs,
-            **(json.loads(stats.read_text()) if stats.is_file() else {})}
+    stats = read_state(Path(args.pairs).with_suffix(".json"))  # a damaged one only leaves the numbers out
+    return {"pairs": args.pairs, "held_out_pairs": args.held_out_pairs, **(stats if isinstance(stats, dict) else {})}
 
 
 def warm_cache(args, out: Path) -> None:
@@ -303,8 +349,9 @@ def calibrate_run(run_dir: str, argv: list[str], model: str, prompts: list[str],
     cached = Path(run_dir) / "calibration.json"
     key = {"argv": argv, "prompts": prompts, "seeds": seeds,
            "sampler": [toy.SAMPLER, toy.TIMESTEP_SPACING, toy.NUM_INFERENCE_STEPS, toy.GUIDANCE_SCALE]}
-    if run_done(Path(run_dir), argv) and cached.is_file() and json.loads(cached.read_text())["key"] == key:
-        return json.loads(cached.read_text())["result"]
+    saved = read_state(cached)
+    if run_done(Path(run_dir), argv) and isinstance(saved, dict) and saved.get("key") == key and "result" in saved:
+        return saved["result"]
     if not run_done(Path(run_dir), argv):
         train_one(run_dir, argv)
     import plot
@@ -695,15 +742,13 @@ def train_all(args, out: Path, calibration: dict) -> tuple[dict, dict]:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    check_inputs(args)
     torch.set_num_threads(1)
     quiet_libraries()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     args.model = str(Path(args.model).resolve())
-    if not (Path(args.model) / "model_index.json").is_file():
-        sys.exit(f"error: --model {args.model} is not a pipeline folder (build it with miniature/toy_pretrain.py)")
     clock = Clock()
     pairs = clock("pairs", ensure_pairs, args)
     calibration = clock("calibration", lambda: (warm_cache(args, out), calibrate(args, out))[1])

@@ -78,6 +78,9 @@ FAMILY_DEFAULTS = {
     "sd15": {"steps": 50, "guidance_scale": 7.5, "resolution": 512},
     "sdxl": {"steps": 50, "guidance_scale": 5.0, "resolution": 1024},
     "sd3": {"steps": 28, "guidance_scale": 7.0, "resolution": 1024},
+    # FluxPipeline's defaults for FLUX.1-dev (its scheduler shifts σ by the resolution itself); FLUX.1-schnell
+    # samples in 4 steps without guidance: --steps 4 --guidance_scale 0.
+    "flux": {"steps": 28, "guidance_scale": 3.5, "resolution": 1024},
 }
 PIPELINE_FAMILIES = {cls: family for family, cls in PIPELINES.items()}  # class name → family
 
@@ -317,7 +320,7 @@ def select_prompts(prompt_set: PromptSet, limit: int | None) -> list[int]:
 class ModelRef:
     label: str               # the name in the tables
     source: str              # pipeline folder or hub id
-    family: str              # sd15 / sdxl / sd3
+    family: str              # sd15 / sdxl / sd3 / flux
     is_local: bool
     weights_version: str     # changes when the weights change (stored images are then refused); stored as
                              # the "weights" entry of the image folder's settings.json
@@ -404,7 +407,7 @@ def _is_lora(source: str) -> bool:
 
 def _resolve_denoiser(source: str, family: str) -> tuple[str | None, bool, str]:
     """(subfolder, is_local, weights version) of a UNet / SD3 transformer checkpoint."""
-    component = "transformer" if family == "sd3" else "unet"
+    component = "transformer" if family in ("sd3", "flux") else "unet"
     if os.path.isdir(source):
         for sub in (component, None):
             if (Path(source, sub or "", "config.json")).is_file():
@@ -470,8 +473,9 @@ def load_pipeline(model: ModelRef, device: str, dtype: torch.dtype):
         kwargs.update(safety_checker=None, requires_safety_checker=False)
     if model.denoiser:
         src, sub, local = model.denoiser
-        name = "transformer" if model.family == "sd3" else "unet"
-        denoiser_cls = diffusers.SD3Transformer2DModel if model.family == "sd3" else diffusers.UNet2DConditionModel
+        name = "transformer" if model.family in ("sd3", "flux") else "unet"
+        denoiser_cls = {"sd3": diffusers.SD3Transformer2DModel,
+                        "flux": diffusers.FluxTransformer2DModel}.get(model.family, diffusers.UNet2DConditionModel)
         try:
             kwargs[name] = denoiser_cls.from_pretrained(src, subfolder=sub, dtype=dtype,
                                                         local_files_only=not local and not hub_online())
@@ -1070,11 +1074,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seeds 0..N-1 per prompt (default: 5 for pickapic, 1 for the other sets)")
     p.add_argument("--limit", type=int, default=None,
                    help="evaluate only the first N prompts (per style for hpsv2); images are reused by a full run")
-    p.add_argument("--steps", type=int, default=None, help="sampler steps (default per family: sd15 50, sdxl 50, sd3 28)")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default per family: sd15 50, sdxl 50, sd3 28, flux 28)")
     p.add_argument("--guidance_scale", type=float, default=None,
-                   help="classifier-free guidance scale (default per family: sd15 7.5, sdxl 5.0, sd3 7.0)")
+                   help="classifier-free guidance scale (default per family: sd15 7.5, sdxl 5.0, sd3 7.0; flux 3.5, "
+                        "FLUX.1-dev's distilled guidance)")
     p.add_argument("--resolution", type=int, default=None,
-                   help="image height and width in pixels (default per family: sd15 512, sdxl 1024, sd3 1024)")
+                   help="image height and width in pixels (default per family: sd15 512, sdxl 1024, sd3 1024, flux 1024)")
     p.add_argument("--batch_size", type=int, default=4, help="images per pipeline call (default 4)")
     p.add_argument("--reward_batch_size", type=int, default=16, help="images per reward forward pass (default 16)")
     p.add_argument("--device", default=None, help="torch device (default cuda if available, else cpu)")

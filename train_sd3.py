@@ -171,6 +171,10 @@ def model_flags(parser):
     parser.add_argument("--drop_t5", action="store_true",
                         help="do not load T5: zeros in place of its states, as StableDiffusion3Pipeline with "
                              "text_encoder_3=None (saves ~9 GB; prompts are read by CLIP only)")
+    parser.add_argument("--flow_lambda", default="snr", choices=["snr", "step"],
+                        help="λ for flow matching [choice, README]: 'snr' = §3's 1 + minmax(1/√SNR) by noise level "
+                             "(1/√SNR = σ/(1 − σ) clamped to SD1.5's range); 'step' = by generation step, the i-th "
+                             "grid point taking SD1.5's λ of its i-th timestep (the same mean λ as SD1.5)")
 
 
 def main(argv=None) -> int:
@@ -193,7 +197,8 @@ def main(argv=None) -> int:
         loading.to_cpu(m.vae, *m.text_encoders, m.text_encoder_3, device=run.device)  # never run again
     num_train_timesteps = m.scheduler.config.num_train_timesteps
     sigmas = sigma_grid(m.scheduler).to(run.device)  # [T], σ grows with the index
-    reward_scale = schedule.reward_scale_flow(sigmas)  # λ(σ) of §3 for flow matching
+    reward_scale = (schedule.reward_scale_flow(sigmas) if args.flow_lambda == "snr"  # λ(σ) of §3 for flow matching
+                    else schedule.reward_scale_by_step(num_train_timesteps).to(run.device))
     if args.no_reward_scale:
         reward_scale = torch.ones_like(reward_scale)
     elif args.reward_scale_norm:  # ablation: the same shape over t, mean 1 under the sampler

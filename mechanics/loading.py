@@ -15,8 +15,9 @@ from torch import nn
 import data
 from mechanics.flags import fail
 
-PIPELINES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline"}
-SCRIPTS = {"sd15": "train_sd15.py", "sdxl": "train_sdxl.py", "sd3": "train_sd3.py"}
+PIPELINES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline",
+             "flux": "FluxPipeline"}
+SCRIPTS = {family: f"train_{family}.py" for family in PIPELINES}
 
 
 def hub_reachable(timeout: float = 5.0) -> bool:

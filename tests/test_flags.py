@@ -7,19 +7,20 @@ import math
 import pytest
 
 import losses
+import train_flux
 import train_sd15
 import train_sd3
 import train_sdxl
 from helpers import run_sd15
 from mechanics import flags, runtime
 
-TRAINERS = {"sd15": train_sd15, "sdxl": train_sdxl, "sd3": train_sd3}
+TRAINERS = {"sd15": train_sd15, "sdxl": train_sdxl, "sd3": train_sd3, "flux": train_flux}
 
 
 def resolve(script, argv):
     family = script.__name__.removeprefix("train_")
     return flags.resolve(argv, script.__doc__, family, script.RECIPE, losses.LOSSES, script.TINY_RECIPE,
-                         getattr(script, "TOY_RECIPE", None), resolution_multiple=16 if family == "sd3" else 8,
+                         getattr(script, "TOY_RECIPE", None), resolution_multiple=16 if family in ("sd3", "flux") else 8,
                          model_flags=getattr(script, "model_flags", None))
 
 
@@ -65,7 +66,7 @@ def test_help_shows_the_values_that_run_json_records(name, extra, tmp_path, caps
     if extra == ["--tiny"] and name == "sd15":  # the toy recipe, not the generic one: τ 1, the calibrated δ
         assert (recorded["tau"], recorded["delta"], recorded["max_steps"]) == (1, 0.0299, 100)
         assert recorded["pretrained_model"].endswith("toy_model")
-    if not extra:  # the paper's recipe: 1e-8 per pair × 2048 pairs
+    if not extra and name != "flux":  # the paper's recipe: 1e-8 per pair × 2048 pairs (FLUX: LoRA at 1e-5)
         assert recorded["learning_rate"] == pytest.approx(2048e-8) and recorded["gradient_accumulation_steps"] == 2048
 
 
@@ -107,7 +108,7 @@ def test_every_ranged_flag_has_a_bad_value_in_this_table():
 def test_every_flag_out_of_its_range_is_refused_in_one_line(name, capsys):
     script = TRAINERS[name]
     bad = [(flag, value) for flag, value in OUT_OF_RANGE.items()]
-    bad.append(("resolution", {"sd15": 33, "sdxl": 1020, "sd3": 40}[name]))  # VAE 8×; SD3 also 2×2 patches
+    bad.append(("resolution", {"sd15": 33, "sdxl": 1020, "sd3": 40, "flux": 40}[name]))  # VAE 8×; SD3, FLUX 2×2 patches
     for flag, value in bad:
         with pytest.raises(SystemExit) as exit_info:
             resolve(script, ["--tiny", f"--{flag}", str(value)])

@@ -17,11 +17,12 @@ from helpers import ROOT, read_log
 STEPS, EVERY = 8, 2
 FLAGS = ["--max_steps", STEPS, "--checkpoint_every", EVERY, "--tau", 2, "--learning_rate", 1e-4, "--no-plot"]
 DENOISER = {"sd15": ("UNet2DConditionModel", "unet"), "sdxl": ("UNet2DConditionModel", "unet"),
-            "sd3": ("SD3Transformer2DModel", "transformer")}
+            "sd3": ("SD3Transformer2DModel", "transformer"), "flux": ("FluxTransformer2DModel", "transformer")}
 
 
 def argv(name, output_dir, *extra):
     model = ["--pretrained_model", tiny.tiny_pipeline_dir(name), "--dataset", tiny.builtin_pairs()]
+    model += ["--lora_rank", "0"] if name == "flux" else []  # the full fine-tune: LoRA is FLUX's default
     return ["--tiny", *model, "--output_dir", str(output_dir), *map(str, FLAGS), *map(str, extra)]
 
 

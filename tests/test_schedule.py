@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+import schedule
 from schedule import bin_probabilities, reward_scale, reward_scale_flow, sample_timesteps, sampler_mean
 
 
@@ -106,3 +107,12 @@ def test_normalised_lambda_has_mean_one_under_gamma_09_and_keeps_its_shape():
     assert sampler_mean(normed, 0.9, 50) == pytest.approx(1.0, abs=1e-6)  # λ is float32
     assert (normed[999] / normed[0]).item() == pytest.approx(2.0, rel=1e-6)  # λ(999)/λ(0) as before
 
+
+
+def test_lambda_by_step_is_sd15s_lambda_at_each_step():
+    from diffusers import DDPMScheduler
+    sd15 = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    assert torch.allclose(schedule.sd15_alphas_cumprod(1000).float(), sd15.alphas_cumprod, rtol=1e-5)
+    by_step = schedule.reward_scale_by_step(1000)
+    assert torch.allclose(by_step, schedule.reward_scale(sd15.alphas_cumprod), atol=1e-5)
+    assert by_step[0] == 1.0 and by_step[-1] == pytest.approx(2.0)

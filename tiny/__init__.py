@@ -26,7 +26,7 @@ import torch
 
 # Folder names carry this version: bump it whenever a builder changes, so stale caches are not reused.
 TINY_VERSION = 1
-KINDS = ("sd15", "sdxl", "sd3", "sd35")
+KINDS = ("sd15", "sdxl", "sd3", "sd35", "flux")
 
 # The tokenizers merge these words into single tokens (CLIP merges, T5 word pieces), so that short
 # captions of the kind the toy world writes stay far below the 77-token limit; any other text still
@@ -277,12 +277,15 @@ def _save_pipeline(pipe, out_dir: Path, clip_pads: dict[str, str]) -> None:
     for name, pad_token in clip_pads.items():
         shutil.rmtree(out_dir / name)
         build_clip_tokenizer(out_dir / name, pad_token=pad_token)
-    if getattr(pipe, "tokenizer_3", None) is not None:
-        shutil.rmtree(out_dir / "tokenizer_3")
-        build_t5_tokenizer(out_dir / "tokenizer_3")
+    t5 = "tokenizer_3" if getattr(pipe, "tokenizer_3", None) is not None else None
+    if type(pipe).__name__ == "FluxPipeline":
+        t5 = "tokenizer_2"  # FLUX: CLIP-L is tokenizer, T5 is tokenizer_2
+    if t5 is not None:
+        shutil.rmtree(out_dir / t5)
+        build_t5_tokenizer(out_dir / t5)
         index_path = out_dir / "model_index.json"
         index = json.loads(index_path.read_text())
-        index["tokenizer_3"] = ["transformers", "T5TokenizerFast"]
+        index[t5] = ["transformers", "T5TokenizerFast"]
         index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
@@ -430,8 +433,45 @@ def build_tiny_sd3(out_dir: str | os.PathLike, seed: int = 0, sd35: bool = False
     return str(out)
 
 
+def build_tiny_flux(out_dir: str | os.PathLike, seed: int = 0, guidance_embeds: bool = True) -> str:
+    """Save a tiny FluxPipeline to out_dir and return the folder: CLIP-L (pooled) and T5 text encoders, a
+    16-channel VAE without quant convs and with FLUX's shift and scale, a FluxTransformer2DModel (one double- and
+    one single-stream block) on 2×2-packed latents with 3-axis RoPE ids, and FLUX's resolution-dependent
+    (dynamic) shift of the flow-matching schedule. guidance_embeds: FLUX.1-dev's distilled guidance input
+    (False: the FLUX.1-schnell layout)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    out = Path(out_dir)
+    tokenizer = build_clip_tokenizer()
+    tokenizer_2 = build_t5_tokenizer()
+    text_encoder = _clip_text_encoder(tokenizer, seed, 1, with_projection=False, hidden_act="quick_gelu")
+    text_encoder_2 = _t5_text_encoder(tokenizer_2, d_model=48, seed=seed, component=2)
+    with _seeded(seed, 3):
+        transformer = FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=64,  # 16 latent channels × a 2×2 patch
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=text_encoder_2.config.d_model,
+            pooled_projection_dim=text_encoder.config.hidden_size,
+            guidance_embeds=guidance_embeds,
+            axes_dims_rope=(4, 6, 6),  # sums to attention_head_dim, as (16, 56, 56) sums to 128
+        )
+    vae = _vae(seed, 4, latent_channels=16, use_quant_conv=False, use_post_quant_conv=False,
+               shift_factor=0.1159, scaling_factor=0.3611)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+                                                base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                                                max_image_seq_len=4096)
+    pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer)
+    _save_pipeline(pipe, out, {"tokenizer": "<|endoftext|>"})
+    return str(out)
+
+
 BUILDERS = {"sd15": build_tiny_sd15, "sdxl": build_tiny_sdxl, "sd3": build_tiny_sd3,
-            "sd35": lambda out, seed=0: build_tiny_sd3(out, seed, sd35=True)}
+            "sd35": lambda out, seed=0: build_tiny_sd3(out, seed, sd35=True), "flux": build_tiny_flux}
 
 
 def default_cache_root() -> Path:

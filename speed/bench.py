@@ -283,6 +283,10 @@ def run(opts) -> dict:
         flags.fail("--real_size builds the SD1.5 architecture only: use --trainer sd15")
     if opts.steps < 1 or opts.warmup < 1:
         flags.fail("need --steps >= 1 and --warmup >= 1")
+    if opts.json:  # refused now, not after the run
+        folder = os.path.dirname(os.path.abspath(opts.json))
+        if os.path.isdir(opts.json) or (os.path.exists(folder) and not os.access(folder, os.W_OK)):
+            flags.fail(f"--json {opts.json} cannot be written (a folder, or in a read-only one)")
     if opts.threads:
         torch.set_num_threads(opts.threads)
     script = importlib.import_module(f"train_{opts.trainer}")

@@ -56,6 +56,13 @@ def test_real_size_is_sd15_only(capsys):
     assert "sd15" in capsys.readouterr().err
 
 
+def test_an_unwritable_json_path_is_refused_before_the_run(capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--trainer", "sd15", "--json", str(tmp_path)])  # a folder
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and err[-1].startswith(f"error: --json {tmp_path} cannot be written")
+
+
 def test_reference_updates_copy_in_place_in_the_training_dtype():
     """What the bench's reference-update row measures: copies into tensors allocated once, in the reference's
     (training) dtype, with p_init in CPU memory in that dtype too."""

@@ -63,7 +63,9 @@ class Probe:
 
 
 def _tensors(model: nn.Module) -> list[torch.Tensor]:
-    return [*model.parameters(), *model.buffers()]
+    """The weights a copy moves: parameters and buffers, each as this process's shard under FSDP (a DTensor's
+    local tensor shares its storage), so that the τ copy and p_init's restore are local, shard to shard."""
+    return [t.to_local() if hasattr(t, "to_local") else t for t in (*model.parameters(), *model.buffers())]
 
 
 @torch.no_grad()
@@ -100,7 +102,9 @@ class Reference:
     model:      the reference module to use instead of a deep copy of the policy; it must start equal to the
                 policy, and its parameters and buffers must match the policy's one to one. LoRA (speed/lora.py)
                 passes views of one shared base model through two adapters, so that only the adapter
-                weights are copied, and p_init is the initial adapter (B = 0: the base model itself).
+                weights are copied, and p_init is the initial adapter (B = 0: the base model itself). Under
+                FSDP the trainers pass a copy of the policy sharded as the policy is: every tensor is then this
+                process's shard, and p_init's shards wait in each process's CPU memory.
     """
 
     def __init__(self, policy: nn.Module, tau: int | None = 32, delta: float = 0.005,
@@ -224,7 +228,8 @@ class Reference:
                 "last_divergence": self.last_divergence}
 
     def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
+        if "model" in state:  # sharded checkpoints (FSDP) restore the weights themselves
+            self.model.load_state_dict(state["model"])
         self.frozen = state["frozen"]
         self.holds_initial = state["holds_initial"]
         self.num_updates = state["num_updates"]

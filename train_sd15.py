@@ -18,6 +18,7 @@ Output: OUTPUT_DIR/log.jsonl (one JSON line per optimizer step), OUTPUT_DIR/chec
 pipeline in OUTPUT_DIR/final/ (StableDiffusionPipeline.from_pretrained loads it). The equations are in
 losses.py (§1), schedule.py (§3) and reference.py (§2); the run's mechanics in mechanics/.
 """
+import copy
 import math
 import os
 import sys
@@ -157,6 +158,11 @@ def main(argv=None) -> int:
         lora.add_lora(unet, args.lora_rank, args.lora_alpha, reference_adapter=args.tau > 0,
                       base_dtype=run.weight_dtype, seed=args.seed)
         ref, ref_source = lora.make_reference(unet, args.tau, args.delta, args.on_diverge)
+    elif args.fsdp:  # policy and reference sharded alike: the τ copy and p_init's restore stay shard to shard
+        ref_model = runtime.shard(copy.deepcopy(unet).requires_grad_(False), run)
+        unet = runtime.shard(unet, run)
+        ref = reference.Reference(unet, tau=args.tau, delta=args.delta, on_diverge=args.on_diverge, model=ref_model)
+        ref_source = unet
     else:
         ref = reference.Reference(unet, tau=args.tau, delta=args.delta, on_diverge=args.on_diverge,
                                   dtype=run.autocast_dtype)
@@ -214,7 +220,7 @@ def main(argv=None) -> int:
             log.add(loss, metrics, batch["num_skipped"], t, scale, losses.pair_margin(model_err, ref_err, n), model_err)
 
         scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm or math.inf)  # 0: no clipping
+        grad_norm = runtime.clip_grad_norm(params, args.max_grad_norm or math.inf)  # 0: no clipping
         # A non-finite loss or gradient norm on any rank skips the step (fp16: the scaler skips overflows).
         finite = run.all_finite(step_loss, *([] if scaler.is_enabled() else [grad_norm]))
         if finite:

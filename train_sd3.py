@@ -22,6 +22,7 @@ accuracy. Output: OUTPUT_DIR/log.jsonl, OUTPUT_DIR/checkpoint-STEP/ and the trai
 OUTPUT_DIR/final/ (StableDiffusion3Pipeline.from_pretrained loads it; it keeps T5 even after --drop_t5, and
 `text_encoder_3=None, tokenizer_3=None` there samples as the model was trained).
 """
+import copy
 import math
 import os
 import sys
@@ -214,6 +215,11 @@ def main(argv=None) -> int:
         lora.add_lora(transformer, args.lora_rank, args.lora_alpha, reference_adapter=args.tau > 0,
                       base_dtype=run.weight_dtype, seed=args.seed)
         ref, ref_source = lora.make_reference(transformer, args.tau, args.delta, args.on_diverge)
+    elif args.fsdp:  # policy and reference sharded alike: the τ copy and p_init's restore stay shard to shard
+        ref_model = runtime.shard(copy.deepcopy(transformer).requires_grad_(False), run)
+        transformer = runtime.shard(transformer, run)
+        ref = reference.Reference(transformer, tau=args.tau, delta=args.delta, on_diverge=args.on_diverge, model=ref_model)
+        ref_source = transformer
     else:
         ref = reference.Reference(transformer, tau=args.tau, delta=args.delta, on_diverge=args.on_diverge,
                                   dtype=run.autocast_dtype)
@@ -272,7 +278,7 @@ def main(argv=None) -> int:
             log.add(loss, metrics, batch["num_skipped"], t, scale, losses.pair_margin(model_err, ref_err, n), model_err)
 
         scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm or math.inf)  # 0: no clipping
+        grad_norm = runtime.clip_grad_norm(params, args.max_grad_norm or math.inf)  # 0: no clipping
         # A non-finite loss or gradient norm on any rank skips the step (fp16: the scaler skips overflows).
         finite = run.all_finite(step_loss, *([] if scaler.is_enabled() else [grad_norm]))
         if finite:

@@ -31,6 +31,11 @@ OPTIMIZER_FLAGS = ("learning_rate", "adam_beta1", "adam_beta2", "weight_decay", 
 _locks: dict[str, object] = {}  # output folder → the open lock file this process holds
 
 
+@contextmanager
+def _nothing():
+    yield None
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -51,10 +56,11 @@ def _fsync(path: str) -> None:
 
 
 @contextmanager
-def atomic_dir(final_dir: str):
+def atomic_dir(final_dir: str, pid: int | None = None):
     """Yield a temporary sibling folder to write into, then fsync it and rename it to `final_dir`: a crash,
-    even of the machine, never leaves a folder that looks done. A full disk ends the run in one line."""
-    tmp = final_dir + f".tmp-{os.getpid()}"
+    even of the machine, never leaves a folder that looks done. A full disk ends the run in one line.
+    pid: whose temporary folder it is (under FSDP every rank writes into rank 0's)."""
+    tmp = final_dir + f".tmp-{pid or os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         os.makedirs(tmp)
@@ -163,6 +169,9 @@ def save_final(args, run, model_path: str, pipeline: str, **denoiser) -> str:
     pipeline_class = getattr(diffusers, pipeline)
     (name, module), = denoiser.items()
     final_dir = os.path.join(args.output_dir, "final_lora" if args.lora_rank else "final")
+    if run.fsdp:  # every rank sends its shards; rank 0 holds the whole model, on the CPU
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if run.is_main:
         with atomic_dir(final_dir) as tmp:
             if args.lora_rank:
@@ -172,6 +181,10 @@ def save_final(args, run, model_path: str, pipeline: str, **denoiser) -> str:
                 base = os.path.abspath(model_path) if os.path.isdir(args.pretrained_model) else args.pretrained_model
                 with open(os.path.join(tmp, "base_model.json"), "w") as f:
                     json.dump({"base_model": base, "pipeline": pipeline_class.__name__}, f, indent=1)
+            elif run.fsdp:
+                pipe = pipeline_class.from_pretrained(model_path)
+                getattr(pipe, name).load_state_dict(full)
+                pipe.save_pretrained(tmp)
             else:
                 pipeline_class.from_pretrained(model_path, **denoiser).save_pretrained(tmp)
     run.barrier()
@@ -212,6 +225,8 @@ class Checkpoints:
 
     def save(self, step: int) -> str | None:
         path = os.path.join(self.args.output_dir, f"checkpoint-{step}")
+        if self.run.fsdp:
+            return self._save_sharded(step, path)
         if self.run.is_main:
             scaler = self.state["scaler"]
             state = {"step": step, **{name: obj.state_dict() for name, obj in self.state.items() if name != "scaler"},
@@ -227,6 +242,56 @@ class Checkpoints:
                 shutil.rmtree(old, ignore_errors=True)
         self.run.barrier()
         return path
+
+    # Under FSDP the policy, its optimizer state and the reference are saved by torch.distributed.checkpoint,
+    # each rank writing its shards (sharded/); each rank its own loader, probe and log (rank-R.pt); rank 0 the
+    # rest (state.pt). Rank 0's temporary folder is renamed into place once every rank has written.
+    SHARDED = ("policy", "optimizer")
+
+    def _sharded_state(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+        model_state, optimizer_state = get_state_dict(self.state["policy"], self.state["optimizer"])
+        return {"policy": model_state, "optimizer": optimizer_state,
+                "reference": self.state["reference"].model.state_dict()}
+
+    def _save_sharded(self, step: int, path: str) -> str:
+        import torch.distributed as dist
+        import torch.distributed.checkpoint as dcp
+
+        pid = [os.getpid()]
+        dist.broadcast_object_list(pid)
+        with (atomic_dir(path, pid[0]) if self.run.is_main else _nothing()) as tmp:
+            tmp = path + f".tmp-{pid[0]}"
+            self.run.barrier()  # rank 0 has made the folder
+            dcp.save(self._sharded_state(), checkpoint_id=os.path.join(tmp, "sharded"))
+            own = {name: obj.state_dict() for name, obj in self.state.items() if name not in self.SHARDED + ("scaler",)}
+            own["reference"].pop("model")
+            torch.save(own, os.path.join(tmp, f"rank-{self.run.rank}.pt"))
+            if self.run.is_main:
+                scaler = self.state["scaler"]
+                torch.save({"step": step, "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                            "identity": self.identity, "args": vars(self.args), "sharded": True},
+                           os.path.join(tmp, "state.pt"))
+            self.run.barrier()  # every rank has written
+        if self.run.is_main:
+            for old in checkpoint_dirs(self.args.output_dir)[:-self.args.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.run.barrier()
+        return path
+
+    def _load_sharded(self, folder: str) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        sharded = self._sharded_state()
+        dcp.load(sharded, checkpoint_id=os.path.join(folder, "sharded"))
+        set_state_dict(self.state["policy"], self.state["optimizer"], model_state_dict=sharded["policy"],
+                       optim_state_dict=sharded["optimizer"])
+        self.state["reference"].model.load_state_dict(sharded["reference"])
+        own = torch.load(os.path.join(folder, f"rank-{self.run.rank}.pt"), map_location="cpu", weights_only=True)
+        for name, obj in self.state.items():
+            if name in own:
+                obj.load_state_dict(own[name])
 
     def _load(self) -> tuple[str, dict] | None:
         """The checkpoint --resume names, read; for "latest" the newest that reads, with a warning for each
@@ -286,11 +351,15 @@ class Checkpoints:
                  f"--resume_override {','.join(refused)} to change them anyway, or start a new --output_dir")
         for k, (a, b) in changed.items():
             logger.warning("--resume_override: --%s %s → %s", k, a, b)
+        name = "the checkpoint"
         try:
-            for name, obj in self.state.items():
-                if name != "scaler":
-                    obj.load_state_dict(saved[name])
-        except (RuntimeError, KeyError, ValueError) as error:
+            if saved.get("sharded"):
+                self._load_sharded(folder)
+            else:
+                for name, obj in self.state.items():
+                    if name != "scaler":
+                        obj.load_state_dict(saved[name])
+        except (RuntimeError, KeyError, ValueError, FileNotFoundError) as error:
             fail(f"--resume {folder} does not fit this run's {name}: {str(error).splitlines()[0][:300]}")
         if saved["scaler"] and self.state["scaler"].is_enabled():
             self.state["scaler"].load_state_dict(saved["scaler"])

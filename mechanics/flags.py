@@ -174,6 +174,9 @@ def parser(doc: str, objectives: dict) -> argparse.ArgumentParser:
     g.add_argument("--compile", action=argparse.BooleanOptionalAction,
                    help="torch.compile the policy and reference forward (unset: on with CUDA, off on CPU)")
     g.add_argument("--gradient_checkpointing", action="store_true", help="trade compute for activation memory")
+    g.add_argument("--fsdp", action="store_true",
+                   help="with torchrun: shard the policy, its gradients and optimizer state, and the reference, block "
+                        "by block over the processes (PyTorch FSDP2, sharded checkpoints); full fine-tunes only")
     g.add_argument("--allow_tf32", action=argparse.BooleanOptionalAction, default=True,
                    help="TF32 matmuls on Ampere+ GPUs")
     g.add_argument("--cache_latents", action="store_true",
@@ -265,6 +268,11 @@ def _derive(values: dict, given: dict, objectives: dict, family: str, world_size
     values["effective_batch_size"] = batch * world_size * values["gradient_accumulation_steps"]
     if values["scale_lr"]:
         values["learning_rate"] *= values["effective_batch_size"]
+    if values["fsdp"] and values["optimizer"] == "adafactor":
+        if "optimizer" in given:
+            fail("--optimizer adafactor (transformers') cannot update FSDP's sharded parameters: use --optimizer "
+                 "adamw, whose state --fsdp shards too (8 bytes per parameter, divided by the processes)")
+        values["optimizer"] = "adamw"  # the SDXL/SD3 recipes' Adafactor does not take DTensors (README, FSDP)
     values["device"] = values["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
     if values["compile"] is None:
         values["compile"] = values["device"].startswith("cuda")
@@ -288,7 +296,12 @@ def _check(values: dict, resolution_multiple: int) -> None:
                "--cache_latents needs a map-style dataset: drop --streaming (a local parquet copy works)"),
               (not (values["cache_latents"] and values["random_crop"]),
                "--cache_latents caches center crops: drop --random_crop"),
-              (not values["resume_override"] or values["resume"], "--resume_override goes with --resume")]
+              (not values["resume_override"] or values["resume"], "--resume_override goes with --resume"),
+              (not (values["fsdp"] and values["lora_rank"]),
+               "--fsdp shards a full fine-tune; a LoRA run keeps one frozen base model and fits on one GPU: drop "
+               "--fsdp (torchrun then uses DDP) or set --lora_rank 0"),
+              (not values["fsdp"] or int(os.environ.get("WORLD_SIZE", "1")) > 1,
+               "--fsdp shards over torchrun's processes: launch with torchrun --nproc_per_node=N, N >= 2")]
     for ok, message in checks:
         if not ok:
             fail(message)

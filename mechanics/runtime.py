@@ -35,6 +35,7 @@ class Run:
     autocast_dtype: torch.dtype | None = None
     family: str = ""
     signals: "StopSignal | None" = None
+    fsdp: bool = False
 
     @property
     def is_main(self) -> bool:
@@ -108,7 +109,7 @@ def start(args, family: str) -> Run:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     _quiet_libraries()
     run = _setup_devices(args)
-    run.family = family
+    run.family, run.fsdp = family, args.fsdp
     if run.device.type == "cpu" and args.cpu_threads:
         torch.set_num_threads(args.cpu_threads)
     checkpoints.prepare_output(args, run.is_main)
@@ -141,11 +142,38 @@ def _quiet_libraries() -> None:
 
 
 def ddp(module: nn.Module, run: Run) -> nn.Module:
-    """DistributedDataParallel when torchrun started several processes, else the module itself."""
-    if run.world_size == 1:
+    """DistributedDataParallel when torchrun started several processes, else (or under --fsdp, which syncs
+    the gradients itself) the module itself."""
+    if run.world_size == 1 or run.fsdp:
         return module
     return nn.parallel.DistributedDataParallel(
         module, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+
+
+# The blocks FSDP shards one by one (UNet2DConditionModel, SD3Transformer2DModel, FluxTransformer2DModel).
+BLOCKS = ("down_blocks", "mid_block", "up_blocks", "transformer_blocks", "single_transformer_blocks")
+
+
+def shard(module: nn.Module, run: Run) -> nn.Module:
+    """--fsdp: FSDP2 (`fully_shard`) on each block, then on the whole model: every process keeps 1/N of the
+    parameters, gradients and optimizer state, and gathers a block's weights only while it runs. bf16 compute
+    with fp32 master weights and fp32 gradient reduction under bf16 autocast. Parameters are resharded after
+    every forward, the root's too: the reference runs without backward, and its τ copy writes the shards."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=run.autocast_dtype, reduce_dtype=torch.float32)
+    for name in BLOCKS:
+        blocks = getattr(module, name, None)
+        for block in ([blocks] if isinstance(blocks, nn.Module) and not isinstance(blocks, nn.ModuleList)
+                      else blocks or []):
+            fully_shard(block, mp_policy=policy, reshard_after_forward=True)
+    return fully_shard(module, mp_policy=policy, reshard_after_forward=True)
+
+
+def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_, its total norm as a plain tensor (under FSDP a DTensor of partial norms)."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
 def maybe_compile(module: nn.Module, enabled: bool):

@@ -136,3 +136,17 @@ def test_a_checkpoint_stays_resumable_when_the_code_gains_a_flag(tmp_path, monke
     assert "--new_flag (unset) → 8" in capsys.readouterr().err
     log = run_sd15(tmp_path, "--max_steps", 3, "--checkpoint_every", 1, "--tau", 1, "--resume", "latest")
     assert [r["step"] for r in log] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in log)
+
+
+def test_fsdp_is_refused_where_it_cannot_work_and_takes_adamw_for_the_adafactor_recipes(monkeypatch, capsys):
+    for argv, message in ((["--fsdp"], "launch with torchrun"),):
+        with pytest.raises(SystemExit):
+            resolve(train_sdxl, argv)
+        assert message in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for argv, message in ((["--fsdp", "--lora_rank", "4"], "drop --fsdp"),
+                          (["--fsdp", "--optimizer", "adafactor"], "use --optimizer adamw")):
+        with pytest.raises(SystemExit):
+            resolve(train_sdxl, argv)
+        assert message in capsys.readouterr().err.strip().splitlines()[-1]
+    assert resolve(train_sdxl, ["--fsdp"])[0].optimizer == "adamw" and resolve(train_sdxl, [])[0].optimizer == "adafactor"

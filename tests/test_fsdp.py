@@ -1,0 +1,83 @@
+"""--fsdp on every trainer, two CPU processes (gloo): the losses of DDP within float tolerance for 10 steps with
+reference updates and the monitor, a rank killed with SIGKILL then --resume latest to the uninterrupted run's
+losses and weights bit for bit, and a consolidated final/ that the pipeline class loads."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import tiny
+from helpers import ROOT, read_log
+
+STEPS, EVERY = 10, 5
+PIPELINES = {"sd15": ("StableDiffusionPipeline", "UNet2DConditionModel", "unet"),
+             "sdxl": ("StableDiffusionXLPipeline", "UNet2DConditionModel", "unet"),
+             "sd3": ("StableDiffusion3Pipeline", "SD3Transformer2DModel", "transformer"),
+             "flux": ("FluxPipeline", "FluxTransformer2DModel", "transformer")}
+
+
+def torchrun(name, output_dir, port, *extra, kill_after: int | None = None) -> int:
+    argv = ["--tiny", "--pretrained_model", tiny.tiny_pipeline_dir(name), "--dataset", tiny.builtin_pairs(),
+            "--max_steps", STEPS, "--checkpoint_every", EVERY, "--tau", 2, "--train_batch_size", 2,
+            "--effective_batch_size", 4, "--learning_rate", 1e-4, "--lora_rank", 0, "--optimizer", "adamw", "--no-plot",
+            "--output_dir", output_dir, *extra]
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                             str(port), f"train_{name}.py", *map(str, argv)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if kill_after is not None:
+        log, deadline = output_dir / "log.jsonl", time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            if log.exists() and log.read_text().count("\n") >= kill_after:
+                workers = [int(p) for task in os.listdir(f"/proc/{proc.pid}/task")
+                           for p in open(f"/proc/{proc.pid}/task/{task}/children").read().split()]
+                os.kill(workers[-1], signal.SIGKILL)  # one rank dies mid-run; torchrun must end the other
+                break
+            time.sleep(0.02)
+    _, err = proc.communicate(timeout=400)
+    assert kill_after is not None or proc.returncode == 0, err[-3000:]
+    return proc.returncode
+
+
+def denoiser(name, folder):
+    import diffusers
+    _, cls, sub = PIPELINES[name]
+    return getattr(diffusers, cls).from_pretrained(folder, subfolder=sub).state_dict()
+
+
+@pytest.mark.parametrize("name", sorted(PIPELINES))
+def test_fsdp_matches_ddp_and_resumes_bit_for_bit_after_a_rank_is_killed(name, tmp_path):
+    port = 29650 + 10 * sorted(PIPELINES).index(name)
+    torchrun(name, tmp_path / "ddp", port)
+    torchrun(name, tmp_path / "fsdp", port + 1, "--fsdp")
+    ddp, fsdp = read_log(tmp_path / "ddp"), read_log(tmp_path / "fsdp")
+    assert [r["step"] for r in fsdp] == list(range(1, STEPS + 1))
+    assert [r["loss"] for r in fsdp] == pytest.approx([r["loss"] for r in ddp], rel=1e-3)
+    updates = [r["divergence"] for r in fsdp if r["ref_updated"]]
+    assert len(updates) == STEPS // 2
+    assert updates == pytest.approx([r["divergence"] for r in ddp if r["ref_updated"]], rel=1e-2, abs=1e-7)
+    assert os.path.isdir(tmp_path / "fsdp" / f"checkpoint-{STEPS}" / "sharded")  # every rank's shards
+
+    kill_after = random.randint(EVERY + 1, STEPS - 1)  # any step after the first checkpoint
+    code = torchrun(name, tmp_path / "killed", port + 2, "--fsdp", kill_after=kill_after)
+    assert code != 0 and not (tmp_path / "killed" / "final").exists(), f"killed after step {kill_after}"
+    torchrun(name, tmp_path / "killed", port + 3, "--fsdp", "--resume", "latest")
+    resumed = read_log(tmp_path / "killed")
+    for a, b in zip(fsdp, resumed):
+        a.pop("step_seconds"), b.pop("step_seconds")
+        assert a == b, (f"killed after step {kill_after}", json.dumps(a)[:300], json.dumps(b)[:300])
+    whole, again = denoiser(name, tmp_path / "fsdp" / "final"), denoiser(name, tmp_path / "killed" / "final")
+    assert all(torch.equal(whole[k], again[k]) for k in whole)
+    base = denoiser(name, tiny.tiny_pipeline_dir(name))
+    assert any(not torch.equal(whole[k], base[k]) for k in whole)  # final/ holds the trained, gathered weights
+
+    import diffusers
+    pipe = getattr(diffusers, PIPELINES[name][0]).from_pretrained(tmp_path / "fsdp" / "final")
+    image = pipe("a red square", num_inference_steps=2, height=32, width=32, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.shape == (32, 32, 3)

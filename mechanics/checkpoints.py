@@ -1,8 +1,5 @@
-"""The output folder, checkpoints and the final model. A run owns its folder (a lock that dies with its
-process), every file appears complete or not at all (written aside, fsync'ed, renamed), and a resume continues
-only the run that wrote the folder (its identity: defining flags, base model, world size)."""
-import errno
-import fcntl
+"""Checkpoints and the final model. Every checkpoint appears complete or not at all (folder.atomic_dir), and a
+resume continues only the run that wrote the folder (its identity: defining flags, base model, world size)."""
 import glob
 import hashlib
 import json
@@ -10,17 +7,16 @@ import logging
 import os
 import re
 import shutil
-import socket
-import tempfile
-from contextlib import contextmanager
+from contextlib import nullcontext
 
 import torch
+from torch.utils._pytree import tree_leaves
 
 from mechanics.flags import fail
+from mechanics.folder import atomic_dir
 
 logger = logging.getLogger("train")
 
-RUN_FILES = ("log.jsonl", "final", "final_lora")
 # Flags that may change on --resume: how long, how often to save and log, and how fast; every other flag
 # defines the run (its model, data, objective, schedule, batch geometry, precision) and must stay the same.
 SAFE_TO_CHANGE = {"max_steps", "checkpoint_every", "keep_checkpoints", "bin_stats_every", "divergence_every",
@@ -28,116 +24,6 @@ SAFE_TO_CHANGE = {"max_steps", "checkpoint_every", "keep_checkpoints", "bin_stat
                   "cache_latents", "cache_dir", "output_dir", "resume", "resume_override", "overwrite", "tiny",
                   "max_nonfinite_steps", "report_to", "plot"}
 OPTIMIZER_FLAGS = ("learning_rate", "adam_beta1", "adam_beta2", "weight_decay", "adam_epsilon")
-_locks: dict[str, object] = {}  # output folder → the open lock file this process holds
-
-
-@contextmanager
-def _nothing():
-    yield None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _fsync(path: str) -> None:
-    """Flush a file, or a folder's entries, to the disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@contextmanager
-def atomic_dir(final_dir: str, pid: int | None = None):
-    """Yield a temporary sibling folder to write into, then fsync it and rename it to `final_dir`: a crash,
-    even of the machine, never leaves a folder that looks done. A full disk ends the run in one line.
-    pid: whose temporary folder it is (under FSDP every rank writes into rank 0's)."""
-    tmp = final_dir + f".tmp-{pid or os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        os.makedirs(tmp)
-        yield tmp
-        for folder, _, files in os.walk(tmp):
-            for name in files:
-                _fsync(os.path.join(folder, name))
-    except BaseException as error:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
-            fail(f"no space left on the device writing {final_dir} "
-                 f"({shutil.disk_usage(os.path.dirname(final_dir) or '.').free / 2**20:.0f} MB free)")
-        raise
-    if os.path.exists(final_dir):
-        shutil.rmtree(final_dir)
-    os.replace(tmp, final_dir)
-    _fsync(os.path.dirname(os.path.abspath(final_dir)))
-
-
-def lock_folder(folder: str, flag: str = "--output_dir") -> None:
-    """Hold an exclusive lock on `folder` for this process (released when it ends, however it ends); a folder
-    another live process holds is refused in one line naming that process."""
-    key = os.path.realpath(folder)
-    if key in _locks:
-        return
-    lock = open(os.path.join(folder, ".lock"), "a+")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        lock.seek(0)
-        owner = lock.read().strip() or "another process"
-        lock.close()
-        fail(f"{flag} {folder} is in use by another run ({owner}); wait for it, or choose another folder")
-    lock.seek(0)
-    lock.truncate()
-    lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-    lock.flush()
-    _locks[key] = lock
-
-
-def release(folder: str) -> None:
-    """Give the folder's lock back (it also goes when the process ends)."""
-    lock = _locks.pop(os.path.realpath(folder), None)
-    if lock is not None:
-        lock.close()
-
-
-def prepare_output(args, is_main: bool) -> None:
-    """Before any model loads: the output folder exists and is writable, no other process uses it, the
-    temporary files of dead processes are gone, and a fresh run does not mix with an earlier run's files."""
-    out = args.output_dir
-    if os.path.exists(out) and not os.path.isdir(out):
-        fail(f"--output_dir {out} is a file, not a folder")
-    try:
-        os.makedirs(out, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
-            pass
-    except OSError as error:
-        fail(f"--output_dir {out} cannot be written: {error.strerror or error}")
-    if not is_main:
-        return
-    lock_folder(out)
-    for stale in glob.glob(os.path.join(out, "*.tmp-*")):
-        pid = stale.rsplit(".tmp-", 1)[1]
-        if pid.isdigit() and not _alive(int(pid)):
-            logger.info("removing %s, left by a process that died while writing it", stale)
-            shutil.rmtree(stale, ignore_errors=True) if os.path.isdir(stale) else os.remove(stale)
-    earlier = [name for name in RUN_FILES if os.path.exists(os.path.join(out, name))]
-    earlier += [os.path.basename(d) for d in checkpoint_dirs(out)]
-    if earlier and args.overwrite:
-        logger.info("--overwrite: removing the earlier run in %s (%s)", out, ", ".join(earlier))
-        for name in earlier:
-            path = os.path.join(out, name)
-            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-    elif earlier and args.resume is None:
-        fail(f"--output_dir {out} holds an earlier run ({', '.join(earlier[:4])}); continue it with --resume "
-             "latest, start over with --overwrite, or choose another folder")
 
 
 def base_model_identity(folder: str) -> str:
@@ -198,14 +84,8 @@ def checkpoint_dirs(output_dir: str) -> list[str]:
     return sorted(found, key=lambda d: int(d.rsplit("-", 1)[1]))
 
 
-def _tensor_bytes(value) -> int:
-    if torch.is_tensor(value):
-        return value.numel() * value.element_size()
-    if isinstance(value, dict):
-        return sum(_tensor_bytes(v) for v in value.values())
-    if isinstance(value, (list, tuple)):
-        return sum(_tensor_bytes(v) for v in value)
-    return 0
+def _tensor_bytes(state) -> int:
+    return sum(t.numel() * t.element_size() for t in tree_leaves(state) if torch.is_tensor(t))
 
 
 class Checkpoints:
@@ -260,7 +140,7 @@ class Checkpoints:
 
         pid = [os.getpid()]
         dist.broadcast_object_list(pid)
-        with (atomic_dir(path, pid[0]) if self.run.is_main else _nothing()) as tmp:
+        with (atomic_dir(path, pid[0]) if self.run.is_main else nullcontext()) as tmp:
             tmp = path + f".tmp-{pid[0]}"
             self.run.barrier()  # rank 0 has made the folder
             dcp.save(self._sharded_state(), checkpoint_id=os.path.join(tmp, "sharded"))

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from mechanics import checkpoints
+from mechanics import folder
 from mechanics.flags import fail
 
 logger = logging.getLogger("train")
@@ -105,14 +105,14 @@ def _setup_devices(args) -> Run:
 
 def start(args, family: str) -> Run:
     """Everything before the models load, for resolved `args`: logging, the device, precision and torchrun
-    processes, the output folder (checkpoints.prepare_output), signals, and run.json. Returns the Run."""
+    processes, the output folder (folder.prepare_output), signals, and run.json. Returns the Run."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     _quiet_libraries()
     run = _setup_devices(args)
     run.family, run.fsdp = family, args.fsdp
     if run.device.type == "cpu" and args.cpu_threads:
         torch.set_num_threads(args.cpu_threads)
-    checkpoints.prepare_output(args, run.is_main)
+    folder.prepare_output(args, run.is_main)
     package = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(args.report_to)
     if package and importlib.util.find_spec(package) is None:
         fail(f"--report_to {args.report_to} needs the {package} package: pip install {package}")

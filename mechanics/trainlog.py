@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from mechanics.checkpoints import release
+from mechanics.folder import release
 
 logger = logging.getLogger("train")
 

@@ -3,6 +3,7 @@ train_sd15.py's loop written out from the script's own functions (encode, add_no
 import json
 import math
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -91,3 +92,20 @@ def check_cached_latents_and_lora(run, pipeline_class, pipeline_dir, tmp_path):
     before = sample()
     pipe.load_lora_weights(tmp_path / "lora" / "final_lora")
     assert abs(sample() - before).max() > 0
+
+
+def wait_for_steps(proc, output_dir, steps: int, timeout: float = 240) -> bool:
+    """Wait until a running trainer's log holds `steps` lines: True, or False if the process ended first."""
+    log, deadline = output_dir / "log.jsonl", time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if log.exists() and log.read_text().count("\n") >= steps:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def finish(proc, expect_success: bool, timeout: float = 400) -> int:
+    """The process's exit code once it ends; a failure it should not have had shows its stderr."""
+    _, err = proc.communicate(timeout=timeout)
+    assert not expect_success or proc.returncode == 0, err[-3000:]
+    return proc.returncode

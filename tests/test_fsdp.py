@@ -7,13 +7,12 @@ import random
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
 import tiny
-from helpers import ROOT, read_log
+from helpers import ROOT, finish, read_log, wait_for_steps
 
 STEPS, EVERY = 10, 5
 PIPELINES = {"sd15": ("StableDiffusionPipeline", "UNet2DConditionModel", "unet"),
@@ -30,18 +29,11 @@ def torchrun(name, output_dir, port, *extra, kill_after: int | None = None) -> i
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                              str(port), f"train_{name}.py", *map(str, argv)], cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    if kill_after is not None:
-        log, deadline = output_dir / "log.jsonl", time.time() + 240
-        while time.time() < deadline and proc.poll() is None:
-            if log.exists() and log.read_text().count("\n") >= kill_after:
-                workers = [int(p) for task in os.listdir(f"/proc/{proc.pid}/task")
-                           for p in open(f"/proc/{proc.pid}/task/{task}/children").read().split()]
-                os.kill(workers[-1], signal.SIGKILL)  # one rank dies mid-run; torchrun must end the other
-                break
-            time.sleep(0.02)
-    _, err = proc.communicate(timeout=400)
-    assert kill_after is not None or proc.returncode == 0, err[-3000:]
-    return proc.returncode
+    if kill_after is not None and wait_for_steps(proc, output_dir, kill_after):
+        workers = [int(p) for task in os.listdir(f"/proc/{proc.pid}/task")
+                   for p in open(f"/proc/{proc.pid}/task/{task}/children").read().split()]
+        os.kill(workers[-1], signal.SIGKILL)  # one rank dies mid-run; torchrun must end the other
+    return finish(proc, expect_success=kill_after is None)
 
 
 def denoiser(name, folder):

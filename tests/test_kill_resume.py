@@ -6,13 +6,12 @@ import random
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
 import tiny
-from helpers import ROOT, read_log
+from helpers import ROOT, finish, read_log, wait_for_steps
 
 STEPS, EVERY = 8, 2
 FLAGS = ["--max_steps", STEPS, "--checkpoint_every", EVERY, "--tau", 2, "--learning_rate", 1e-4, "--no-plot"]
@@ -30,16 +29,9 @@ def train(name, output_dir, *extra, kill_after: int | None = None) -> int:
     """train_NAME.py in a subprocess; with kill_after, SIGKILLed once its log holds that many steps."""
     proc = subprocess.Popen([sys.executable, f"train_{name}.py", *argv(name, output_dir, *extra)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    if kill_after is not None:
-        log, deadline = output_dir / "log.jsonl", time.time() + 180
-        while time.time() < deadline and proc.poll() is None:
-            if log.exists() and log.read_text().count("\n") >= kill_after:
-                proc.send_signal(signal.SIGKILL)
-                break
-            time.sleep(0.02)
-    _, err = proc.communicate(timeout=300)
-    assert kill_after is not None or proc.returncode == 0, err[-2000:]
-    return proc.returncode
+    if kill_after is not None and wait_for_steps(proc, output_dir, kill_after, timeout=180):
+        proc.send_signal(signal.SIGKILL)
+    return finish(proc, expect_success=kill_after is None, timeout=300)
 
 
 def weights(name, folder):

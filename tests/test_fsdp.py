@@ -21,12 +21,12 @@ PIPELINES = {"sd15": ("StableDiffusionPipeline", "UNet2DConditionModel", "unet")
              "flux": ("FluxPipeline", "FluxTransformer2DModel", "transformer")}
 
 
-def torchrun(name, output_dir, port, *extra, kill_after: int | None = None) -> int:
+def torchrun(name, output_dir, port, *extra, kill_after: int | None = None, processes: int = 2) -> int:
     argv = ["--tiny", "--pretrained_model", tiny.tiny_pipeline_dir(name), "--dataset", tiny.builtin_pairs(),
             "--max_steps", STEPS, "--checkpoint_every", EVERY, "--tau", 2, "--train_batch_size", 2,
             "--effective_batch_size", 4, "--learning_rate", 1e-4, "--lora_rank", 0, "--optimizer", "adamw", "--no-plot",
             "--output_dir", output_dir, *extra]
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port",
                              str(port), f"train_{name}.py", *map(str, argv)], cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if kill_after is not None and wait_for_steps(proc, output_dir, kill_after):
@@ -73,3 +73,17 @@ def test_fsdp_matches_ddp_and_resumes_bit_for_bit_after_a_rank_is_killed(name, t
     image = pipe("a red square", num_inference_steps=2, height=32, width=32, output_type="np",
                  generator=torch.Generator().manual_seed(0)).images[0]
     assert image.shape == (32, 32, 3)
+
+
+def test_a_sharded_checkpoint_is_refused_on_another_number_of_processes(tmp_path):
+    argv = ["--tiny", "--pretrained_model", tiny.tiny_pipeline_dir("sd15"), "--dataset", tiny.builtin_pairs(),
+            "--max_steps", 2, "--checkpoint_every", 2, "--train_batch_size", 1, "--effective_batch_size", 4,
+            "--no-plot", "--fsdp", "--output_dir", tmp_path]
+    run = lambda processes, port, *extra: subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", str(port),
+         "train_sd15.py", *map(str, [*argv, *extra])], cwd=ROOT, capture_output=True, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    first = run(2, 29691)
+    assert first.returncode == 0, first.stderr[-2000:]
+    refused = run(4, 29692, "--resume", "latest", "--max_steps", 3)
+    assert refused.returncode != 0 and "--world_size 2 → 4" in refused.stderr, refused.stderr[-2000:]

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import fcntl
 import gc
 import hashlib
 import io
@@ -53,7 +52,6 @@ import json
 import math
 import os
 import re
-import socket
 import sys
 import tempfile
 import time
@@ -67,6 +65,7 @@ from PIL import Image, PngImagePlugin
 from tqdm.auto import tqdm
 
 import rewards as rw
+from mechanics import folder
 from mechanics.loading import PIPELINES, hub_reachable
 
 EVAL_FORMAT = 1  # bump when the image store layout changes
@@ -776,21 +775,13 @@ def output_lock(out: Path):
     ends, so a killed run never blocks the next."""
     _check_output_dir(out)
     try:
-        lock = open(out / ".lock", "a+", encoding="utf-8")
+        lock, owner = folder.acquire(str(out))
     except OSError as exc:
         raise EvalError(f"--output_dir {out} cannot be written: {exc.strerror or exc}") from exc
+    if lock is None:
+        raise EvalError(f"--output_dir {out} is in use by another run ({owner}); wait for it, or choose "
+                        f"another folder")
     try:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            lock.seek(0)
-            owner = lock.read().strip() or "another process"
-            raise EvalError(f"--output_dir {out} is in use by another run ({owner}); wait for it, or choose "
-                            f"another folder") from None
-        lock.seek(0)
-        lock.truncate()
-        lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        lock.flush()
         _remove_stale_temporaries(out)
         yield out
     finally:

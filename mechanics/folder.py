@@ -63,12 +63,9 @@ def atomic_dir(final_dir: str, pid: int | None = None):
     _fsync(os.path.dirname(os.path.abspath(final_dir)))
 
 
-def lock_folder(folder: str, flag: str = "--output_dir") -> None:
-    """Hold an exclusive lock on `folder` for this process (released when it ends, however it ends); a folder
-    another live process holds is refused in one line naming that process."""
-    key = os.path.realpath(folder)
-    if key in _locks:
-        return
+def acquire(folder: str):
+    """An exclusive lock on FOLDER/.lock for this process, which goes with the process however it ends:
+    (the open lock file, None), or (None, who holds it) when another live process does."""
     lock = open(os.path.join(folder, ".lock"), "a+")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -76,11 +73,22 @@ def lock_folder(folder: str, flag: str = "--output_dir") -> None:
         lock.seek(0)
         owner = lock.read().strip() or "another process"
         lock.close()
-        fail(f"{flag} {folder} is in use by another run ({owner}); wait for it, or choose another folder")
+        return None, owner
     lock.seek(0)
     lock.truncate()
     lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
     lock.flush()
+    return lock, None
+
+
+def lock_folder(folder: str, flag: str = "--output_dir") -> None:
+    """Hold `folder`'s lock for this process; a folder another live process holds is refused in one line."""
+    key = os.path.realpath(folder)
+    if key in _locks:
+        return
+    lock, owner = acquire(folder)
+    if lock is None:
+        fail(f"{flag} {folder} is in use by another run ({owner}); wait for it, or choose another folder")
     _locks[key] = lock
 
 

@@ -10,9 +10,10 @@ The monitor measures on inputs the caller fixes (the "probe", `Probe` below): a 
 each noised at one t with one ε, drawn once, so that p_init, every new reference and the policy are compared on
 exactly the same noised images. p_init never changes, so its predictions on a probe are computed once.
 
-Memory: the initial weights stay in (pinned) CPU memory. They visit the accelerator only while the
-monitor measures, loaded into the reference model's own parameters, which are about to be overwritten
-by the policy anyway; so the method costs no accelerator memory beyond Diffusion-DPO's reference.
+Memory: the initial weights stay in (pinned) CPU memory. They visit the accelerator only when the monitor
+needs p_init's predictions (once per probe), loaded into the reference model's own parameters, which are
+about to be overwritten by the policy anyway; so the method costs no accelerator memory beyond
+Diffusion-DPO's reference.
 """
 import copy
 from contextlib import nullcontext
@@ -84,7 +85,9 @@ def _mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
 
 
 class Reference:
-    """The reference model p_ref of Diffusion-DPO, updated by the τ/δ rule of §2.
+    """The reference model p_ref of Diffusion-DPO, updated by the τ/δ rule of §2. The copy runs in the policy's
+    mode (train or eval: diffusers' blocks take different code paths), so that policy and reference compute the
+    same function and the loss is exactly log 2 at the first step.
 
     policy:     the model being trained (unwrapped: no DDP or compile wrapper); its current weights
                 become both the reference and p_init, so build this before any optimizer step.
@@ -95,8 +98,6 @@ class Reference:
                 at that last copy for the rest of training), "reinit" (the Re-Init ablation, Table 3:
                 reset to p_init; the monitor keeps checking later copies), or "ignore" (update every τ
                 without the monitor, the failure mode the paper warns about).
-    The copy runs in the policy's mode (train or eval: diffusers' blocks take different code paths), so that
-    policy and reference compute the same function and the loss is exactly log 2 at the first step.
     dtype:      dtype of the reference copy (the training dtype, e.g. bf16: it is only ever run); p_init is
                 kept in that dtype too, in pinned CPU memory.
     model:      the reference module to use instead of a deep copy of the policy; it must start equal to the

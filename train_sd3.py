@@ -191,7 +191,7 @@ def main(argv=None) -> int:
     loader = loading.pair_loader(args, run, *encoders)
     # §2's monitor measures D(p_ref, p_init) on a probe: --monitor_samples winners of the data with their
     # t ~ U and ε, drawn once and kept in the checkpoint (or, with --monitor batch, the last micro-batch's).
-    probe = monitor_probe(m, loading.probe_pairs(args, run, *encoders, seed_offset=runtime.PROBE_SEED),
+    probe = monitor_probe(m, loading.probe_pairs(args, run, *encoders),
                           args.monitor_samples, runtime.micro_generators(args.seed, 0, runtime.MONITOR_STREAM, run.device),
                           run, chunk=2 * args.train_batch_size)
     if args.cache_latents:

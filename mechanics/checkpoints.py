@@ -140,8 +140,8 @@ class Checkpoints:
 
         pid = [os.getpid()]
         dist.broadcast_object_list(pid)
-        with (atomic_dir(path, pid[0]) if self.run.is_main else nullcontext()) as tmp:
-            tmp = path + f".tmp-{pid[0]}"
+        tmp = path + f".tmp-{pid[0]}"  # rank 0's atomic_dir folder, which every rank writes into
+        with atomic_dir(path, pid[0]) if self.run.is_main else nullcontext():
             self.run.barrier()  # rank 0 has made the folder
             dcp.save(self._sharded_state(), checkpoint_id=os.path.join(tmp, "sharded"))
             own = {name: obj.state_dict() for name, obj in self.state.items() if name not in self.SHARDED + ("scaler",)}

@@ -231,7 +231,7 @@ def _given(p: argparse.ArgumentParser, argv: list[str]) -> dict:
             action.default = default
 
 
-def _layered(p, given: dict, family: str, recipe: dict, tiny_recipe: dict, toy_recipe: dict | None) -> dict:
+def _layered(p, given: dict, recipe: dict, tiny_recipe: dict, toy_recipe: dict | None) -> dict:
     """Generic defaults < the script's recipe < --tiny's recipe < (SD1.5, no --pretrained_model) the toy
     recipe < the --method preset < the command line. A recipe value may be a function of the values so far
     (a path in the cache, say), evaluated here in order."""
@@ -321,12 +321,12 @@ def resolve(argv, doc: str, family: str, recipe: dict, objectives: dict, tiny_re
         model_flags(p)
     given = _given(p, argv)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    values = _layered(p, given, family, recipe, tiny_recipe, toy_recipe)
+    values = _layered(p, given, recipe, tiny_recipe, toy_recipe)
     if "-h" not in argv and "--help" not in argv:
         _check_ranges(values)
     _derive(values, given, objectives, family, world_size)
     defaults = _layered(p, {k: v for k, v in given.items() if k in ("tiny", "method", "pretrained_model")},
-                        family, recipe, tiny_recipe, toy_recipe)
+                        recipe, tiny_recipe, toy_recipe)
     if "-h" in argv or "--help" in argv:
         p.set_defaults(**values)
         p.parse_args(["--help"])

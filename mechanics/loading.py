@@ -174,7 +174,10 @@ def pair_loader(args, run, encode_images=None, encode_captions=None, batch_size=
     return _OneLineDataErrors(loader)
 
 
-def probe_pairs(args, run, encode_images=None, encode_captions=None, seed_offset: int = 7919) -> dict:
+PROBE_SEED = 7919  # the seed offset of the probe's order of pairs, apart from the training order's
+
+
+def probe_pairs(args, run, encode_images=None, encode_captions=None) -> dict:
     """The pairs of the monitor's probe (--monitor probe): --monitor_samples pairs of the training data for
     this rank, drawn once in an order of their own (seed apart from the training order's), without caption
     dropout: the monitor compares models on the prompts the images belong to."""
@@ -183,7 +186,7 @@ def probe_pairs(args, run, encode_images=None, encode_captions=None, seed_offset
     quiet.setLevel(logging.WARNING)  # the training loader has just reported the same dataset
     try:
         loader = pair_loader(argparse.Namespace(**{**vars(args), "caption_dropout": 0.0}), run, encode_images,
-                             encode_captions, batch_size=args.monitor_samples, seed=args.seed + seed_offset,
+                             encode_captions, batch_size=args.monitor_samples, seed=args.seed + PROBE_SEED,
                              num_workers=0)
         return next(iter(loader))
     finally:

@@ -20,9 +20,8 @@ from mechanics.flags import fail
 
 logger = logging.getLogger("train")
 
-# Generator stream of the monitor's inputs, apart from every micro-batch's, and the seed offset of its pairs.
+# Generator stream of the monitor's inputs, apart from every micro-batch's.
 MONITOR_STREAM = 1 << 20
-PROBE_SEED = 7919
 
 
 @dataclass

@@ -102,6 +102,7 @@ TINY_REWARDS = ("toy_fidelity", "toy_aesthetic", "toy_label")
 # The offline demo samples as the toy world's pairs were sampled (toy.py: DDIM trailing, 10 steps, guidance 3),
 # every image with its own seed.
 TINY_DEFAULTS = {"steps": 10, "guidance_scale": 3.0, "resolution": 32, "num_seeds": 2, "limit": None}
+BATCH_SIZE = 4  # images per pipeline call unless --batch_size says otherwise
 TINY_PROMPTS = 54  # the toy world's held-out prompts (all of toy.EVAL_PROMPTS) in the demo's prompt file
 
 
@@ -1034,6 +1035,55 @@ def tiny_prompt_file(out: Path) -> str:
     return str(path)
 
 
+def evaluate_tiny(model: str, output_dir, progress: bool = True, log: Callable[[str], None] = print) -> EvalResult:
+    """What `python eval.py --tiny --model MODEL` computes (MODEL against the toy base model on the toy world's
+    held-out prompts, TINY_DEFAULTS' sampler, every image its own seed), for train_sd15.py --tiny's report: the
+    same keys, settings (main's --tiny defaults) and batches, so the same images and numbers."""
+    from miniature import toy
+
+    out = Path(output_dir)
+    return evaluate(model, [f"toy-base={toy.TOY_MODEL}"], tiny_prompt_file(out), TINY_REWARDS, out,
+                    num_seeds=TINY_DEFAULTS["num_seeds"], distinct_seeds=True, steps=TINY_DEFAULTS["steps"],
+                    guidance_scale=TINY_DEFAULTS["guidance_scale"], resolution=TINY_DEFAULTS["resolution"],
+                    batch_size=BATCH_SIZE, device="cpu", progress=progress, log=log)
+
+
+def side_by_side(result: EvalResult, path, baseline: str, count: int = 16, columns: int = 4, scale: int = 3) -> str:
+    """A PNG of `count` same-seed image pairs, the baseline's left of the model's, `columns` pairs per row
+    (held-out prompts spread over the set); returns its path."""
+    model = result.summary["model"]
+    stores = {label: Path(info["images"]) for label, info in result.summary["models"].items()}
+    keys = sorted(next(iter(result.scores.values()))[model])
+    picked = [keys[round(i * (len(keys) - 1) / max(count - 1, 1))] for i in range(min(count, len(keys)))]
+    tiles = [Image.open(image_path(stores[label], *key)).convert("RGB") for key in picked for label in (baseline, model)]
+    w, h = tiles[0].size
+    gap = max(2, w // 8)  # a white gap between pairs, none inside a pair
+    rows = math.ceil(len(picked) / columns)
+    grid = Image.new("RGB", (columns * (2 * w + gap) - gap, rows * (h + gap) - gap), (255, 255, 255))
+    for i in range(len(picked)):
+        x, y = (i % columns) * (2 * w + gap), (i // columns) * (h + gap)
+        grid.paste(tiles[2 * i], (x, y))
+        grid.paste(tiles[2 * i + 1], (x + w, y))
+    grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
+    grid.save(path)
+    return str(path)
+
+
+def tiny_report(model: str, output_dir) -> list[str]:
+    """train_sd15.py --tiny's last lines: evaluate_tiny of its final model into output_dir, then the mean toy
+    reward before → after, the same-seed win rate over the toy base with its interval, and the side-by-side PNG."""
+    result = evaluate_tiny(f"trained={model}", output_dir, progress=True, log=lambda message: None)
+    means, png = result.summary["mean_scores"], side_by_side(result, Path(output_dir) / "side_by_side.png", "toy-base")
+    ps = result.summary["prompt_set"]
+    lines = [f"held-out comparison ({ps['num_prompts']} held-out prompts x {ps['num_pairs'] // ps['num_prompts']} "
+             f"seeds; python eval.py --tiny --model {model} computes the same):"]
+    lines += [f"  mean {c:13s} {means['toy-base'][c]:.4f} (toy base) → {means['trained'][c]:.4f} (trained)"
+              for c in TINY_REWARDS]
+    lines += ["  " + line[2:] for line in verdicts(result.summary) if ", toy_label:" in line]
+    lines.append(f"  same-seed samples, toy base left of trained: {png}")
+    return lines
+
+
 # CLI
 
 
@@ -1071,7 +1121,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "FLUX.1-dev's distilled guidance)")
     p.add_argument("--resolution", type=int, default=None,
                    help="image height and width in pixels (default per family: sd15 512, sdxl 1024, sd3 1024, flux 1024)")
-    p.add_argument("--batch_size", type=int, default=4, help="images per pipeline call (default 4)")
+    p.add_argument("--batch_size", type=int, default=BATCH_SIZE, help=f"images per pipeline call (default {BATCH_SIZE})")
     p.add_argument("--reward_batch_size", type=int, default=16, help="images per reward forward pass (default 16)")
     p.add_argument("--device", default=None, help="torch device (default cuda if available, else cpu)")
     p.add_argument("--dtype", default="auto", help="pipeline dtype: auto (float16 on GPU, float32 on CPU), "

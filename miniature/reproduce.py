@@ -49,15 +49,17 @@ CALIBRATION_SEED = 1000  # the calibration runs' training seed, apart from the s
 RECIPE = dict(
     steps=100,            # optimizer steps per run (L): 8 main configurations × 10 seeds fit the 90-minute budget
     batch=8,              # pairs per step: 800 of the 1000 training pairs per run, each about once
-    learning_rate=6e-5,   # AdamW, constant after warm-up: lr × L as the 200-step, 3e-5 recipe before it
     warmup=5,
-    beta=5000.0,          # Diffusion-DPO's SD1.5 β (PAPER.md §5)
-    taus=(1, 2, 3),       # the paper's {16, 32, 64} of 2000 steps, scaled to L = 100: {0.8, 1.6, 3.2}
+    # Diffusion-DPO's grid, tuned on the calibration split (stage 1a) with as many runs as the method's τ grid
+    # (stage 1b): every configuration then trains with the tuned learning rate (AdamW, constant after warm-up) and β.
+    learning_rates=(6e-5, 1.2e-4),
+    betas=(500.0, 5000.0),  # Diffusion-DPO's SD1.5 β = 5000 (PAPER.md §5), and a tenth of it
+    taus=(1, 2, 3, 6),    # the paper's {16, 32, 64} of 2000 steps, scaled to L = 100: {0.8, 1.6, 3.2}, and 2× that
     freeze_window=(0.3, 0.5),  # the calibration's δ must freeze the reference inside this share of the run
     calibration_every=10,  # checkpoint (and Fig. 1c point) every N steps of a calibration run
     calibration_seeds=4,  # images per calibration prompt (27 prompts), each with its own seed
-    eval_seeds=2,         # images per held-out prompt (54 prompts), each with its own seed
-    seeds=10,             # training seeds of every main configuration (0 … N−1)
+    eval_seeds=4,         # images per held-out prompt (54 prompts), each with its own seed
+    seeds=13,             # training seeds of every main configuration (0 … N−1): the pilot's power analysis (README)
     cheap_seeds=3,        # SFT and Re-Init
     long_seeds=3,         # the long run without the monitor (claim 2)
     long_factor=4,        # … of long_factor × L steps
@@ -67,10 +69,10 @@ RECIPE = dict(
     # The monitor's probe. 64 (train_sd15.py's default) made a τ = 1 run twice as slow as a Diffusion-DPO run and
     # the study overrun its 90 minutes; 32 (std/D ≈ 0.06 by monitor_noise.py's measurement) keeps it inside.
     monitor_samples=32,
-    sesoi=0.005,          # smallest effect of interest in held-out toy_label (README)
+    sesoi=0.0058,         # smallest effect of interest in held-out toy_label: 20 % of Diffusion-DPO's pilot gain (README)
 )
 QUICK = dict(seeds=3, cheap_seeds=0, long_seeds=0, diagnostic_seeds=2)
-SMOKE = dict(steps=4, batch=2, warmup=0, taus=(1,), calibration_every=2, calibration_seeds=1, eval_seeds=1,
+SMOKE = dict(steps=4, batch=2, warmup=0, learning_rates=(6e-5,), betas=(5000.0,), taus=(1,), calibration_every=2, calibration_seeds=1, eval_seeds=1,
              seeds=2, cheap_seeds=0, long_seeds=1, long_factor=2, diagnostic_seeds=1, diagnostic_pairs=4,
              num_pairs=16, monitor_samples=4)
 SMOKE_PROMPTS = 2
@@ -123,7 +125,14 @@ SECONDARY = (("Diffusion-DPO vs the base model", "dpo", "base"), ("SFT vs the ba
              ("Re-Init vs freeze", "reinit", "explore"))
 # t_{0.975, df}: the paired t-interval's quantile, df = seeds − 1.
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-        11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 19: 2.093, 29: 2.045}
+        11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
+        20: 2.086, 21: 2.080, 22: 2.074, 23: 2.069, 24: 2.064, 25: 2.060, 26: 2.056, 27: 2.052, 28: 2.048,
+        29: 2.045, 30: 2.042}
+
+
+def t975(df: int) -> float:
+    """The quantile above; past df = 30, Cornish–Fisher's first term (within 0.003 of the exact value there)."""
+    return T975.get(df, 1.96 + 2.37 / df)
 
 
 def parse_args(argv=None):
@@ -133,6 +142,9 @@ def parse_args(argv=None):
     p.add_argument("--model", default=str(DEFAULT_MODEL), help="the toy base model (pipeline folder, hub layout)")
     p.add_argument("--quick", action="store_true", help=f"{QUICK['seeds']} seeds of {', '.join(QUICK_CONFIGS)} only")
     p.add_argument("--smoke", action="store_true", help="the mechanics only: tiny runs, every table and figure made")
+    p.add_argument("--eval_split", choices=["eval", "calibration"], default="eval",
+                   help="prompts the final models are compared on: the held-out evaluation prompts (the study), or "
+                        "the calibration prompts (the pilot that sets the SESOI and the number of seeds, README)")
     p.add_argument("--jobs", type=int, default=None,
                    help="runs at once, each in its own process with one torch thread (default: min(2, CPUs); "
                         "1 with --smoke: trains in this process)")
@@ -150,8 +162,8 @@ def parse_args(argv=None):
                  "num_pairs", "monitor_samples", "diagnostic_pairs"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1")
-    if args.learning_rate <= 0 or args.beta <= 0 or min(args.taus) < 1:
-        p.error("--learning_rate, --beta and every --taus must be positive")
+    if min(args.learning_rates) <= 0 or min(args.betas) <= 0 or min(args.taus) < 1:
+        p.error("--learning_rates, --betas and --taus must be positive, every value")
     if not 0 < args.freeze_window[0] < args.freeze_window[1] <= 1:
         p.error("--freeze_window takes two shares of the run, 0 < a < b <= 1")
     if args.jobs is None:  # a smoke run's few steps cost less than starting a worker process
@@ -217,13 +229,15 @@ def configs(args) -> list[tuple[str, list[int]]]:
 # Running train_sd15.main, in this process or in a worker
 
 
-def train_argv(args, run_dir: Path, seed: int, flags: list[str], steps: int | None = None) -> list[str]:
-    """The flags every run shares, then the configuration's own (PAPER.md §5's recipe, scaled to the toy)."""
+def train_argv(args, run_dir: Path, seed: int, flags: list[str], steps: int | None = None,
+               learning_rate: float | None = None, beta: float | None = None) -> list[str]:
+    """The flags every run shares, then the configuration's own (PAPER.md §5's recipe, scaled to the toy);
+    learning rate and β: the tuned ones (stage 1a) unless given."""
     return ["--pretrained_model", args.model, "--dataset", args.pairs, "--resolution", "32",
             "--output_dir", str(run_dir), "--seed", str(seed), "--max_steps", str(steps or args.steps),
             "--train_batch_size", str(args.batch), "--effective_batch_size", str(args.batch),
-            "--learning_rate", str(args.learning_rate), "--no-scale_lr", "--warmup_steps", str(args.warmup),
-            "--beta", str(args.beta), "--divergence_every", str(args.calibration_every),
+            "--learning_rate", str(learning_rate or args.learning_rate), "--no-scale_lr",
+            "--warmup_steps", str(args.warmup), "--beta", str(beta or args.beta), "--divergence_every", str(args.calibration_every),
             "--monitor_samples", str(args.monitor_samples), "--bin_stats_every", str(args.calibration_every),
             "--device", "cpu", "--dataloader_workers", "0", "--checkpoint_every", str(10**9), "--no-plot",
             # The VAE and text encoder run once per image for all runs, not once per step.
@@ -322,12 +336,13 @@ def warm_cache(args, out: Path) -> None:
     """Encode the pairs into the shared latent cache with a one-step run, before runs start in parallel: two
     processes building the same cache folder at once would collide."""
     run_dir = out / "cache" / "warmup"
-    argv = train_argv(args, run_dir, 0, ["--tau", "0"], steps=1)
+    argv = train_argv(args, run_dir, 0, ["--tau", "0"], steps=1, learning_rate=args.learning_rates[0],
+                      beta=args.betas[0])
     if not run_done(run_dir, argv):
         train_one(str(run_dir), argv)
 
 
-# Stage 1: calibration (Fig. 1c)
+# Stage 1: tuning Diffusion-DPO (1a), then calibrating τ and δ (1b, Fig. 1c)
 
 
 def calibration_keys(args) -> tuple[list[str], list[int]]:
@@ -371,6 +386,32 @@ def calibrate_run(run_dir: str, argv: list[str], model: str, prompts: list[str],
     return result
 
 
+DPO_FLAGS = ["--tau", "0", "--gamma", "1", "--no_reward_scale"]
+
+
+def tune_dpo(args, out: Path) -> dict:
+    """Diffusion-DPO's learning rate and β, by the pre-registered rule: of the grid's runs (training seed
+    CALIBRATION_SEED, checkpoints scored on the calibration prompts), the one whose final model scores best.
+    A baseline that loses to the base model is a mis-tuned baseline; this gives it the method's tuning budget."""
+    prompts, seeds = calibration_keys(args)
+    grid = [(lr, beta) for lr in args.learning_rates for beta in args.betas]
+    tasks = []
+    for lr, beta in grid:
+        run_dir = out / "tuning" / f"lr{lr:g}-beta{beta:g}"
+        flags = [*DPO_FLAGS, "--checkpoint_every", str(args.calibration_every), "--keep_checkpoints", "1000"]
+        tasks.append((calibrate_run, str(run_dir), train_argv(args, run_dir, CALIBRATION_SEED, flags, learning_rate=lr,
+                                                              beta=beta), args.model, prompts, seeds,
+                      args.calibration_every))
+    curves = [r["points"] for r in run_tasks(tasks, args.jobs, "[1a/5] tuning Diffusion-DPO")]
+    best = max(range(len(grid)), key=lambda i: curves[i][-1]["score"])
+    args.learning_rate, args.beta = grid[best]
+    rule = (f"best final calibration toy_label {curves[best][-1]['score']:.4f} (base {curves[best][0]['score']:.4f}) at "
+            f"lr = {args.learning_rate:g}, β = {args.beta:g}; the grid: "
+            + ", ".join(f"{lr:g}/{beta:g} → {c[-1]['score']:.4f}" for (lr, beta), c in zip(grid, curves)))
+    return {"learning_rate": args.learning_rate, "beta": args.beta, "rule": rule, "base_score": curves[best][0]["score"],
+            "curves": {f"lr {lr:g}, β {beta:g}": c for (lr, beta), c in zip(grid, curves)}}
+
+
 def calibrate(args, out: Path) -> dict:
     """Fig. 1c's principle with the pre-registered rule: among the checkpoints inside the freeze window, the one
     with the best calibration score; δ = its D, τ = its run's τ."""
@@ -382,7 +423,7 @@ def calibrate(args, out: Path) -> dict:
                  "--checkpoint_every", str(args.calibration_every), "--keep_checkpoints", "1000"]
         tasks.append((calibrate_run, str(run_dir), train_argv(args, run_dir, CALIBRATION_SEED, flags), args.model,
                       prompts, seeds, args.calibration_every))
-    curves = dict(zip(args.taus, (r["points"] for r in run_tasks(tasks, args.jobs, "[1/5] calibration"))))
+    curves = dict(zip(args.taus, (r["points"] for r in run_tasks(tasks, args.jobs, "[1b/5] calibrating τ, δ"))))
     low, high = (round(f * args.steps) for f in args.freeze_window)
     candidates = [(tau, p) for tau, pts in curves.items() for p in pts if low <= p["step"] <= high]
     if not candidates:  # a smoke run's few steps: the window holds no checkpoint
@@ -415,12 +456,22 @@ def _evaluate(specs: list[str], prompt_file: str, output_dir: str, settings: dic
     return {label: {c: result.scores[c][label] for c in result.scores} for label in result.scores[REWARDS[0]]}
 
 
-def evaluate(args, out: Path, runs: dict) -> dict:
-    """Every final model and the base model on the held-out prompts, each image with its own seed; the models
-    are split in `jobs` groups sampled in parallel (each group samples the base model too, in its own folder)."""
+def eval_prompts(args) -> list[str]:
+    """The prompts final models are compared on: toy.EVAL_PROMPTS, or with --eval_split calibration (the pilot)
+    toy.CALIBRATION_PROMPTS."""
     from miniature import toy
 
-    prompts = toy.EVAL_PROMPTS[:SMOKE_PROMPTS] if args.smoke else toy.EVAL_PROMPTS
+    prompts = toy.CALIBRATION_PROMPTS if args.eval_split == "calibration" else toy.EVAL_PROMPTS
+    return prompts[:SMOKE_PROMPTS] if args.smoke else prompts
+
+
+def evaluate(args, out: Path, runs: dict, stage: str, desc: str) -> dict:
+    """Every final model of `runs` and the base model on eval_prompts, each image with its own seed, into
+    OUTPUT_DIR/eval/STAGE; the models are split in `jobs` groups sampled in parallel (each group samples the base
+    model too, in its own folder)."""
+    from miniature import toy
+
+    prompts = eval_prompts(args)
     prompt_file = out / "eval_prompts.txt"
     prompt_file.write_text("\n".join(prompts) + "\n")
     specs = {(key, seed): f"{key}-s{seed}={run_dir / 'final'}" for (key, seed), run_dir in runs.items()}
@@ -428,15 +479,68 @@ def evaluate(args, out: Path, runs: dict) -> dict:
                     guidance_scale=toy.GUIDANCE_SCALE, resolution=32, batch_size=64, reward_batch_size=256,
                     device="cpu", dtype="float32")
     groups = [list(specs.values())[i::args.jobs] for i in range(args.jobs)]
-    tasks = [(_evaluate, [f"base={args.model}", *g], str(prompt_file), str(out / "eval" / f"group{i}"), settings)
+    folder = out / "eval" / stage
+    tasks = [(_evaluate, [f"base={args.model}", *g], str(prompt_file), str(folder / f"group{i}"), settings)
              for i, g in enumerate(groups) if g]
     scores = {}
-    for group in run_tasks(tasks, args.jobs, "[3/5] evaluation"):
+    for group in run_tasks(tasks, args.jobs, desc):
         scores.update(group)
+    images = {k: str(folder / f"group{list(specs).index(k) % args.jobs}" / "images") for k in specs}
     return {"scores": {"base": scores["base"], **{k: scores[s.split("=")[0]] for k, s in specs.items()}},
             "prompts": len(prompts), "images_per_model": len(prompts) * args.eval_seeds,
-            "images": {k: str(out / "eval" / f"group{list(specs).index(k) % args.jobs}" / "images")
-                       for k in specs}}
+            "images": {"base": str(folder / "group0" / "images"), **images}}
+
+
+# The positive control (README, pre-registered): Diffusion-DPO against the base model, paired by training seed. It
+# gates the claims: a testbed in which the baseline cannot improve its base model cannot tell a working method
+# from a broken one, and no verdict on the method would mean anything.
+GATE_SEEDS = 10         # training seeds at least
+GATE_MIN_GAIN = 0.02    # the gain's 95 % interval must lie above this (toy_label), and the gain be at least …
+GATE_SD_FACTOR = 3.0    # … this many seed-to-seed standard deviations of Diffusion-DPO's mean
+GATE_WIN_RATE = 0.65    # the same-seed win rate over the base, the mean over training seeds, at least
+
+
+def attainable(args) -> float:
+    """The reward's attainable level on the comparison prompts: the renderer's own clean pictures, as many per
+    prompt as the evaluation samples, scored like the models' images."""
+    from miniature import toy
+
+    rng = np.random.default_rng(0)
+    prompts = [p for p in eval_prompts(args) for _ in range(args.eval_seeds)]
+    return float(np.mean(toy.TOY_REWARDS[PRIMARY]([toy.render(toy.sample_spec(rng, p)) for p in prompts], prompts)))
+
+
+def positive_control(args, means: dict, evaluation: dict, seeds: list[int]) -> dict:
+    """The gate: the gain of Diffusion-DPO over the base model with its interval, the seed-to-seed SD, the
+    same-seed win rate, each check and the verdict."""
+    import eval as ev
+
+    dpo = [means[("dpo", s)][PRIMARY] for s in seeds]
+    interval = paired_interval(dpo, [means["base"][PRIMARY]] * len(seeds))
+    sd = float(np.std(dpo, ddof=1)) if len(dpo) > 1 else math.nan
+    scores = evaluation["scores"]
+    wins = [ev.win_rate(scores[("dpo", s)][PRIMARY], scores["base"][PRIMARY]) for s in seeds]
+    checks = {f"95 % interval above +{GATE_MIN_GAIN}": interval["low"] is not None and interval["low"] > GATE_MIN_GAIN,
+              f"gain ≥ {GATE_SD_FACTOR:g} × SD = {GATE_SD_FACTOR * sd:.4f}": not math.isnan(sd)
+              and interval["mean"] >= GATE_SD_FACTOR * sd,
+              f"same-seed win rate ≥ {GATE_WIN_RATE:.0%}": float(np.mean(wins)) >= GATE_WIN_RATE,
+              f"≥ {GATE_SEEDS} training seeds": len(seeds) >= GATE_SEEDS}
+    return {**interval, "seed_sd": sd, "split": args.eval_split, "win_rate": float(np.mean(wins)), "win_rates": wins,
+            "win_rate_range": [float(min(wins)), float(max(wins))], "base": means["base"][PRIMARY],
+            "dpo": float(np.mean(dpo)), "attainable": attainable(args), "checks": checks,
+            "passed": all(checks.values())}
+
+
+def gate_lines(gate: dict) -> list[str]:
+    verdict = "PASSED" if gate["passed"] else "FAILED"
+    interval = "–" if gate["low"] is None else f"[{gate['low']:+.4f}, {gate['high']:+.4f}]"
+    split = "calibration-prompt" if gate["split"] == "calibration" else "held-out"
+    return [f"**Positive control: {verdict}.** Diffusion-DPO − base, {split} toy_label over {gate['n']} training seeds: "
+            f"{gate['mean']:+.4f}, 95 % interval {interval}; seed-to-seed SD of Diffusion-DPO's mean {gate['seed_sd']:.4f}; "
+            f"same-seed win rate over the base {gate['win_rate']:.1%} (per seed {gate['win_rate_range'][0]:.1%}–"
+            f"{gate['win_rate_range'][1]:.1%}); base {gate['base']:.4f} → Diffusion-DPO {gate['dpo']:.4f}, attainable "
+            f"{gate['attainable']:.4f} (the renderer's own pictures).",
+            "", *(f"- {'✓' if ok else '✗'} {check}" for check, ok in gate["checks"].items())]
 
 
 # Stage 4: diagnostics (Fig. 2's protocol, Fig. 5)
@@ -516,9 +620,20 @@ def paired_interval(values_a: list[float], values_b: list[float]) -> dict:
     d = np.asarray(values_a) - np.asarray(values_b)
     n = len(d)
     if n < 2:
-        return {"n": n, "mean": float(d.mean()), "low": None, "high": None}
-    half = T975.get(n - 1, 1.96) * d.std(ddof=1) / math.sqrt(n)
-    return {"n": n, "mean": float(d.mean()), "low": float(d.mean() - half), "high": float(d.mean() + half)}
+        return {"n": n, "mean": float(d.mean()), "low": None, "high": None, "sd": None}
+    half = t975(n - 1) * d.std(ddof=1) / math.sqrt(n)
+    return {"n": n, "mean": float(d.mean()), "low": float(d.mean() - half), "high": float(d.mean() + half),
+            "sd": float(d.std(ddof=1))}
+
+
+def seeds_for_power(sd: float, effect: float, z_power: float = 0.8416) -> int:
+    """Training seeds for the paired t-interval to exclude 0 with 80 % power when the true difference is
+    `effect` and paired differences have standard deviation `sd` (the pilot's): the smallest n ≥ 2 with
+    (t_{0.975, n−1} + z_{0.80}) · sd / √n ≤ effect (the normal approximation of the power term)."""
+    for n in range(2, 1000):
+        if (t975(n - 1) + z_power) * sd / math.sqrt(n) <= effect:
+            return n
+    return 1000
 
 
 def verdict(interval: dict, kind: str, sesoi: float) -> str:
@@ -574,7 +689,7 @@ def training_summary(runs: dict, seeds_of: dict) -> dict:
 # Figures
 
 
-def draw_figures(args, out: Path, runs: dict, seeds_of: dict, calibration: dict, diagnostics: dict,
+def draw_figures(args, out: Path, runs: dict, seeds_of: dict, tuning: dict, calibration: dict, diagnostics: dict,
                  evaluation: dict) -> dict:
     import matplotlib
 
@@ -594,8 +709,15 @@ def draw_figures(args, out: Path, runs: dict, seeds_of: dict, calibration: dict,
         fig.savefig(paths[name], dpi=90)
         plt.close(fig)
 
-    # Fig. 1c: the calibration.
-    fig, ax = plt.subplots(figsize=(6, 4.2))
+    # Fig. 1c: the calibration; beside it, the calibration score over steps of every tuning and calibration run.
+    fig, (ax, ax_steps) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name, points in [*tuning["curves"].items(), *((f"τ = {t}", c) for t, c in calibration["curves"].items())]:
+        ax_steps.plot([p["step"] for p in points], [p["score"] for p in points], marker="o", ms=3,
+                      ls="-" if name.startswith("lr") else "--", label=f"Diffusion-DPO, {name}" if name.startswith("lr")
+                      else f"{name}, no monitor")
+    ax_steps.set(xlabel="step", ylabel="calibration-split toy_label",
+                 title=f"Tuning (lr {tuning['learning_rate']:g}, β {tuning['beta']:g} chosen) and calibration runs")
+    ax_steps.legend(fontsize=6)
     for tau, points in calibration["curves"].items():
         ax.plot([p["divergence"] for p in points], [p["score"] for p in points], "o-", ms=3, label=f"τ = {tau}, no monitor")
         for p in points:
@@ -639,12 +761,12 @@ def draw_figures(args, out: Path, runs: dict, seeds_of: dict, calibration: dict,
 
     from miniature import toy
     shown = ["base"] + [k for k in ("dpo", "explore", "full50") if (k, 0) in runs]
-    prompts = toy.EVAL_PROMPTS[:SMOKE_PROMPTS] if args.smoke else toy.EVAL_PROMPTS
+    prompts = eval_prompts(args)
     rows = sorted(set(np.linspace(0, len(prompts) - 1, min(8, len(prompts))).round().astype(int).tolist()))
     fig, axes = plt.subplots(len(rows), len(shown), figsize=(1.7 * len(shown) + 1.8, 1.6 * len(rows)), squeeze=False)
     for i, idx in enumerate(rows):
         for j, key in enumerate(shown):
-            folder = Path(evaluation["images"][(key, 0)] if key != "base" else evaluation["images"][(shown[1], 0)])
+            folder = Path(evaluation["images"][(key, 0) if key != "base" else "base"])
             tag = next(p for p in folder.iterdir() if p.name.startswith(f"{key}-s0-" if key != "base" else "base-"))
             axes[i][j].imshow(Image.open(tag / f"{idx:05d}_{idx * args.eval_seeds}.png"), interpolation="nearest")
             axes[i][j].set_xticks([]), axes[i][j].set_yticks([])
@@ -664,17 +786,37 @@ def fmt(value, digits=4) -> str:
     return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
-def render(args, calibration, means, seeds_of, rows, summary, evaluation) -> str:
-    lines = [f"**Calibration** ({calibration['prompts']} calibration prompts × {args.calibration_seeds} images, "
+def power_lines(args, rows: list[dict], gate: dict) -> list[str]:
+    """The power analysis this run allows: 20 % of its Diffusion-DPO gain as a smallest effect of interest, and per
+    claim the training seeds a paired interval needs to detect a true effect of that size with 80 % power, given
+    the SD of its paired differences here. Run on the calibration split, this is the pilot (README)."""
+    effect = 0.2 * gate["mean"]
+    lines = [f"**Power** (from this run's paired SDs): 20 % of Diffusion-DPO's gain = {effect:.4f}; "
+             f"the recipe's SESOI = {args.sesoi:g}.", "",
+             "| comparison | SD of A − B | seeds for 80 % power at 20 % of the gain | … at the SESOI |", "|---|---|---|---|"]
+    for r in rows:
+        if r["sd"] is not None and r["b"] != "base":
+            n_effect = seeds_for_power(r["sd"], effect) if effect > 0 else "–"
+            lines.append(f"| {r['a']} − {r['b']} | {r['sd']:.4f} | {n_effect} | {seeds_for_power(r['sd'], args.sesoi)} |")
+    return lines
+
+
+def render(args, tuning, calibration, gate, means, seeds_of, rows, summary, evaluation) -> str:
+    split = "calibration prompts (the pilot)" if args.eval_split == "calibration" else "held-out prompts"
+    lines = [f"**Diffusion-DPO's tuning** ({len(tuning['curves'])} runs, training seed {CALIBRATION_SEED}, calibration "
+             f"prompts): **lr = {tuning['learning_rate']:g}, β = {tuning['beta']:g}**. {tuning['rule']}.", "",
+             *gate_lines(gate), "",
+             f"**Calibration** ({calibration['prompts']} calibration prompts × {args.calibration_seeds} images, "
              f"training seed {CALIBRATION_SEED}): **τ = {calibration['tau']}, δ = {calibration['delta']:.3g}**. "
              f"{calibration['rule']}.", "",
-             "**Claims** (held-out toy_label, A − B paired by training seed; 95 % t-interval over seeds; "
+             f"**Claims** (toy_label on the {split}, A − B paired by training seed; 95 % t-interval over seeds; "
              f"smallest effect of interest {args.sesoi}):", "",
              "| claim | seeds | A − B | 95 % interval | verdict |", "|---|---|---|---|---|"]
     for r in rows:
         interval = "–" if r["low"] is None else f"[{r['low']:+.4f}, {r['high']:+.4f}]"
         lines.append(f"| {r['claim']} | {r['n']} | {r['mean']:+.4f} | {interval} | {r['verdict']} |")
-    lines += ["", f"Mean reward on {evaluation['prompts']} held-out prompts × {args.eval_seeds} images (each its own "
+    lines += ["", *power_lines(args, rows, gate)]
+    lines += ["", f"Mean reward on {evaluation['prompts']} {split} × {args.eval_seeds} images (each its own "
               "seed), mean ± std over training seeds:", "",
               "| configuration | seeds | " + " | ".join(REWARDS) + " |", "|---|---|" + "---|" * len(REWARDS),
               "| base (toy_model) | – | " + " | ".join(fmt(means["base"][c]) for c in REWARDS) + " |"]
@@ -709,7 +851,9 @@ class Clock:
     def __call__(self, name, fn, *fn_args):
         wall, cpu = time.time(), self.cpu()
         result = fn(*fn_args)
-        self.timings[name] = {"wall_s": round(time.time() - wall, 1), "cpu_s": round(self.cpu() - cpu, 1)}
+        spent = self.timings.setdefault(name, {"wall_s": 0.0, "cpu_s": 0.0})  # a stage may come in two parts
+        spent["wall_s"] = round(spent["wall_s"] + time.time() - wall, 1)
+        spent["cpu_s"] = round(spent["cpu_s"] + self.cpu() - cpu, 1)
         return result
 
 
@@ -721,10 +865,11 @@ def _jsonable(value):
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
-def train_all(args, out: Path, calibration: dict) -> tuple[dict, dict]:
+def train_all(args, out: Path, calibration: dict, keys) -> tuple[dict, dict]:
+    """Every run of the configurations in `keys` (those this invocation trains), `jobs` at a time."""
     runs, tasks, seeds_of = {}, [], {}
     flags_of = {key: flags for key, _, flags, _ in CONFIGS}
-    for key, seeds in configs(args):
+    for key, seeds in [(k, s) for k, s in configs(args) if k in keys]:
         seeds_of[key] = seeds
         for seed in seeds:
             run_dir = runs[(key, seed)] = out / "runs" / f"{key}-s{seed}"
@@ -734,8 +879,8 @@ def train_all(args, out: Path, calibration: dict) -> tuple[dict, dict]:
                 tasks.append((train_one, str(run_dir), argv))
     # The long runs first: the two processes then finish at about the same time.
     tasks.sort(key=lambda task: "nomonitor_long" not in task[1])
-    print(f"[2/5] training: {len(runs)} runs ({len(runs) - len(tasks)} already done), {args.jobs} at a time; "
-          f"logs in {out / 'runs'}/*/train.log")
+    print(f"[2/5] training {', '.join(seeds_of)}: {len(runs)} runs ({len(runs) - len(tasks)} already done), "
+          f"{args.jobs} at a time; logs in {out / 'runs'}/*/train.log")
     run_tasks(tasks, args.jobs, "[2/5] training")
     return runs, seeds_of
 
@@ -751,27 +896,57 @@ def main(argv=None) -> dict:
     args.model = str(Path(args.model).resolve())
     clock = Clock()
     pairs = clock("pairs", ensure_pairs, args)
-    calibration = clock("calibration", lambda: (warm_cache(args, out), calibrate(args, out))[1])
+    tuning = clock("tuning", lambda: (warm_cache(args, out), tune_dpo(args, out))[1])
+    print(f"      Diffusion-DPO: lr = {tuning['learning_rate']:g}, β = {tuning['beta']:g}: {tuning['rule']}")
+    calibration = clock("calibration", calibrate, args, out)
     print(f"      τ = {calibration['tau']}, δ = {calibration['delta']:.3g}: {calibration['rule']}")
-    runs, seeds_of = clock("training", train_all, args, out, calibration)
-    evaluation = clock("evaluation", evaluate, args, out, runs)
+    runs, seeds_of = clock("training", train_all, args, out, calibration, ("dpo",))
+    evaluation = clock("evaluation", evaluate, args, out, runs, "gate", "[3/5] positive control")
+    gate = positive_control(args, model_means(evaluation), evaluation, seeds_of["dpo"])
+    print("\n".join(gate_lines(gate)))
+    decides = not (args.quick or args.smoke)  # fewer seeds than the gate asks: it is reported, not applied
+    if gate["passed"] or not decides:
+        more_runs, more_seeds = clock("training", train_all, args, out, calibration,
+                                       [k for k, _ in configs(args) if k != "dpo"])
+        more = clock("evaluation", evaluate, args, out, more_runs, "main", "[3/5] evaluation")
+        runs, seeds_of = {**runs, **more_runs}, {**seeds_of, **more_seeds}
+        evaluation["scores"].update({k: v for k, v in more["scores"].items() if k != "base"})
+        evaluation["images"].update({k: v for k, v in more["images"].items() if k != "base"})
+    else:
+        return stop_at_gate(args, out, argv, clock, pairs, tuning, calibration, gate)
     diagnostics = clock("diagnostics", diagnose, args, runs)
     means = model_means(evaluation)
     rows = claims(args, means, seeds_of)
     summary = training_summary(runs, seeds_of)
-    figures = clock("figures", draw_figures, args, out, runs, seeds_of, calibration, diagnostics, evaluation)
+    figures = clock("figures", draw_figures, args, out, runs, seeds_of, tuning, calibration, diagnostics, evaluation)
+    text = render(args, tuning, calibration, gate, means, seeds_of, rows, summary, evaluation)
+    payload = {"pairs": pairs, "tuning": tuning, "calibration": calibration, "gate": gate, "claims": rows,
+               "training": summary, "figures": figures, "diagnostics": diagnostics,
+               "means": {f"{k[0]}-s{k[1]}" if isinstance(k, tuple) else k: v for k, v in means.items()}}
+    return write_results(args, out, argv, clock, text, payload)
+
+
+def stop_at_gate(args, out: Path, argv, clock, pairs, tuning, calibration, gate) -> dict:
+    """The study's end when the positive control fails: no claim is tested (README, pre-registration)."""
+    text = "\n".join([*gate_lines(gate), "", "The positive control failed: the claims are not tested in this world "
+                      "(change the world on the calibration split, not the rule).", ""])
+    payload = {"pairs": pairs, "tuning": tuning, "calibration": calibration, "gate": gate, "claims": [], "figures": {}}
+    return write_results(args, out, argv, clock, text, payload)
+
+
+def write_results(args, out: Path, argv, clock, text: str, payload: dict) -> dict:
     clock.timings["total"] = {"wall_s": round(time.time() - clock.start, 1), "cpu_s": round(clock.cpu(), 1)}
-    text = render(args, calibration, means, seeds_of, rows, summary, evaluation)
     timing = ", ".join(f"{k} {v['wall_s']:.0f} s" for k, v in clock.timings.items())
     command = " ".join(["python -m miniature.reproduce", *(argv if argv is not None else sys.argv[1:])])
+    figures = payload["figures"]
     (out / "results.md").write_text("\n".join(
-        ["# The paper in miniature: results", "", f"`{command}`; wall time: {timing}.", "", text, "## Figures", "",
+        ["# The paper in miniature: results", "", f"`{command}`; wall time: {timing}.", "", text,
+         *(["## Figures", ""] if figures else []),
          *(f"![{k}]({os.path.relpath(v, out)})" for k, v in figures.items())]) + "\n")
-    payload = {"args": vars(args), "timings": clock.timings, "pairs": pairs, "calibration": calibration,
-               "claims": rows, "training": summary, "figures": figures, "diagnostics": diagnostics,
-               "means": {f"{k[0]}-s{k[1]}" if isinstance(k, tuple) else k: v for k, v in means.items()}}
+    payload = {"args": vars(args), "timings": clock.timings, **payload}
     (out / "results.json").write_text(json.dumps(payload, indent=1, default=_jsonable))
-    print("\n" + text + f"\n[5/5] {timing}\nwrote {out / 'results.md'}, {out / 'results.json'} and {out / 'figures'}/")
+    print("\n" + text + f"\n[5/5] {timing}\nwrote {out / 'results.md'}, {out / 'results.json'}"
+          + (f" and {out / 'figures'}/" if figures else ""))
     return {"tables": text, **payload}
 
 

@@ -6,6 +6,8 @@ with 6 colours × 3 shapes × 5 placements × 3 sizes = 270 captions. `render(sp
 flat colour with hard edges on a flat light-grey background. A caption leaves some geometry free (the word
 "big" still allows a range of sizes, and "on the left" a range of places), so `sample_spec`
 draws the concrete centre and size from a seeded generator: the data is deterministic given the seed.
+The base model's pretraining pictures are a mixture (`with_defects`): half of them carry a defect mode
+(`DEFECTS`: tinted background, stray shapes, blur) under the same caption as the clean ones.
 
 Prompt split (fixed by a seeded permutation). `EVAL_PROMPTS` (54 captions) are never used to make training
 pairs nor to tune anything: the evaluation's. `CALIBRATION_PROMPTS` (27) are the calibration's, where τ and δ
@@ -75,6 +77,8 @@ class ToySpec:
     cx: float = SIZE / 2
     cy: float = SIZE / 2
     r: float = 8.0
+    defect: str | None = None  # one of DEFECTS, drawn into the picture by `render`; the caption never says
+    defect_seed: int = 0       # the defect's details (tint, stray shapes), so that a spec renders one picture
 
     @property
     def caption(self) -> str:
@@ -147,12 +151,54 @@ def _shape_mask(shape: str, cx: float, cy: float, rx: float, ry: float, size: in
     raise ValueError(f"unknown shape {shape!r}")
 
 
+# The pretraining data's defect modes. The base model is pretrained on a mixture in which DEFECT_RATE of the
+# pictures carry one of these, with the same captions as the clean ones, the way web pre-training left SD1.5
+# with modes of very different quality that nothing in the prompt selects: its samples then mix good and bad
+# modes, and preference data has something to re-weight (PAPER.md §1). Each defect is one the rewards penalise:
+#   tint    - the background is an off-grey colour (aesthetic: not clean, not crisp);
+#   clutter - one or two small stray shapes beside the object (aesthetic: not clean; fidelity: colour, shape, place);
+#   blur    - the whole picture is blurred (aesthetic: not crisp).
+DEFECTS = ("tint", "clutter", "blur")
+PRETRAIN_DEFECTS = ("tint", "clutter")  # the committed toy_model's mixture (miniature/README.md, design history)
+DEFECT_RATE = 0.5
+TINTS = ((215, 205, 180), (185, 210, 225), (220, 195, 205), (200, 215, 190))  # 50–70 RGB units off BACKGROUND
+BLUR_RADIUS = 1.2
+
+
 def render(spec: ToySpec) -> Image.Image:
-    """The ground-truth picture of `spec`: hard-edged flat shape on the flat background."""
+    """The picture of `spec`: a hard-edged flat shape on the flat background, then its defect, if any."""
+    rng = np.random.default_rng(spec.defect_seed)
     img = np.empty((SIZE, SIZE, 3), np.uint8)
-    img[:] = BACKGROUND
+    img[:] = TINTS[rng.integers(len(TINTS))] if spec.defect == "tint" else BACKGROUND
+    if spec.defect == "clutter":  # stray shapes first, in the quarter of the frame farthest from the object
+        for _ in range(int(rng.integers(1, 3))):
+            sx = float(rng.uniform(3, 9)) if spec.cx > SIZE / 2 else float(rng.uniform(SIZE - 9, SIZE - 3))
+            sy = float(rng.uniform(3, 9)) if spec.cy > SIZE / 2 else float(rng.uniform(SIZE - 9, SIZE - 3))
+            colour = list(COLOURS.values())[rng.integers(len(COLOURS))]
+            img[_shape_mask(SHAPES[rng.integers(len(SHAPES))], sx, sy, 2.5, 2.5)] = colour
     img[_shape_mask(spec.shape, spec.cx, spec.cy, spec.r, spec.r)] = COLOURS[spec.colour]
-    return Image.fromarray(img)
+    image = Image.fromarray(img)
+    if spec.defect == "blur":
+        from PIL import ImageFilter
+
+        image = image.filter(ImageFilter.GaussianBlur(BLUR_RADIUS))
+    elif spec.defect not in (None, "tint", "clutter"):
+        raise ValueError(f"unknown defect {spec.defect!r}; expected one of {DEFECTS}")
+    return image
+
+
+def with_defects(specs: list[ToySpec], seed: int, rate: float = DEFECT_RATE,
+                 defects: tuple[str, ...] = DEFECTS) -> list[ToySpec]:
+    """The pretraining mixture: each spec, with probability `rate`, given one of `defects` (uniformly) and a
+    seed for its details; deterministic in `seed`, and independent of the caption."""
+    from dataclasses import replace
+
+    rng = np.random.default_rng([seed, 7])
+    out = []
+    for spec in specs:
+        flawed, kind, detail = rng.random() < rate, int(rng.integers(len(defects) or 1)), int(rng.integers(2**31))
+        out.append(replace(spec, defect=defects[kind], defect_seed=detail) if flawed and defects else spec)
+    return out
 
 
 # Rewards.

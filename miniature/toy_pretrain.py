@@ -6,16 +6,18 @@ Three stages, all on CPU:
 1. Autoencoder: a random VAE decodes garbage, so the tiny AutoencoderKL is first fitted to toy images
    (reconstruction MSE plus a small KL term, as the SD VAE was trained), and its `scaling_factor` is set
    to 1 / std of the latents, the rule that gave SD1.5 its 0.18215.
-2. Dataset: `--num_images` toy images (toy.sample_specs, all 270 captions) encoded once into their latent
-   posteriors; each step draws a fresh latent sample from them.
+2. Dataset: `--num_images` toy images (toy.sample_specs, all 270 captions), `--defect_rate` of them drawn with
+   one of toy.DEFECTS (tinted background, stray shapes, blur) under the same caption as a clean picture
+   (toy.with_defects), encoded once into their latent posteriors; each step draws a fresh latent sample.
 3. UNet and text encoder together, with the standard ε-prediction loss on uniformly drawn timesteps of
    the SD1.5 schedule. The text encoder is trained too: the tiny CLIP is random, and a random encoder of
    byte-level tokens left frozen made prompt following (colour in particular) much slower to learn.
    Captions are dropped (replaced by "") with probability `--caption_dropout`, so that classifier-free
    guidance works at sampling time.
 
-Training is deliberately short: the base model should draw most captions recognisably but imperfectly
-(blurred edges, wrong colour or shape now and then, stray marks), leaving preference learning room.
+The base model so learns a mixture of good and bad modes that no caption selects, as SD1.5 learned from the
+web: its samples are clean or flawed by chance, its pairs often differ a lot in reward, and preference learning
+has a mode to re-weight rather than a capacity to grow (miniature/README.md, "Design history").
 
 The result is saved in the hub layout, with a DDIM sampling scheduler, and loads with
 StableDiffusionPipeline.from_pretrained. The project commits it as toy_model/ (with its README.md) rather
@@ -53,12 +55,17 @@ def parse_args(argv=None):
     p.add_argument("--output_dir", default="toy_model", help="where the pipeline folder (hub layout) is written")
     p.add_argument("--seed", type=int, default=0, help="seeds the model init, the toy data and the noise")
     p.add_argument("--num_images", type=int, default=8192, help="toy images in the pretraining set")
+    p.add_argument("--defect_rate", type=float, default=toy.DEFECT_RATE,
+                   help="share of the pretraining pictures that carry a defect mode (toy.DEFECTS), with the same "
+                        "captions as the clean ones: the base model's samples then mix good and bad modes")
+    p.add_argument("--defects", nargs="*", choices=toy.DEFECTS, default=list(toy.PRETRAIN_DEFECTS),
+                   help="the defect modes of the mixture, drawn uniformly")
     p.add_argument("--vae_steps", type=int, default=800, help="optimizer steps of the autoencoder fit")
     p.add_argument("--vae_batch_size", type=int, default=4,
                    help="images per autoencoder step (small batches, many steps: fastest per CPU-second here)")
     p.add_argument("--vae_lr", type=float, default=1e-3, help="autoencoder learning rate (AdamW, cosine decay)")
     p.add_argument("--kl_weight", type=float, default=1e-6, help="weight of the VAE's KL term (SD: 1e-6)")
-    p.add_argument("--unet_steps", type=int, default=1400, help="optimizer steps of the UNet/text-encoder stage")
+    p.add_argument("--unet_steps", type=int, default=2800, help="optimizer steps of the UNet/text-encoder stage")
     p.add_argument("--batch_size", type=int, default=32, help="images per UNet step")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of the UNet stage (AdamW, cosine decay)")
     p.add_argument("--warmup_steps", type=int, default=20, help="linear warm-up steps of the UNet stage")
@@ -282,7 +289,8 @@ def main(argv=None):
         pipe = StableDiffusionPipeline.from_pretrained(tmp)
 
     pipe.tokenizer.model_max_length = args.max_caption_tokens
-    specs = toy.sample_specs(args.num_images, seed=args.seed)
+    specs = toy.with_defects(toy.sample_specs(args.num_images, seed=args.seed), args.seed, args.defect_rate,
+                             tuple(args.defects))
     captions = [s.caption for s in specs]
     pixels = to_tensor([toy.render(s) for s in specs])
 

@@ -37,21 +37,29 @@ def test_smoke_writes_results_figures_and_a_verdict_per_claim(smoke):
     assert calibration["tau"] == 1 and calibration["delta"] > 0 and "optimum" in calibration["rule"]
     assert all(finite(p["score"]) and finite(p["divergence"]) for pts in calibration["curves"].values() for p in pts)
     assert all(len(v["accuracy"]) == reproduce.NUM_BINS for v in saved["diagnostics"].values())
-    assert set(saved["timings"]) == {"pairs", "calibration", "training", "evaluation", "diagnostics", "figures", "total"}
+    assert set(saved["timings"]) == {"pairs", "tuning", "calibration", "training", "evaluation", "diagnostics", "figures",
+                                     "total"}
+    tuning, gate = saved["tuning"], saved["gate"]
+    assert (tuning["learning_rate"], tuning["beta"]) == (6e-5, 5000.0) and len(tuning["curves"]) == 1
+    assert gate["n"] == 2 and not gate["passed"]  # two seeds: the gate is reported, never passed, in a smoke run
+    assert not gate["checks"]["≥ 10 training seeds"] and 0 <= gate["win_rate"] <= 1
+    assert 0.95 < gate["attainable"] <= 1.0  # the renderer's own pictures of the two prompts
+    assert "**Positive control: FAILED.**" in md and "seeds for 80 % power" in md
     for key in ("dpo", "full50"):
         assert (out / "runs" / f"{key}-s0" / "final" / "model_index.json").is_file()
 
 
 def test_evaluation_gives_every_image_its_own_seed(smoke):
     out, _ = smoke
-    images = sorted(p.name for p in out.glob("eval/group0/images/dpo-s0-*/*.png"))
+    images = sorted(p.name for p in out.glob("eval/gate/group0/images/dpo-s0-*/*.png"))
     assert images == ["00000_0.png", "00001_1.png"]  # prompt i, seed i·n + j with n = 1 image per prompt
 
 
 def test_a_rerun_reuses_finished_runs_and_gives_the_same_numbers(smoke, capsys):
     out, result = smoke
     again = reproduce.main(["--smoke", "--output_dir", str(out)])
-    assert "9 runs (9 already done)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "training dpo: 2 runs (2 already done)" in printed and "7 runs (7 already done)" in printed
     assert again["means"] == result["means"] and again["claims"] == result["claims"]  # the stored images, rescored
 
 
@@ -73,6 +81,7 @@ def test_paired_intervals_and_verdicts_follow_the_pre_registered_rules():
 def test_bad_recipe_flags_are_refused_before_any_work(capsys):
     for argv, message in ((["--steps", "0"], "--steps must be at least 1"),
                           (["--taus", "0", "2"], "--taus must be positive"),
+                          (["--betas", "5000", "-1"], "--betas"),
                           (["--freeze_window", "0.6", "0.3"], "--freeze_window")):
         with pytest.raises(SystemExit) as exit_info:
             reproduce.parse_args(argv)

@@ -32,6 +32,32 @@ def test_world_is_deterministic_and_captions_match_specs():
     assert toy.caption_for("red", "circle", "left", "big") == "a big red circle on the left"
 
 
+def test_defect_modes_are_a_caption_blind_mixture_that_every_reward_penalises():
+    specs = toy.sample_specs(400, seed=11)
+    mixed = toy.with_defects(specs, seed=11)
+    assert mixed == toy.with_defects(specs, seed=11) and mixed != toy.with_defects(specs, seed=12)
+    assert [m.caption for m in mixed] == [s.caption for s in specs]  # the caption never says which
+    kinds = [m.defect for m in mixed]
+    assert 0.42 < sum(k is not None for k in kinds) / len(kinds) < 0.58  # DEFECT_RATE 0.5, ±4 standard errors
+    assert {k for k in kinds if k} == set(toy.DEFECTS)
+    assert all(m.defect is None for m in toy.with_defects(specs, seed=11, rate=0.0))
+    captions = [s.caption for s in specs[:120]]
+    clean = toy.label_reward([toy.render(s) for s in specs[:120]], captions)
+    assert np.mean(clean) > 0.95
+    from dataclasses import replace
+
+    for defect, component, floor in (("tint", toy.aesthetic, 0.3), ("clutter", toy.fidelity, 0.15),
+                                     ("blur", toy.aesthetic, 0.15)):
+        flawed = [toy.render(replace(s, defect=defect, defect_seed=i)) for i, s in enumerate(specs[:120])]
+        drop = np.array(component([toy.render(s) for s in specs[:120]], captions)) - np.array(component(flawed, captions))
+        assert drop.mean() > floor, (defect, drop.mean())  # each defect costs its reward a clear margin
+        assert np.mean(toy.label_reward(flawed, captions)) < np.mean(clean) - 0.08
+    tinted = np.asarray(toy.render(replace(specs[0], defect="tint", defect_seed=3)), np.int64)
+    assert tuple(tinted[0, 0]) in toy.TINTS  # the corner is background, tinted
+    with pytest.raises(ValueError, match="unknown defect"):
+        toy.render(replace(specs[0], defect="smudge"))
+
+
 def test_prompt_split_is_disjoint_and_covers_the_world():
     assert len(toy.ALL_PROMPTS) == 270 == len(set(toy.ALL_PROMPTS))
     splits = (toy.EVAL_PROMPTS, toy.CALIBRATION_PROMPTS, toy.PAIR_PROMPTS)
@@ -172,18 +198,34 @@ def test_cached_pairs_are_made_once_per_model(tmp_path):
     assert toy.pairs_key(copy) != toy.pairs_key(TOY_MODEL)
 
 
-def test_tiny_demo_trains_the_toy_model_on_its_sampled_pairs(tmp_path, monkeypatch):
+def test_tiny_demo_trains_the_toy_model_and_reports_what_eval_py_reports(tmp_path, monkeypatch, capsys):
     import json
     import math
     import os
 
     from diffusers import UNet2DConditionModel
 
+    import eval as ev
     import train_sd15
 
-    monkeypatch.setattr(train_sd15, "TOY_DEMO_PAIRS", 8)  # the demo samples 256; the mechanics are the same
+    monkeypatch.setattr(train_sd15, "TOY_DEMO_PAIRS", 8)  # the demo samples 1000; the mechanics are the same
     train_sd15.main(["--tiny", "--max_steps", "2", "--output_dir", str(tmp_path), "--train_batch_size", "2",
                      "--effective_batch_size", "2"])
+    report = capsys.readouterr().out.split("held-out comparison")[1]
+    summary = json.loads((tmp_path / "heldout" / "summary.json").read_text())
+    base, trained = (summary["mean_scores"][k]["toy_label"] for k in ("toy-base", "trained"))
+    assert f"mean toy_label      {base:.4f} (toy base) → {trained:.4f} (trained)" in report
+    rate, (low, high) = summary["win_rates_percent"]["toy-base"]["toy_label"], \
+        summary["win_rate_intervals_percent"]["toy-base"]["toy_label"]
+    assert f"trained vs toy-base, toy_label: {rate:.1f} % [{low:.1f}, {high:.1f}]" in report
+    assert summary["prompt_set"]["num_prompts"] == 54 and summary["prompt_set"]["num_pairs"] == 108
+    grid = Image.open(tmp_path / "heldout" / "side_by_side.png")
+    assert grid.size == (3 * (4 * 64 + 3 * 4), 3 * (4 * 32 + 3 * 4))  # 16 pairs, 4 to a row, 4 px gaps, ×3
+    # `eval.py --tiny --model` recomputes the demo's comparison and must print the same numbers.
+    assert ev.main(["--tiny", "--model", str(tmp_path / "final"), "--output_dir", str(tmp_path / "eval"), "--quiet"]) == 0
+    again = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert again["win_rates_percent"]["toy-base"] == summary["win_rates_percent"]["toy-base"]
+    assert list(again["mean_scores"].values()) == list(summary["mean_scores"].values())
     pairs = list(Path(os.environ["RDPO_CACHE"]).glob("toy-pairs-*-pair-n8-s0.parquet"))
     assert len(pairs) == 1 and pq.read_table(pairs[0]).num_rows == 8
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]

@@ -1131,7 +1131,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tiny", action="store_true",
                    help="offline demo: baseline the toy base model (miniature/toy_model/), model --model (e.g. the final/ of "
                         "train_sd15.py --tiny) or else a random-init tiny pipeline, held-out toy prompts, rewards "
-                        "without downloads, 8 steps, guidance 3, 32 px")
+                        "without downloads, 10 steps, guidance 3, 32 px, 2 seeds per prompt")
     p.add_argument("--list_rewards", action="store_true", help="print the available reward specs and exit")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p

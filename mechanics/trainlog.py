@@ -210,12 +210,14 @@ def summary_lines(args, log: list[dict]) -> list[str]:
     reference's updates and freeze, the last D, what was skipped."""
     if not log:
         return []
-    k = max(1, len(log) // 10)
+    k, fifth = max(1, len(log) // 10), max(2, len(log) // 5)
     mean = lambda rows, name: sum(r.get(name, math.nan) for r in rows) / len(rows)
     lines = []
-    if "accuracy" in log[0]:
-        lines.append(f"  implicit accuracy {mean(log[:k], 'accuracy'):.3f} (first {k} steps) → "
-                     f"{mean(log[-k:], 'accuracy'):.3f} (last {k})")
+    for name, label, digits in (("loss", "loss             ", 4), ("accuracy", "implicit accuracy", 3)):
+        if name in log[0] and len(log) >= 2:  # step 1 compares the policy with itself: log 2 and 0.5
+            early = f"steps 2–{fifth}, the first fifth" if fifth > 2 else "step 2"
+            lines.append(f"  {label} {log[0][name]:.{digits}f} (step 1) → {mean(log[1:fifth], name):.{digits}f} "
+                         f"({early}) → {mean(log[-k:], name):.{digits}f} (last {k})")
     if "reward_margin" in log[0]:
         lines.append(f"  reward margin     {mean(log[:k], 'reward_margin'):.2e} → {mean(log[-k:], 'reward_margin'):.2e}")
     updates = [r for r in log if r.get("ref_updated")]

@@ -1,19 +1,25 @@
-"""The paper in miniature as an experiment: the design is pre-registered in the README ("The paper in miniature"),
-every main configuration is trained with 10 seeds, and each claim ends with its interval and a verdict.
+"""The paper in miniature as an experiment: the design is pre-registered in miniature/README.md, a positive control
+gates the claims, every main configuration is trained with 13 seeds, and each claim ends with its interval and a verdict.
 
-    python -m miniature.reproduce                                        # the study (~80 min on a 2-core CPU)
-    python -m miniature.reproduce --quick                                # 3 seeds, the main rows (~20 min)
+    python -m miniature.reproduce                                        # the study (README: its wall time)
+    python -m miniature.reproduce --quick                                # 3 seeds, the main rows
+    python -m miniature.reproduce --quick --eval_split calibration --seeds 4   # the pilot (README)
     python -m miniature.reproduce --smoke --output_dir out/repro-smoke   # the mechanics only (~1 min; the tests)
 
 Stages (each with its progress bar; a rerun in the same --output_dir reuses finished runs and images):
   0. pairs        training pairs on toy.PAIR_PROMPTS and diagnostic pairs on the held-out prompts, sampled from
                   the toy base model (DDIM, trailing spacing: its first step is t = 999) and labelled by toy_label
-  1. calibration  τ from a grid scaled to the run length as the paper's {16, 32, 64} is to its 2000 steps, and δ
+  1a. tuning      Diffusion-DPO's learning rate and β from a grid, scored on toy.CALIBRATION_PROMPTS (never
+                  evaluated on), with as many runs as 1b: a baseline that loses to the base model is a mis-tuned one
+  1b. calibration τ from a grid scaled to the run length as the paper's {16, 32, 64} is to its 2000 steps, and δ
                   by Fig. 1c's principle: runs with reference updates and no monitor, checkpointed; each checkpoint
-                  scored on toy.CALIBRATION_PROMPTS (never evaluated on) against its D(p_θ, p_init). The rule picks
-                  the best checkpoint inside the freeze window (30–50 % of the run): δ = its D, τ = its run's τ
-  2. training     every configuration × its seeds, `--jobs` processes at once, train_sd15.main in-process
-  3. evaluation   eval.py on toy.EVAL_PROMPTS, every image with its own seed (distinct_seeds)
+                  scored on the calibration prompts against its D(p_θ, p_init). The rule picks the best checkpoint
+                  inside the freeze window (30–50 % of the run): δ = its D, τ = its run's τ
+  2. training     every configuration × its seeds, `--jobs` processes at once, train_sd15.main in-process;
+                  Diffusion-DPO first, for
+  3. the gate     the positive control: Diffusion-DPO against the base model; if it fails, no claim is tested.
+     evaluation   eval.py on toy.EVAL_PROMPTS (--eval_split calibration: the pilot's prompts), every image with
+                  its own seed (distinct_seeds)
   4. diagnostics  per t-bin implicit accuracy, reward magnitude and D of final models against p_init on held-out
                   pairs with uniform t (Fig. 2's protocol, Fig. 5)
   5. results      the claims with paired 95 % t-intervals over training seeds and a verdict each, the tables, the
@@ -47,7 +53,7 @@ CALIBRATION_SEED = 1000  # the calibration runs' training seed, apart from the s
 
 # The recipe, fixed before the final run (README, pre-registration). Every value is a flag of this script.
 RECIPE = dict(
-    steps=100,            # optimizer steps per run (L): 8 main configurations × 10 seeds fit the 90-minute budget
+    steps=100,            # optimizer steps per run (L): 8 main configurations × 13 seeds fit the 90-minute budget
     batch=8,              # pairs per step: 800 of the 1000 training pairs per run, each about once
     warmup=5,
     # Diffusion-DPO's grid, tuned on the calibration split (stage 1a) with as many runs as the method's τ grid
@@ -904,16 +910,13 @@ def main(argv=None) -> dict:
     evaluation = clock("evaluation", evaluate, args, out, runs, "gate", "[3/5] positive control")
     gate = positive_control(args, model_means(evaluation), evaluation, seeds_of["dpo"])
     print("\n".join(gate_lines(gate)))
-    decides = not (args.quick or args.smoke)  # fewer seeds than the gate asks: it is reported, not applied
-    if gate["passed"] or not decides:
-        more_runs, more_seeds = clock("training", train_all, args, out, calibration,
-                                       [k for k, _ in configs(args) if k != "dpo"])
-        more = clock("evaluation", evaluate, args, out, more_runs, "main", "[3/5] evaluation")
-        runs, seeds_of = {**runs, **more_runs}, {**seeds_of, **more_seeds}
-        evaluation["scores"].update({k: v for k, v in more["scores"].items() if k != "base"})
-        evaluation["images"].update({k: v for k, v in more["images"].items() if k != "base"})
-    else:
+    if not gate["passed"] and not (args.quick or args.smoke):  # with fewer seeds it is reported, not applied
         return stop_at_gate(args, out, argv, clock, pairs, tuning, calibration, gate)
+    more_runs, more_seeds = clock("training", train_all, args, out, calibration, [k for k, _ in configs(args) if k != "dpo"])
+    more = clock("evaluation", evaluate, args, out, more_runs, "main", "[3/5] evaluation")
+    runs, seeds_of = {**runs, **more_runs}, {**seeds_of, **more_seeds}
+    evaluation["scores"].update({k: v for k, v in more["scores"].items() if k != "base"})
+    evaluation["images"].update({k: v for k, v in more["images"].items() if k != "base"})
     diagnostics = clock("diagnostics", diagnose, args, runs)
     means = model_means(evaluation)
     rows = claims(args, means, seeds_of)

@@ -63,8 +63,8 @@ def test_help_shows_the_values_that_run_json_records(name, extra, tmp_path, caps
     assert len(shown) > 50  # every flag with a value; --help only prints the store_false twin without one
     for dest, text in shown.items():
         assert text == str(recorded[dest]), dest
-    if extra == ["--tiny"] and name == "sd15":  # the toy recipe, not the generic one: τ 1, the calibrated δ
-        assert (recorded["tau"], recorded["delta"], recorded["max_steps"]) == (1, 0.0299, 100)
+    if extra == ["--tiny"] and name == "sd15":  # the toy recipe, not the generic one: τ 20, the calibrated δ
+        assert (recorded["tau"], recorded["delta"], recorded["max_steps"], recorded["beta"]) == (20, 0.045, 100, 100.0)
         assert recorded["pretrained_model"].endswith("toy_model")
     if not extra and name != "flux":  # the paper's recipe: 1e-8 per pair × 2048 pairs (FLUX: LoRA at 1e-5)
         assert recorded["learning_rate"] == pytest.approx(2048e-8) and recorded["gradient_accumulation_steps"] == 2048

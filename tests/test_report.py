@@ -23,6 +23,10 @@ def test_a_run_ends_with_its_report_and_a_png_of_its_curves(tmp_path, capsys):
                  f"curves: {tmp_path / 'curves.png'}", f"model: {tmp_path / 'final'}",
                  f"python eval.py --tiny --model {tmp_path / 'final'} --baseline base="):
         assert line in out, line
+    # Step 1 compares the policy with itself; then the first fifth (here step 2) and the last tenth (step 8).
+    assert (f"implicit accuracy {log[0]['accuracy']:.3f} (step 1) → {log[1]['accuracy']:.3f} (step 2) → "
+            f"{log[-1]['accuracy']:.3f} (last 1)") in out
+    assert f"loss              {log[0]['loss']:.4f} (step 1) → {log[1]['loss']:.4f} (step 2)" in out
     with Image.open(tmp_path / "curves.png") as im:
         assert im.size[0] > 1000 and im.size[1] > 500
         assert len(set(im.convert("L").resize((64, 32)).getdata())) > 20  # something is drawn

@@ -89,3 +89,34 @@ def test_bad_recipe_flags_are_refused_before_any_work(capsys):
     args = reproduce.parse_args(["--quick", "--steps", "7"])
     assert (args.steps, args.seeds, args.cheap_seeds) == (7, 3, 0)
     assert [k for k, _ in reproduce.configs(args)] == list(reproduce.QUICK_CONFIGS)
+
+
+def test_seeds_for_power_is_the_smallest_n_whose_interval_clears_the_effect():
+    # (t_{0.975, 11} + z_{0.8}) · 0.0068 / √12 = 0.00597 > 0.0058, (t_{0.975, 12} + z_{0.8}) · 0.0068 / √13 = 0.00570
+    assert reproduce.seeds_for_power(0.0068, 0.0058) == 13
+    assert reproduce.seeds_for_power(0.0018, 0.0058) == 3  # n = 3: (4.303 + 0.842) · 0.0018 / √3 = 0.0053; n = 2: 0.0172
+    assert reproduce.t975(40) == pytest.approx(2.021, abs=0.003)  # past the table: 2.0211 exact
+
+
+def _gate(dpo_means, base_mean, wins_per_seed, images=20):
+    """positive_control on made-up numbers: per seed, the DPO mean and how many of `images` same-seed images win."""
+    args = reproduce.parse_args(["--smoke"])
+    keys = [(0, i) for i in range(images)]
+    scores = {"base": {reproduce.PRIMARY: {k: 0.5 for k in keys}}}
+    means = {"base": {reproduce.PRIMARY: base_mean}}
+    for s, (mean, wins) in enumerate(zip(dpo_means, wins_per_seed)):
+        means[("dpo", s)] = {reproduce.PRIMARY: mean}
+        scores[("dpo", s)] = {reproduce.PRIMARY: {k: 0.6 if i < wins else 0.4 for i, k in enumerate(keys)}}
+    return reproduce.positive_control(args, means, {"scores": scores}, list(range(len(dpo_means))))
+
+
+def test_the_positive_control_passes_only_when_every_pre_registered_check_holds():
+    strong = [0.63, 0.64, 0.635, 0.645, 0.64, 0.638, 0.642, 0.636, 0.644, 0.64]  # +0.039 over 0.60, SD 0.0045
+    gate = _gate(strong, 0.60, [14] * 10)  # 70 % win rate
+    assert gate["passed"] and gate["win_rate"] == pytest.approx(0.7) and gate["mean"] == pytest.approx(0.039, abs=1e-9)
+    assert not _gate(strong, 0.60, [12] * 10)["passed"]  # 60 % < 65 %
+    assert not _gate(strong[:9], 0.60, [14] * 9)["passed"]  # 9 seeds < 10
+    assert not _gate([m - 0.025 for m in strong], 0.60, [14] * 10)["passed"]  # +0.015: the interval not above +0.02
+    noisy = [0.60, 0.70, 0.61, 0.69, 0.62, 0.68, 0.60, 0.70, 0.62, 0.68]  # +0.05, SD 0.043: low end 0.019; 3 SD 0.13
+    gate = _gate(noisy, 0.60, [14] * 10)
+    assert not gate["passed"] and [ok for ok in gate["checks"].values()] == [False, False, True, True]

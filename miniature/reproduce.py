@@ -538,7 +538,8 @@ def positive_control(args, means: dict, evaluation: dict, seeds: list[int]) -> d
 
 
 def gate_lines(gate: dict) -> list[str]:
-    verdict = "PASSED" if gate["passed"] else "FAILED"
+    verdict = ("PASSED" if gate["passed"] else "FAILED" if gate["n"] >= GATE_SEEDS
+               else f"not decided ({gate['n']} seeds, the gate needs {GATE_SEEDS})")
     interval = "–" if gate["low"] is None else f"[{gate['low']:+.4f}, {gate['high']:+.4f}]"
     split = "calibration-prompt" if gate["split"] == "calibration" else "held-out"
     return [f"**Positive control: {verdict}.** Diffusion-DPO − base, {split} toy_label over {gate['n']} training seeds: "

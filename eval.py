@@ -104,6 +104,7 @@ TINY_REWARDS = ("toy_fidelity", "toy_aesthetic", "toy_label")
 TINY_DEFAULTS = {"steps": 10, "guidance_scale": 3.0, "resolution": 32, "num_seeds": 2, "limit": None}
 BATCH_SIZE = 4  # images per pipeline call unless --batch_size says otherwise
 TINY_PROMPTS = 54  # the toy world's held-out prompts (all of toy.EVAL_PROMPTS) in the demo's prompt file
+TINY_BASELINE = "toy-base"  # the toy base model's name in --tiny's tables and in the demo's report
 
 
 class EvalError(Exception):
@@ -1042,7 +1043,7 @@ def evaluate_tiny(model: str, output_dir, progress: bool = True, log: Callable[[
     from miniature import toy
 
     out = Path(output_dir)
-    return evaluate(model, [f"toy-base={toy.TOY_MODEL}"], tiny_prompt_file(out), TINY_REWARDS, out,
+    return evaluate(model, [f"{TINY_BASELINE}={toy.TOY_MODEL}"], tiny_prompt_file(out), TINY_REWARDS, out,
                     num_seeds=TINY_DEFAULTS["num_seeds"], distinct_seeds=True, steps=TINY_DEFAULTS["steps"],
                     guidance_scale=TINY_DEFAULTS["guidance_scale"], resolution=TINY_DEFAULTS["resolution"],
                     batch_size=BATCH_SIZE, device="cpu", progress=progress, log=log)
@@ -1073,11 +1074,12 @@ def tiny_report(model: str, output_dir) -> list[str]:
     """train_sd15.py --tiny's last lines: evaluate_tiny of its final model into output_dir, then the mean toy
     reward before → after, the same-seed win rate over the toy base with its interval, and the side-by-side PNG."""
     result = evaluate_tiny(f"trained={model}", output_dir, progress=True, log=lambda message: None)
-    means, png = result.summary["mean_scores"], side_by_side(result, Path(output_dir) / "side_by_side.png", "toy-base")
+    means, png = result.summary["mean_scores"], side_by_side(result, Path(output_dir) / "side_by_side.png",
+                                                            TINY_BASELINE)
     ps = result.summary["prompt_set"]
     lines = [f"held-out comparison ({ps['num_prompts']} held-out prompts x {ps['num_pairs'] // ps['num_prompts']} "
              f"seeds; python eval.py --tiny --model {model} computes the same):"]
-    lines += [f"  mean {c:13s} {means['toy-base'][c]:.4f} (toy base) → {means['trained'][c]:.4f} (trained)"
+    lines += [f"  mean {c:13s} {means[TINY_BASELINE][c]:.4f} (toy base) → {means['trained'][c]:.4f} (trained)"
               for c in TINY_REWARDS]
     lines += ["  " + line[2:] for line in verdicts(result.summary) if ", toy_label:" in line]
     lines.append(f"  same-seed samples, toy base left of trained: {png}")
@@ -1149,7 +1151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             args.output_dir = args.output_dir or "out/eval-tiny"
             if not args.baseline:
-                args.baseline = [f"toy-base={toy.TOY_MODEL}"]
+                args.baseline = [f"{TINY_BASELINE}={toy.TOY_MODEL}"]
             if not args.model:
                 import tiny
 

@@ -37,7 +37,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -167,6 +167,8 @@ BLUR_RADIUS = 1.2
 
 def render(spec: ToySpec) -> Image.Image:
     """The picture of `spec`: a hard-edged flat shape on the flat background, then its defect, if any."""
+    if spec.defect not in (None, *DEFECTS):
+        raise ValueError(f"unknown defect {spec.defect!r}; expected one of {DEFECTS}")
     rng = np.random.default_rng(spec.defect_seed)
     img = np.empty((SIZE, SIZE, 3), np.uint8)
     img[:] = TINTS[rng.integers(len(TINTS))] if spec.defect == "tint" else BACKGROUND
@@ -182,8 +184,6 @@ def render(spec: ToySpec) -> Image.Image:
         from PIL import ImageFilter
 
         image = image.filter(ImageFilter.GaussianBlur(BLUR_RADIUS))
-    elif spec.defect not in (None, "tint", "clutter"):
-        raise ValueError(f"unknown defect {spec.defect!r}; expected one of {DEFECTS}")
     return image
 
 
@@ -191,8 +191,6 @@ def with_defects(specs: list[ToySpec], seed: int, rate: float = DEFECT_RATE,
                  defects: tuple[str, ...] = DEFECTS) -> list[ToySpec]:
     """The pretraining mixture: each spec, with probability `rate`, given one of `defects` (uniformly) and a
     seed for its details; deterministic in `seed`, and independent of the caption."""
-    from dataclasses import replace
-
     rng = np.random.default_rng([seed, 7])
     out = []
     for spec in specs:

@@ -24,8 +24,6 @@ from typing import Any, Iterator
 import datasets
 import datasets.distributed
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
@@ -129,7 +127,7 @@ def _open(source, split, streaming, cache_dir):
         raise DataError(
             f"cannot load dataset '{source}' (split '{split}'): it is not a local file or folder and the hub "
             f"failed ({_first_line(err)}); download it (e.g. `hf download {source} --repo-type dataset`) and "
-            f"pass the local folder, or use the tiny built-in dataset (write_tiny_pickapic) offline") from err
+            f"pass the local folder, or use the built-in pairs offline (offline/tiny.py, builtin_pairs)") from err
 
 
 def _check_columns(hf, name):
@@ -535,72 +533,3 @@ class PairLoader:
             batch["num_skipped"] += carried
             carried = 0
             yield batch
-
-
-# Tiny dataset
-
-_TINY_COLOURS = {"red": (220, 35, 35), "green": (40, 170, 60), "blue": (45, 80, 220), "yellow": (235, 210, 45),
-                 "purple": (135, 55, 175), "orange": (240, 140, 35), "cyan": (45, 200, 210), "pink": (240, 135, 185)}
-
-
-def _smooth_image(rng: np.random.Generator, colour: tuple, size: int) -> np.ndarray:
-    """The colour with a gentle linear gradient: low-frequency content only."""
-    y, x = np.mgrid[0:size, 0:size] / max(size - 1, 1) - 0.5
-    angle = rng.uniform(0, 2 * np.pi)
-    ramp = (np.cos(angle) * x + np.sin(angle) * y)[..., None] * rng.uniform(10, 40)
-    return np.clip(np.asarray(colour, np.float64) + ramp, 0, 255).astype(np.uint8)
-
-
-def _encode(array: np.ndarray, fmt: str) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
-    return buf.getvalue()
-
-
-def write_tiny_pickapic(path: str, num_pairs: int = 64, resolution: int = 32, seed: int = 0) -> str:
-    """Write a small deterministic preference set in the exact Pick-a-Pic row format; return the parquet path.
-
-    Caption "a <colour> square"; the winner is a smooth image of that colour, the loser high-frequency noise,
-    so a short DPO run can learn the preference. The winner's column is random (label_0 ∈ {0, 1}) and every
-    8th row is a tie (two smooth images, labels 0.5/0.5). Images alternate PNG and JPEG bytes. `path` is the
-    file to write, or an existing folder (or one ending in "/"): then <folder>/train-00000-of-00001.parquet,
-    whose split name `load_pairs(folder)` infers.
-    """
-    if num_pairs <= 0 or resolution <= 0:
-        raise ValueError("need num_pairs > 0 and resolution > 0")
-    path = os.fspath(path)
-    folder = os.path.isdir(path) or path.endswith(("/", os.sep))
-    file = os.path.join(path, "train-00000-of-00001.parquet") if folder else path
-    os.makedirs(os.path.dirname(os.path.abspath(file)), exist_ok=True)
-    rng = np.random.default_rng(seed)
-    names = list(_TINY_COLOURS)
-    cols: dict[str, list] = {k: [] for k in (
-        "are_different", "best_image_uid", "caption", "has_label", "image_0_uid", "image_1_uid", "jpg_0", "jpg_1",
-        "label_0", "label_1", "model_0", "model_1", "ranking_id", "user_id", "num_example_per_prompt")}
-    for i in range(num_pairs):
-        colour = names[int(rng.integers(len(names)))]
-        fmt = "PNG" if i % 2 == 0 else "JPEG"
-        smooth = _smooth_image(rng, _TINY_COLOURS[colour], resolution)
-        if i % 8 == 7:  # a tie
-            images, labels = [smooth, _smooth_image(rng, _TINY_COLOURS[colour], resolution)], (0.5, 0.5)
-        else:
-            noise = rng.integers(0, 256, size=(resolution, resolution, 3), dtype=np.uint8)
-            winner = int(rng.integers(2))
-            images = [smooth, noise] if winner == 0 else [noise, smooth]
-            labels = (1.0, 0.0) if winner == 0 else (0.0, 1.0)
-        uids = [f"tiny-{seed}-{i}-{k}" for k in (0, 1)]
-        cols["are_different"].append(True)
-        cols["best_image_uid"].append("" if labels[0] == 0.5 else uids[0 if labels[0] == 1.0 else 1])
-        cols["caption"].append(f"a {colour} square")
-        cols["has_label"].append(True)
-        for k in (0, 1):
-            cols[f"image_{k}_uid"].append(uids[k])
-            cols[f"jpg_{k}"].append(_encode(images[k], fmt))
-            cols[f"label_{k}"].append(labels[k])
-            cols[f"model_{k}"].append("tiny")
-        cols["ranking_id"].append(i)
-        cols["user_id"].append(int(rng.integers(8)))
-        cols["num_example_per_prompt"].append(1)
-    table = pa.table({k: pa.array(v, type=pa.binary()) if k.startswith("jpg_") else v for k, v in cols.items()})
-    pq.write_table(table, file, row_group_size=16)
-    return file

@@ -10,12 +10,16 @@ Real models (GPU, network on first use; the paper's settings are the defaults):
         --baseline dpo-release=mhdang/dpo-sd1.5-text2image-v1@stable-diffusion-v1-5/stable-diffusion-v1-5 \\
         --prompts pickapic --rewards pickscore,hpsv2,clip,aesthetic,imagereward --output_dir out/eval-sd15-pickapic
     # the same on PartiPrompts (1,632 x 1 seed) and the HPSv2 benchmark (4 x 800 x 1 seed)
-    python eval.py --model ours=out/sd15/final --baseline sd15=stable-diffusion-v1-5/stable-diffusion-v1-5 --prompts parti --output_dir out/eval-sd15-parti
-    python eval.py --model ours=out/sd15/final --baseline sd15=stable-diffusion-v1-5/stable-diffusion-v1-5 --prompts hpsv2 --output_dir out/eval-sd15-hpsv2
+    python eval.py --model ours=out/sd15/final --baseline sd15=stable-diffusion-v1-5/stable-diffusion-v1-5 \\
+        --prompts parti --output_dir out/eval-sd15-parti
+    python eval.py --model ours=out/sd15/final --baseline sd15=stable-diffusion-v1-5/stable-diffusion-v1-5 \\
+        --prompts hpsv2 --output_dir out/eval-sd15-hpsv2
     # SDXL (50 steps, guidance 5.0, 1024 px) and SD3 (28 steps, guidance 7.0, 1024 px)
     python eval.py --model ours=out/sdxl/final --baseline sdxl=stabilityai/stable-diffusion-xl-base-1.0 \\
-        --baseline dpo-release=mhdang/dpo-sdxl-text2image-v1@stabilityai/stable-diffusion-xl-base-1.0 --prompts pickapic --output_dir out/eval-sdxl
-    python eval.py --model ours=out/sd3/final --baseline sd3=stabilityai/stable-diffusion-3-medium-diffusers --prompts pickapic --output_dir out/eval-sd3
+        --baseline dpo-release=mhdang/dpo-sdxl-text2image-v1@stabilityai/stable-diffusion-xl-base-1.0 \\
+        --prompts pickapic --output_dir out/eval-sdxl
+    python eval.py --model ours=out/sd3/final --baseline sd3=stabilityai/stable-diffusion-3-medium-diffusers \\
+        --prompts pickapic --output_dir out/eval-sd3
 
     (hpsv2 and imagereward need `pip install hpsv2` / `pip install image-reward`; both pull torchvision.)
 
@@ -46,16 +50,12 @@ from __future__ import annotations
 import argparse
 import csv
 import gc
-import hashlib
 import io
 import json
 import math
 import os
-import re
 import sys
-import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -65,10 +65,13 @@ from PIL import Image, PngImagePlugin
 from tqdm.auto import tqdm
 
 import rewards as rw
-from mechanics import folder
-from mechanics.loading import PIPELINES, hub_reachable
+from mechanics import errors, folder, runtime
+from mechanics.errors import UsageError
+from mechanics.loading import go_offline_unless_reachable, read_json
+from mechanics.pipelines import ModelRef, load_pipeline, model_ref
+from mechanics.prompts import PICKAPIC_DATASET, PromptSet, load_prompt_set, select_prompts
 
-EVAL_FORMAT = 1  # bump when the image store layout changes
+EVAL_FORMAT = 2  # bump when the image store layout changes (2: weights named by base_model_identity)
 
 # Sampler defaults per model family. SD1.5: the Diffusion-DPO evaluation setting (50 steps, guidance 7.5,
 # 512 px). SDXL and SD3: the diffusers pipelines' own defaults for these models (SDXL 50 steps and 5.0;
@@ -81,20 +84,6 @@ FAMILY_DEFAULTS = {
     # samples in 4 steps without guidance: --steps 4 --guidance_scale 0.
     "flux": {"steps": 28, "guidance_scale": 3.5, "resolution": 1024},
 }
-PIPELINE_FAMILIES = {cls: family for family, cls in PIPELINES.items()}  # class name → family
-
-# Prompt sets: (description, default number of seeds per prompt).
-PROMPT_SETS = {
-    "pickapic": ("Pick-a-Pic v2 test_unique (500 prompts)", 5),
-    "parti": ("PartiPrompts (1,632 prompts)", 1),
-    "hpsv2": ("HPSv2 benchmark (anime, concept-art, paintings, photo: 4 x 800 prompts)", 1),
-}
-FILE_SET_SEEDS = 1
-# The captions of Pick-a-Pic v2 without its images (the full dataset is ~335 GB; its test_unique split has
-# the same 500 captions). A mirror or local copy (a folder load_dataset reads) can be given instead.
-PICKAPIC_DATASET = "yuvalkirstain/pickapic_v2_no_images"
-PARTI_DATASET = "nateraw/parti-prompts"
-HPSV2_BENCHMARK = ("zhwang/HPDv2", ("anime", "concept-art", "paintings", "photo"))
 
 # The toy world's rewards; tiny_pickscore / tiny_clip (random CLIP weights, numbers without meaning) exercise the
 # CLIP reward code offline and can be added with --rewards.
@@ -105,10 +94,6 @@ TINY_DEFAULTS = {"steps": 10, "guidance_scale": 3.0, "resolution": 32, "num_seed
 BATCH_SIZE = 4  # images per pipeline call unless --batch_size says otherwise
 TINY_PROMPTS = 54  # the toy world's held-out prompts (all of toy.EVAL_PROMPTS) in the demo's prompt file
 TINY_BASELINE = "toy-base"  # the toy base model's name in --tiny's tables and in the demo's report
-
-
-class EvalError(Exception):
-    """Bad input or an unusable environment: the CLI prints it as one `error: ...` line (exit code 2)."""
 
 
 # Win rate
@@ -138,370 +123,6 @@ def win_rate(scores_a: Mapping, scores_b: Mapping) -> float:
     return total / len(scores_a)
 
 
-# The hub: a short reachability check instead of minutes of DNS retries (ENVIRONMENT.md)
-
-_hub_online: bool | None = None
-
-
-def _truthy(value: str | None) -> bool:
-    return (value or "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def hub_online(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face hub can be reached; False at once under HF_HUB_OFFLINE=1.
-
-    Without network and without HF_HUB_OFFLINE, every hub lookup retries DNS for minutes before failing.
-    So when a quick connection fails, this switches the libraries to offline mode: what is in the local
-    cache still loads, and what is not fails at once with a message that names the offline option."""
-    global _hub_online
-    if _hub_online is None:
-        if _truthy(os.environ.get("HF_HUB_OFFLINE")) or _truthy(os.environ.get("TRANSFORMERS_OFFLINE")):
-            _hub_online = False
-        else:
-            _hub_online = hub_reachable(timeout)
-            if not _hub_online:
-                print("note: the Hugging Face hub is unreachable; using the local cache only", file=sys.stderr)
-                _go_offline()
-    return _hub_online
-
-
-def _go_offline() -> None:
-    """Offline mode for huggingface_hub, transformers, diffusers and datasets, imported or not yet."""
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["HF_DATASETS_OFFLINE"] = "1"
-    if "huggingface_hub" in sys.modules:
-        import huggingface_hub.constants
-
-        huggingface_hub.constants.HF_HUB_OFFLINE = True
-    if "datasets" in sys.modules:
-        import datasets.config
-
-        datasets.config.HF_HUB_OFFLINE = True
-
-
-OFFLINE_HINT = "for an offline evaluation use tiny models and offline rewards: python eval.py --tiny"
-
-
-# Prompt sets
-
-
-@dataclass
-class PromptSet:
-    name: str                # "pickapic", "parti", "hpsv2" or "file:<name>"
-    description: str
-    prompts: list[str]       # the whole set; a prompt's index in this list is its key
-    groups: list[str] | None = None  # HPSv2 style of each prompt
-    default_seeds: int = 1
-
-
-def read_prompt_file(path: str | os.PathLike) -> list[str]:
-    """One prompt per line, UTF-8; blank lines are skipped. An empty or unreadable file is an error."""
-    path = Path(path)
-    if path.is_dir():
-        raise EvalError(f"--prompts {path} is a folder, not a text file with one prompt per line")
-    if not path.is_file():
-        raise EvalError(f"prompt file not found: {path}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise EvalError(f"cannot read the prompt file {path}: {exc.strerror or exc}") from exc
-    except UnicodeDecodeError as exc:
-        line = path.read_bytes()[:exc.start].count(b"\n") + 1
-        raise EvalError(f"prompt file {path} is not UTF-8 text (line {line}, byte {exc.start}); "
-                        f"save it as UTF-8, one prompt per line") from exc
-    prompts = [line.strip() for line in text.splitlines() if line.strip()]
-    if not prompts:
-        raise EvalError(f"prompt file is empty: {path}")
-    return prompts
-
-
-def load_prompt_set(spec: str, pickapic_dataset: str = PICKAPIC_DATASET, cache_dir: Path | None = None) -> PromptSet:
-    """A prompt set by name (pickapic, parti, hpsv2) or a text file path.
-
-    Hub sets are loaded with datasets / huggingface_hub and saved to cache_dir/prompts.json, so that
-    a rerun in the same output folder (resume, re-scoring) needs no network."""
-    if spec not in PROMPT_SETS:
-        if os.path.isfile(spec) or os.path.isdir(spec):
-            prompts = read_prompt_file(spec)
-            return PromptSet(f"file:{Path(spec).name}", f"{spec} ({len(prompts)} prompts)", prompts, None, FILE_SET_SEEDS)
-        if os.sep in spec or "." in spec:
-            raise EvalError(f"prompt file not found: {spec}")
-        raise EvalError(f"unknown prompt set {spec!r}; use one of {', '.join(PROMPT_SETS)} or a text file")
-    description, seeds = PROMPT_SETS[spec]
-    cached = cache_dir / "prompts.json" if cache_dir is not None else None
-    if cached is not None and cached.is_file():
-        try:
-            data = _read_json(cached, "the prompt set saved by an earlier run")
-            if data.get("name") == spec:
-                return PromptSet(spec, description, _prompt_list(data), data.get("groups"), seeds)
-        except EvalError as exc:  # damaged: loaded again from the hub, which rewrites it
-            print(f"note: ignoring {cached} ({exc})", file=sys.stderr)
-    loader = {"pickapic": lambda: _load_pickapic(pickapic_dataset), "parti": _load_parti, "hpsv2": _load_hpsv2}[spec]
-    online = hub_online()
-    try:
-        prompts, groups = loader()
-    except EvalError:
-        raise
-    except Exception as exc:  # datasets / hub errors vary by version; the message is what matters
-        why = "the hub is offline and it is not in the local cache" if not online else f"{type(exc).__name__}: {exc}"
-        raise EvalError(f"cannot load prompt set {spec!r} ({why}); pass a text file with one prompt per line "
-                        f"instead, or {OFFLINE_HINT}") from exc
-    if not prompts:
-        raise EvalError(f"prompt set {spec!r} loaded empty")
-    if cached is not None:
-        _write_atomic(cached, json.dumps({"name": spec, "prompts": prompts, "groups": groups}, indent=1))
-    return PromptSet(spec, description, prompts, groups, seeds)
-
-
-def _prompt_list(data: dict) -> list[str]:
-    prompts, groups = data.get("prompts"), data.get("groups")
-    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts) or \
-            (groups is not None and (not isinstance(groups, list) or len(groups) != len(prompts))):
-        raise EvalError("no list of prompts (with one group per prompt, if any) in it")
-    return prompts
-
-
-def _load_pickapic(dataset: str) -> tuple[list[str], None]:
-    from datasets import load_dataset
-
-    if hub_online() and not os.path.exists(dataset):
-        # Streaming reads only this split's captions instead of preparing every split of the dataset.
-        rows = load_dataset(dataset, split="test_unique", streaming=True)
-    else:
-        rows = load_dataset(dataset, split="test_unique")
-    prompts = list(dict.fromkeys(str(row["caption"]).strip() for row in rows))  # unique, in order
-    if len(prompts) != 500:
-        print(f"note: {dataset} test_unique has {len(prompts)} unique captions (the paper's set has 500)", file=sys.stderr)
-    return prompts, None
-
-
-def _load_parti() -> tuple[list[str], None]:
-    from datasets import load_dataset
-
-    rows = load_dataset(PARTI_DATASET, split="train")
-    return [str(p).strip() for p in rows["Prompt"]], None
-
-
-def _load_hpsv2() -> tuple[list[str], list[str]]:
-    from huggingface_hub import hf_hub_download
-
-    repo, styles = HPSV2_BENCHMARK
-    prompts, groups = [], []
-    for style in styles:
-        path = hf_hub_download(repo, f"benchmark/{style}.json", repo_type="dataset", local_files_only=not hub_online())
-        items = json.loads(Path(path).read_text(encoding="utf-8"))
-        prompts += [str(p).strip() for p in items]
-        groups += [style] * len(items)
-    return prompts, groups
-
-
-def select_prompts(prompt_set: PromptSet, limit: int | None) -> list[int]:
-    """Indices to evaluate: all, or the first `limit` (of each HPSv2 style). Indices stay those of the
-    whole set, so images made with --limit are reused by a later full run."""
-    n = len(prompt_set.prompts)
-    if limit is None:
-        return list(range(n))
-    if limit < 1:
-        raise EvalError(f"--limit must be at least 1, got {limit}")
-    if prompt_set.groups is None:
-        return list(range(min(limit, n)))
-    seen: dict[str, int] = {}
-    chosen = []
-    for i, group in enumerate(prompt_set.groups):
-        if seen.get(group, 0) < limit:
-            seen[group] = seen.get(group, 0) + 1
-            chosen.append(i)
-    return chosen
-
-
-# Models
-
-
-@dataclass
-class ModelRef:
-    label: str               # the name in the tables
-    source: str              # pipeline folder or hub id
-    family: str              # sd15 / sdxl / sd3 / flux
-    is_local: bool
-    weights_version: str     # changes when the weights change (stored images are then refused); stored as
-                             # the "weights" entry of the image folder's settings.json
-    denoiser: tuple[str, str | None, bool] | None = None  # (folder or hub id, subfolder, is_local) of a UNet /
-                                                          # SD3 transformer that replaces the pipeline's own
-    lora: str | None = None  # a folder of LoRA weights loaded into the pipeline (load_lora_weights)
-    tag: str = ""            # image folder name
-
-    def __post_init__(self):
-        identity = os.path.realpath(self.source) if self.is_local else f"hub:{self.source}"
-        if self.lora:
-            identity += "|lora:" + os.path.realpath(self.lora)
-        if self.denoiser:
-            src, sub, local = self.denoiser
-            identity += "|" + (os.path.realpath(src) if local else f"hub:{src}") + f"/{sub or ''}"
-        slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.label).strip("_.")[-48:] or "model"
-        self.tag = f"{slug}-{hashlib.sha1(identity.encode()).hexdigest()[:8]}"
-
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def model_ref(spec: str) -> ModelRef:
-    """'[LABEL=]SOURCE' -> ModelRef, the family read from the pipeline's model_index.json.
-
-    SOURCE is a pipeline folder or hub id, or DENOISER@PIPELINE: a UNet (SD3: transformer) checkpoint,
-    with or without its unet/ (transformer/) subfolder, swapped into PIPELINE. That is how checkpoints
-    published as a UNet alone load, e.g. Diffusion-DPO's
-    mhdang/dpo-sd1.5-text2image-v1@stable-diffusion-v1-5/stable-diffusion-v1-5. A LoRA folder
-    (pytorch_lora_weights.safetensors: the trainers' final_lora/, or what diffusers' train_diffusion_dpo.py
-    writes) is LORA@PIPELINE, or the folder alone when its base_model.json names the pipeline."""
-    label, sep, source = spec.partition("=")
-    if not sep:
-        label, source = spec, spec
-    label, source = label.strip().rstrip("/") or source, source.strip()
-    lora, _, base = source.partition("@")
-    if _is_lora(lora.strip().rstrip("/")):
-        lora = lora.strip().rstrip("/")
-        if not base:
-            named = Path(lora, "base_model.json")
-            if not named.is_file():
-                raise EvalError(f"{lora} holds LoRA weights without base_model.json: give its base pipeline "
-                                f"as {lora}@PIPELINE")
-            base = _read_json(named, "a JSON object naming the LoRA's base pipeline").get("base_model")
-            if not isinstance(base, str) or not base.strip():
-                raise EvalError(f"{named} names no base pipeline (no \"base_model\"): give it as {lora}@PIPELINE")
-        ref = model_ref(f"{label}={base}")
-        return ModelRef(label, ref.source, ref.family, ref.is_local,
-                        f"{ref.weights_version}+lora:{weights_version(Path(lora))}", ref.denoiser, lora)
-    if "@" in source:
-        denoiser, _, pipeline = source.partition("@")
-        ref = model_ref(f"{label}={pipeline}")
-        sub, local, version = _resolve_denoiser(denoiser.strip().rstrip("/"), ref.family)
-        return ModelRef(label, ref.source, ref.family, ref.is_local, f"{ref.weights_version}+{version}",
-                        (denoiser.strip().rstrip("/"), sub, local))
-    source = source.rstrip("/") or source
-    if os.path.isdir(source):
-        index = Path(source) / "model_index.json"
-        if not index.is_file():
-            raise EvalError(f"{source} is not a diffusers pipeline folder (no model_index.json)")
-        return ModelRef(label, source, _family(index, source), True, weights_version(Path(source)))
-    looks_local = source.startswith((".", "/", "~")) or os.path.exists(source) or not _HUB_ID.match(source)
-    if looks_local:
-        raise EvalError(f"model folder not found: {source}")
-    from huggingface_hub import hf_hub_download
-
-    online = hub_online()
-    try:
-        index = Path(hf_hub_download(source, "model_index.json", local_files_only=not online))
-    except Exception as exc:
-        if not online:
-            why = "and as a hub id it is not in the local cache (the hub is offline)"
-        else:
-            why = f"and the hub has no pipeline {source!r} ({type(exc).__name__}; gated? run `hf auth login`)"
-        raise EvalError(f"model {source!r}: no such folder, {why}; {OFFLINE_HINT}") from exc
-    # .../snapshots/<commit>/model_index.json: the commit identifies the weights.
-    return ModelRef(label, source, _family(index, source), False, f"hub:{index.parent.name}")
-
-
-def _is_lora(source: str) -> bool:
-    return os.path.isfile(os.path.join(source, "pytorch_lora_weights.safetensors")) and \
-        not os.path.isfile(os.path.join(source, "model_index.json"))
-
-
-def _resolve_denoiser(source: str, family: str) -> tuple[str | None, bool, str]:
-    """(subfolder, is_local, weights version) of a UNet / SD3 transformer checkpoint."""
-    component = "transformer" if family in ("sd3", "flux") else "unet"
-    if os.path.isdir(source):
-        for sub in (component, None):
-            if (Path(source, sub or "", "config.json")).is_file():
-                return sub, True, weights_version(Path(source, sub or ""))
-        raise EvalError(f"{source}: no {component}/config.json or config.json: not a {component} checkpoint")
-    if not _HUB_ID.match(source) or source.startswith((".", "/", "~")):
-        raise EvalError(f"{component} folder not found: {source}")
-    from huggingface_hub import hf_hub_download
-
-    online = hub_online()
-    for sub in (component, None):
-        try:
-            config = Path(hf_hub_download(source, f"{sub}/config.json" if sub else "config.json",
-                                          local_files_only=not online))
-            return sub, False, f"hub:{(config.parent.parent if sub else config.parent).name}"
-        except Exception:
-            continue
-    why = "not in the local cache (the hub is offline)" if not online else "not found on the hub"
-    raise EvalError(f"{component} checkpoint {source!r}: {why}; {OFFLINE_HINT}")
-
-
-def _read_json(path: Path, what: str) -> dict:
-    """A JSON object from `path`, or one EvalError line saying why it cannot be read."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise EvalError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    except UnicodeDecodeError as exc:
-        raise EvalError(f"{path} is not UTF-8 text (byte {exc.start}): it should be {what}") from exc
-    except json.JSONDecodeError as exc:
-        raise EvalError(f"{path} is not valid JSON ({exc.msg}, line {exc.lineno}): it should be {what}") from exc
-    if not isinstance(data, dict):
-        raise EvalError(f"{path} holds a JSON {type(data).__name__}: it should be {what}")
-    return data
-
-
-def _family(index: Path, source: str) -> str:
-    class_name = _read_json(index, "a diffusers pipeline's model_index.json").get("_class_name", "")
-    if class_name not in PIPELINE_FAMILIES:
-        raise EvalError(f"{source}: unsupported pipeline {class_name!r}; expected one of {', '.join(PIPELINE_FAMILIES)}")
-    return PIPELINE_FAMILIES[class_name]
-
-
-def weights_version(folder: Path) -> str:
-    """What identifies the weights in `folder`, so that images stored for other weights are refused: a hash of
-    the sizes and modification times of its files, cheap, and it changes when a run overwrites them."""
-    entries = []
-    for path in sorted(folder.rglob("*")):
-        if path.is_file() and not any(part.startswith(".") for part in path.relative_to(folder).parts):
-            st = path.stat()
-            entries.append(f"{path.relative_to(folder)}:{st.st_size}:{st.st_mtime_ns}")
-    return hashlib.sha1("\n".join(entries).encode()).hexdigest()[:16]
-
-
-def load_pipeline(model: ModelRef, device: str, dtype: torch.dtype):
-    """The model's diffusers pipeline on `device`, built with its family's class."""
-    import diffusers
-
-    cls = getattr(diffusers, PIPELINES[model.family])
-    kwargs = {"dtype": dtype, "local_files_only": not model.is_local and not hub_online()}
-    if model.family == "sd15":
-        # Scored as generated: the safety checker would replace flagged images by black ones.
-        kwargs.update(safety_checker=None, requires_safety_checker=False)
-    if model.denoiser:
-        src, sub, local = model.denoiser
-        name = "transformer" if model.family in ("sd3", "flux") else "unet"
-        denoiser_cls = {"sd3": diffusers.SD3Transformer2DModel,
-                        "flux": diffusers.FluxTransformer2DModel}.get(model.family, diffusers.UNet2DConditionModel)
-        try:
-            kwargs[name] = denoiser_cls.from_pretrained(src, subfolder=sub, dtype=dtype,
-                                                        local_files_only=not local and not hub_online())
-        except OSError as exc:
-            raise EvalError(f"cannot load the {name} {src!r}: {exc}") from exc
-    try:
-        pipe = cls.from_pretrained(model.source, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise EvalError(f"cannot load pipeline {model.source!r}: {exc}") from exc
-    for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):
-        tokenizer, encoder = getattr(pipe, name, None), getattr(pipe, name.replace("tokenizer", "text_encoder"), None)
-        # transformers 5 silently returns a tiny tokenizer when an uncached hub tokenizer cannot be fetched.
-        if tokenizer is not None and encoder is not None and len(tokenizer) < encoder.config.vocab_size // 2:
-            raise EvalError(f"{model.source}: {name} has {len(tokenizer)} tokens for a vocabulary of "
-                            f"{encoder.config.vocab_size}; its files were not found (offline?)")
-    if model.lora:
-        try:
-            pipe.load_lora_weights(model.lora)
-        except (OSError, ValueError, KeyError) as exc:
-            raise EvalError(f"cannot load the LoRA weights in {model.lora} into {model.source}: "
-                            f"{str(exc).splitlines()[0]}") from exc
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
-
-
 # The image store
 
 
@@ -509,24 +130,19 @@ def image_path(store: Path, prompt_idx: int, seed: int) -> Path:
     return store / f"{prompt_idx:05d}_{seed}.png"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-        f.write(text)
-    os.replace(tmp, path)
+def _write(path: Path, text: str) -> None:
+    """A text file of the evaluation, written aside and renamed; a full disk is one line (folder.write_text)."""
+    folder.write_text(str(path), text, then=folder.RERUN)
 
 
 def _save_image_atomic(image: Image.Image, path: Path, prompt: str, seed: int) -> None:
+    """A sampled image, written aside and renamed: a crash leaves PATH.tmp-PID, never a truncated image."""
     info = PngImagePlugin.PngInfo()
     info.add_itxt("prompt", prompt)  # read back on resume: an edited prompt list must not reuse stale images
     info.add_text("seed", str(seed))
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=info)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "wb") as f:
-        f.write(buffer.getvalue())
-    os.replace(tmp, path)  # a crash leaves a hidden temp file, never a truncated image
+    folder.write_bytes(str(path), buffer.getvalue(), then=folder.RERUN)
 
 
 def _stored_prompt(path: Path) -> str | None:
@@ -545,16 +161,16 @@ def _check_settings(store: Path, settings: dict) -> None:
     path = store / "settings.json"
     if path.is_file():
         try:
-            old = _read_json(path, "the sampler settings of the images beside it")
-        except EvalError as exc:
-            raise EvalError(f"{exc}; delete {store} to sample its images again") from exc
+            old = read_json(path, "the sampler settings of the images beside it")
+        except UsageError as exc:
+            raise UsageError(f"{exc}; delete {store} to sample its images again") from exc
         diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
         if diff:
             details = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in diff.items())
-            raise EvalError(f"{store} holds images made with other settings ({details}); use another "
-                            f"--output_dir, or delete that folder to sample again")
+            raise UsageError(f"{store} holds images made with other settings ({details}); use another "
+                             f"--output_dir, or delete that folder to sample again")
     else:
-        _write_atomic(path, json.dumps(settings, indent=2))
+        _write(path, json.dumps(settings, indent=2))
 
 
 def generate_images(model: ModelRef, prompts: Mapping[int, str], keys: Sequence[tuple[int, int]], store: Path,
@@ -575,8 +191,8 @@ def generate_images(model: ModelRef, prompts: Mapping[int, str], keys: Sequence[
         if stored is None:
             missing.add((idx, seed))
         elif stored != prompts[idx]:
-            raise EvalError(f"{path} was made for the prompt {stored!r}, but prompt {idx} is now "
-                            f"{prompts[idx]!r}: the prompt list changed; use another --output_dir")
+            raise UsageError(f"{path} was made for the prompt {stored!r}, but prompt {idx} is now "
+                             f"{prompts[idx]!r}: the prompt list changed; use another --output_dir")
     if not missing:
         return 0
     pipe = load_pipeline(model, device, dtype)
@@ -628,23 +244,6 @@ class EvalResult:
     output_dir: Path = field(default_factory=Path)
 
 
-def _resolve_device(device: str | None) -> str:
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype in (None, "auto"):
-        # fp16 on accelerators as the public evaluation scripts; fp32 on CPU (bf16 is slower there).
-        return torch.float32 if device == "cpu" else torch.float16
-    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-    if dtype not in names:
-        raise EvalError(f"unknown dtype {dtype!r}; use auto, float32, float16 or bfloat16")
-    return names[dtype]
-
-
 def sampling_settings(model: ModelRef, prompt_set: PromptSet, steps=None, guidance_scale=None,
                       resolution=None, dtype: torch.dtype = torch.float32) -> dict:
     """The settings images of `model` are made with: the family defaults unless overridden."""
@@ -691,17 +290,17 @@ def evaluate(model: str, baselines: Sequence[str], prompts: str, rewards: Sequen
              pickapic_dataset: str = PICKAPIC_DATASET, progress: bool = True,
              log: Callable[[str], None] = print) -> EvalResult:
     """Sample (or reuse) images of `model` and each baseline, score them with each reward, and write
-    scores.csv, summary.json and table.md to output_dir. Raises EvalError on bad input, before any work.
+    scores.csv, summary.json and table.md to output_dir. Raises UsageError on bad input, before any work.
 
     Everything cheap is checked first (a typo must not surface after hours of sampling), then, holding the
     output folder: the keys, the images, the scores, the comparison, the files."""
     started = time.time()
-    device = _resolve_device(device)
-    torch_dtype = _resolve_dtype(dtype, device)
+    device = device or runtime.default_device()
+    torch_dtype = runtime.sampling_dtype(dtype, device)
     if batch_size < 1 or reward_batch_size < 1:
-        raise EvalError("batch sizes must be at least 1")
+        raise UsageError("batch sizes must be at least 1")
     if not progress:
-        _hide_library_progress_bars()
+        runtime.quiet_libraries()
     reward_specs = check_rewards(rewards)
     models = model_refs(model, baselines)
     out = Path(output_dir)
@@ -719,15 +318,6 @@ def evaluate(model: str, baselines: Sequence[str], prompts: str, rewards: Sequen
     return EvalResult(summary, table, rows, {label: i.generated for label, i in images.items()}, scores, out)
 
 
-def _hide_library_progress_bars() -> None:
-    """No loading bars from diffusers and transformers either (--quiet)."""
-    import diffusers.utils.logging
-    import transformers.utils.logging
-
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.disable_progress_bar()
-
-
 def check_rewards(rewards: Sequence[str] | str) -> list[str]:
     """The reward specs, each known and usable: its optional package installed and, with the hub offline, its
     weights in the local cache. Checked before anything is sampled."""
@@ -735,15 +325,15 @@ def check_rewards(rewards: Sequence[str] | str) -> list[str]:
         rewards = rewards.split(",")
     reward_specs = [s.strip() for s in rewards if s.strip()]
     if not reward_specs:
-        raise EvalError("no reward given")
+        raise UsageError("no reward given")
     try:
         for spec in reward_specs:  # names and optional packages first: a typo is the likelier mistake
             rw.check_spec(spec)
-        if any(rw.needs_hub(spec) for spec in reward_specs) and not hub_online():
+        if any(rw.needs_hub(spec) for spec in reward_specs) and not go_offline_unless_reachable():
             for spec in reward_specs:
                 rw.check_spec(spec, offline=True)
     except rw.RewardError as exc:
-        raise EvalError(str(exc)) from exc
+        raise UsageError(str(exc)) from exc
     return reward_specs
 
 
@@ -752,52 +342,21 @@ def model_refs(model: str, baselines: Sequence[str]) -> list[ModelRef]:
     models = [model_ref(model)] + [model_ref(b) for b in baselines]
     labels = [m.label for m in models]
     if len(set(labels)) != len(labels) or len({m.tag for m in models}) != len(models):
-        raise EvalError(f"each model must appear once, with distinct names (got {', '.join(labels)}); "
-                        f"name them with NAME=PATH")
+        raise UsageError(f"each model must appear once, with distinct names (got {', '.join(labels)}); "
+                         f"name them with NAME=PATH")
     return models
 
 
-def _check_output_dir(out: Path) -> None:
-    """The output folder exists, or is made, and can be written."""
-    if out.exists() and not out.is_dir():
-        raise EvalError(f"--output_dir {out} is a file, not a folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
-            pass
-    except OSError as exc:
-        raise EvalError(f"--output_dir {out} cannot be written: {exc.strerror or exc}") from exc
+# What a killed run was writing aside (an image, an output, the prompt set), named NAME.tmp-PID.
+STALE = ("*.tmp-*", "images/*/*.tmp-*")
 
 
-@contextmanager
 def output_lock(out: Path):
-    """Own the output folder for one evaluation, as the trainers own theirs: a second run into the same folder
-    is refused at once, rather than both sampling the same images and overwriting each other's scores. The
-    lock is an fcntl lock on OUT/.lock, whose text names its holder; it goes with the process however that
-    ends, so a killed run never blocks the next."""
-    _check_output_dir(out)
-    try:
-        lock, owner = folder.acquire(str(out))
-    except OSError as exc:
-        raise EvalError(f"--output_dir {out} cannot be written: {exc.strerror or exc}") from exc
-    if lock is None:
-        raise EvalError(f"--output_dir {out} is in use by another run ({owner}); wait for it, or choose "
-                        f"another folder")
-    try:
-        _remove_stale_temporaries(out)
-        yield out
-    finally:
-        lock.close()
-
-
-def _remove_stale_temporaries(out: Path) -> None:
-    """The files a killed run was writing aside (an image or an output, not yet renamed into place): with the
-    folder's lock held, no other run is writing them."""
-    patterns = [f".{name}.*" for name in ("scores.csv", "summary.json", "table.md", "prompts.json")]
-    for pattern in (*patterns, "images/*/.*.png.*", "images/*/.settings.json.*"):
-        for path in out.glob(pattern):
-            if path.is_file():
-                path.unlink(missing_ok=True)
+    """Own the output folder for one evaluation, as the trainers own theirs (folder.held): a second run into the
+    same folder is refused at once, rather than both sampling the same images and overwriting each other's
+    scores; OUT/.lock names its holder, and its lock goes with the process however that ends. What a killed run
+    left written aside is removed."""
+    return folder.held(str(out), stale=STALE)
 
 
 def choose_keys(prompts: str, out: Path, limit: int | None, num_seeds: int | None, distinct_seeds: bool,
@@ -807,7 +366,7 @@ def choose_keys(prompts: str, out: Path, limit: int | None, num_seeds: int | Non
     indices = select_prompts(prompt_set, limit)
     n_seeds = num_seeds or prompt_set.default_seeds
     if n_seeds < 1:
-        raise EvalError(f"--num_seeds must be at least 1, got {n_seeds}")
+        raise UsageError(f"--num_seeds must be at least 1, got {n_seeds}")
     seeds = list(range(n_seeds))
     # distinct_seeds: prompt i's images take seeds i·n … i·n + n − 1, so that no two images of the set share their
     # initial noise (in the toy world the noise largely fixes the layout: shared seeds would score n layouts).
@@ -845,9 +404,10 @@ def score_images(models: Sequence[ModelRef], images: Mapping[str, ModelImages], 
     reward_info: dict[str, dict] = {}
     for spec in reward_specs:
         try:
-            reward = rw.build_reward(spec, device=device, local_files_only=rw.needs_hub(spec) and not hub_online())
+            offline = rw.needs_hub(spec) and not go_offline_unless_reachable()
+            reward = rw.build_reward(spec, device=device, local_files_only=offline)
         except rw.RewardError as exc:
-            raise EvalError(str(exc)) from exc
+            raise UsageError(str(exc)) from exc
         column = reward.name if reward.name not in scores else spec
         reward_info[column] = {"spec": spec, "units": reward.units}
         scores[column] = {}
@@ -1013,9 +573,9 @@ def _write_outputs(out: Path, rows: list[dict], summary: dict, table: str) -> No
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
-    _write_atomic(out / "scores.csv", buffer.getvalue())
-    _write_atomic(out / "summary.json", json.dumps(summary, indent=2))
-    _write_atomic(out / "table.md", table)
+    _write(out / "scores.csv", buffer.getvalue())
+    _write(out / "summary.json", json.dumps(summary, indent=2))
+    _write(out / "table.md", table)
 
 
 # The offline demo
@@ -1023,16 +583,11 @@ def _write_outputs(out: Path, rows: list[dict], summary: dict, table: str) -> No
 
 def tiny_prompt_file(out: Path) -> str:
     """The demo's prompt file: captions of the toy world's held-out prompts (toy.py), one per line."""
-    try:
-        from miniature import toy
+    from offline import toy
 
-        prompts = toy.EVAL_PROMPTS[:TINY_PROMPTS]
-    except ImportError:
-        prompts = ["a red circle", "a big blue square on the left", "a small green triangle at the top",
-                   "a yellow circle at the bottom"]
-    _check_output_dir(out)
+    folder.check_writable(str(out))
     path = out / "tiny_prompts.txt"
-    _write_atomic(path, "\n".join(prompts) + "\n")
+    _write(path, "\n".join(toy.EVAL_PROMPTS[:TINY_PROMPTS]) + "\n")
     return str(path)
 
 
@@ -1040,8 +595,7 @@ def evaluate_tiny(model: str, output_dir, progress: bool = True, log: Callable[[
     """What `python eval.py --tiny --model MODEL` computes (MODEL against the toy base model on the toy world's
     held-out prompts, TINY_DEFAULTS' sampler, every image its own seed), for train_sd15.py --tiny's report: the
     same keys, settings (main's --tiny defaults) and batches, so the same images and numbers."""
-    from miniature import toy
-
+    from offline import toy
     out = Path(output_dir)
     return evaluate(model, [f"{TINY_BASELINE}={toy.TOY_MODEL}"], tiny_prompt_file(out), TINY_REWARDS, out,
                     num_seeds=TINY_DEFAULTS["num_seeds"], distinct_seeds=True, steps=TINY_DEFAULTS["steps"],
@@ -1056,7 +610,8 @@ def side_by_side(result: EvalResult, path, baseline: str, count: int = 16, colum
     stores = {label: Path(info["images"]) for label, info in result.summary["models"].items()}
     keys = sorted(next(iter(result.scores.values()))[model])
     picked = [keys[round(i * (len(keys) - 1) / max(count - 1, 1))] for i in range(min(count, len(keys)))]
-    tiles = [Image.open(image_path(stores[label], *key)).convert("RGB") for key in picked for label in (baseline, model)]
+    tiles = [Image.open(image_path(stores[label], *key)).convert("RGB")
+             for key in picked for label in (baseline, model)]
     w, h = tiles[0].size
     gap = max(2, w // 8)  # a white gap between pairs, none inside a pair
     rows = math.ceil(len(picked) / columns)
@@ -1090,6 +645,9 @@ def tiny_report(model: str, output_dir) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    def per_family(key: str) -> str:
+        return ", ".join(f"{family} {defaults[key]}" for family, defaults in FAMILY_DEFAULTS.items())
+
     family_defaults = "; ".join(f"{k}: {v['steps']} steps, guidance {v['guidance_scale']}, {v['resolution']} px"
                                 for k, v in FAMILY_DEFAULTS.items())
     p = argparse.ArgumentParser(
@@ -1112,28 +670,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output_dir", default=None, help="where images, scores.csv, summary.json and table.md go "
                                                       "(default out/eval, out/eval-tiny with --tiny); reused on reruns")
     p.add_argument("--distinct_seeds", action="store_true",
-                   help="seeds i·N … i·N+N−1 for prompt i instead of 0 … N−1 for every prompt (always on with --tiny)")
+                   help="seeds i·N … i·N+N−1 for prompt i instead of 0 … N−1 for every prompt "
+                        "(always on with --tiny)")
     p.add_argument("--num_seeds", type=int, default=None,
                    help="seeds 0..N-1 per prompt (default: 5 for pickapic, 1 for the other sets)")
     p.add_argument("--limit", type=int, default=None,
                    help="evaluate only the first N prompts (per style for hpsv2); images are reused by a full run")
-    p.add_argument("--steps", type=int, default=None, help="sampler steps (default per family: sd15 50, sdxl 50, sd3 28, flux 28)")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"sampler steps (default per family: {per_family('steps')})")
     p.add_argument("--guidance_scale", type=float, default=None,
-                   help="classifier-free guidance scale (default per family: sd15 7.5, sdxl 5.0, sd3 7.0; flux 3.5, "
-                        "FLUX.1-dev's distilled guidance)")
+                   help=f"classifier-free guidance scale (default per family: {per_family('guidance_scale')}; "
+                        "flux's is FLUX.1-dev's distilled guidance)")
     p.add_argument("--resolution", type=int, default=None,
-                   help="image height and width in pixels (default per family: sd15 512, sdxl 1024, sd3 1024, flux 1024)")
-    p.add_argument("--batch_size", type=int, default=BATCH_SIZE, help=f"images per pipeline call (default {BATCH_SIZE})")
+                   help=f"image height and width in pixels (default per family: {per_family('resolution')})")
+    p.add_argument("--batch_size", type=int, default=BATCH_SIZE,
+                   help=f"images per pipeline call (default {BATCH_SIZE})")
     p.add_argument("--reward_batch_size", type=int, default=16, help="images per reward forward pass (default 16)")
     p.add_argument("--device", default=None, help="torch device (default cuda if available, else cpu)")
     p.add_argument("--dtype", default="auto", help="pipeline dtype: auto (float16 on GPU, float32 on CPU), "
                                                    "float32, float16 or bfloat16; rewards always run in float32")
     p.add_argument("--pickapic_dataset", default=PICKAPIC_DATASET,
-                   help=f"hub id or local folder holding Pick-a-Pic v2's test_unique split (default {PICKAPIC_DATASET})")
+                   help="hub id or local folder holding Pick-a-Pic v2's test_unique split "
+                        f"(default {PICKAPIC_DATASET})")
     p.add_argument("--tiny", action="store_true",
-                   help="offline demo: baseline the toy base model (miniature/toy_model/), model --model (e.g. the final/ of "
-                        "train_sd15.py --tiny) or else a random-init tiny pipeline, held-out toy prompts, rewards "
-                        "without downloads, 10 steps, guidance 3, 32 px, 2 seeds per prompt")
+                   help="offline demo: baseline the toy base model (offline/toy_model/), model --model (e.g. the "
+                        "final/ of train_sd15.py --tiny) or else a random-init tiny pipeline, held-out toy prompts, "
+                        "rewards without downloads, 10 steps, guidance 3, 32 px, 2 seeds per prompt")
     p.add_argument("--list_rewards", action="store_true", help="print the available reward specs and exit")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
@@ -1147,14 +709,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         if args.tiny:
-            from miniature import toy
-
+            from offline import toy
             args.output_dir = args.output_dir or "out/eval-tiny"
             if not args.baseline:
                 args.baseline = [f"{TINY_BASELINE}={toy.TOY_MODEL}"]
             if not args.model:
-                import tiny
-
+                from offline import tiny
                 args.model = f"tiny-random={tiny.tiny_pipeline_dir('sd15', seed=1)}"
                 print("note: no --model given: evaluating a random-init tiny pipeline against the toy base model; "
                       "pass --model out/tiny/final (python train_sd15.py --tiny) for a trained one", file=sys.stderr)
@@ -1167,9 +727,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.distinct_seeds = True
             args.device = args.device or "cpu"
         if not args.model:
-            raise EvalError("--model is required (or --tiny for the offline demo)")
+            raise UsageError("--model is required (or --tiny for the offline demo)")
         if not args.prompts:
-            raise EvalError("--prompts is required: pickapic, parti, hpsv2 or a text file")
+            raise UsageError("--prompts is required: pickapic, parti, hpsv2 or a text file")
         result = evaluate(
             args.model, args.baseline, args.prompts, (args.rewards or ",".join(rw.PAPER_REWARDS)).split(","),
             args.output_dir or "out/eval", num_seeds=args.num_seeds, distinct_seeds=args.distinct_seeds,
@@ -1178,9 +738,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             reward_batch_size=args.reward_batch_size, device=args.device, dtype=args.dtype,
             pickapic_dataset=args.pickapic_dataset, progress=not args.quiet,
         )
-    except (EvalError, rw.RewardError) as exc:  # one line, even when a library's message has several
-        print("error: " + " ".join(line.strip() for line in str(exc).splitlines() if line.strip()), file=sys.stderr)
-        return 2
+    except (errors.RunError, rw.RewardError) as error:  # one line, even when a library's message has several
+        line = " ".join(part.strip() for part in str(error).splitlines() if part.strip())
+        return errors.report(type(error)(line) if isinstance(error, errors.RunError) else UsageError(line))
     print()
     print(result.table)
     print(f"wrote {result.output_dir / 'scores.csv'}, summary.json, table.md "

@@ -79,7 +79,7 @@ def ipo_loss(model_err_w, model_err_l, ref_err_w, ref_err_l, beta, scale=1.0):
     """IPO (Azar et al. 2023, Eq. 17): (h − 1/(2β))², h the log-likelihood-ratio margin.
 
     In DPO the logit is z = β·h; here z = (β/2)·λ·(−Δ), so h = λ·(−Δ)/2 and the regression target
-    1/(2β) uses the same β, as TRL's DPOTrainer does (its IPO τ is its DPO β). [choice: h = z/β] So IPO
+    1/(2β) uses the same β [choice: h = z/β; TRL's DPOTrainer does so, its IPO τ being its DPO β]. So IPO
     regresses each pair's DPO logit z = β·h to 1/2: with β = 5000 the target margin is −Δ = 2e-4/λ, and a
     pair past it is pushed back (IPO's bounded margin, unlike DPO's ever-growing one).
     """
@@ -179,7 +179,8 @@ def dspo_loss(model_err_w, model_err_l, ref_err_w, ref_err_l, beta, scale=1.0, *
 
 
 # DSPO's authors compute the SDXL branch of their loss for SDXL only (launchers/sdxl.sh); every other model
-# takes the SD1.5 branch. [choice for SD3: the SD1.5 branch, whose β is the per-element scale of its errors]
+# takes the SD1.5 branch [choice: SD3 and FLUX take the SD1.5 branch; its β is the per-element scale of the
+# errors, which the flow models share].
 DSPO_SDXL_BRANCH = {"sdxl"}
 
 
@@ -202,10 +203,10 @@ class Objective:
 
     def inputs(self, family: str, pred, ref_pred, target, reference_point: float = 0.0) -> dict:
         """What this objective takes beyond the per-sample errors: DSPO the winners' raw predictions (and its
-        branch for the model family), KTO its reference point. For KTO the trainers pass [choice] the mean
-        implicit reward of the previous optimizer step's pairs over all ranks (0 at step 1, where policy =
-        reference; the log's `kto_mean_reward`): the official code takes each micro-batch's, which at 1 pair
-        per device is the pair itself."""
+        branch for the model family), KTO its reference point. For KTO the trainers pass [choice: the mean
+        implicit reward of the previous optimizer step's pairs over all ranks, 0 at step 1 where policy =
+        reference; the official code takes each micro-batch's, which at 1 pair per device is the pair itself]
+        (the log's `kto_mean_reward`)."""
         extra = {}
         if self.needs_predictions:
             n = len(pred) // 2
@@ -219,12 +220,15 @@ class Objective:
 # name → objective, for the trainers' --loss flag.
 LOSSES = {
     "dpo": Objective(dpo_loss, {"*": 5000.0}, "logit z = (β/2)·λ(t)·(−Δ) (PAPER.md §1; Diffusion-DPO's 5000 for "
-                                              "SD1.5 and SDXL, [choice] for SD3)"),
-    "hinge": Objective(hinge_loss, {"*": 5000.0}, "on the §1 logit, relu(1 − z) [choice: DPO's 5000]"),
+                                              "SD1.5 and SDXL; [choice: the same for SD3 and FLUX; no published "
+                                              "value])"),
+    "hinge": Objective(hinge_loss, {"*": 5000.0}, "on the §1 logit, relu(1 − z) [choice: DPO's 5000; TRL uses its "
+                                                  "DPO β]"),
     "ipo": Objective(ipo_loss, {"*": 5000.0}, "IPO's τ = the §1 β as in TRL: each pair's logit is regressed to "
                                               "1/2, i.e. the margin −Δ to 1/(βλ) = 2e-4 at β = 5000"),
     "kto": Objective(kto_loss, {"*": 1000.0}, "Diffusion-KTO's --beta_dpo: reward β·λ(t)·(e_ref − e_θ), no 1/2 "
-                                              "(their default 1000; [choice] for SDXL and SD3)",
+                                              "(their default 1000; [choice: the same for SDXL, SD3, FLUX; no "
+                                              "published value])",
                      needs_reference_point=True),
     "sft": Objective(sft_loss, {"*": None}, "unused", needs_reference=False, needs_loser=False),
     "mapo": Objective(mapo_loss, {"*": 0.1}, "MaPO's --beta_mapo, the weight of the margin term (0.1)",

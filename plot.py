@@ -19,7 +19,9 @@ import warnings
 
 import numpy as np
 
-NUM_BINS = 10  # mechanics.trainlog.NUM_LOG_BINS: the log's 10 equal t-bins, bin 0 the cleanest
+from mechanics import errors
+from mechanics.errors import UsageError
+from mechanics.trainlog import NUM_LOG_BINS as NUM_BINS  # the log's 10 equal t-bins, bin 0 the cleanest
 COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray")
 
 
@@ -191,11 +193,6 @@ def draw(groups: dict[str, list[str]], out: str, title: str | None = None) -> st
     return out
 
 
-def fail(message: str):
-    """One `error: ...` line on stderr and exit code 2, as the trainers and eval.py."""
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(2)
-
 
 def parse_groups(specs: list[str]) -> dict[str, list[str]]:
     """'DIR' or 'LABEL=DIR[,DIR...]' → {label: [dirs]}; every folder must hold a readable log with a record
@@ -207,7 +204,7 @@ def parse_groups(specs: list[str]) -> dict[str, list[str]]:
             label, dirs = os.path.basename(os.path.normpath(spec)) or spec, spec
         folders = [d for d in dirs.split(",") if d]
         if not folders:
-            fail(f"{spec!r} names no run folder (LABEL=DIR[,DIR...])")
+            raise UsageError(f"{spec!r} names no run folder (LABEL=DIR[,DIR...])")
         for folder in folders:
             check_run(folder)
         groups[label] = folders
@@ -217,18 +214,18 @@ def parse_groups(specs: list[str]) -> dict[str, list[str]]:
 def check_run(folder: str) -> None:
     """A run folder that plot.py can draw, or one `error:` line saying why not."""
     if not os.path.exists(folder):
-        fail(f"run folder {folder} not found")
+        raise UsageError(f"run folder {folder} not found")
     if not os.path.isdir(folder):
-        fail(f"{folder} is a file, not a run folder (a run's --output_dir)")
+        raise UsageError(f"{folder} is a file, not a run folder (a run's --output_dir)")
     if not os.path.isfile(os.path.join(folder, "log.jsonl")):
-        fail(f"{folder} holds no log.jsonl (a run's --output_dir?)")
+        raise UsageError(f"{folder} holds no log.jsonl (a run's --output_dir?)")
     try:
         log = read_log(folder)
         read_config(folder)
     except LogError as error:
-        fail(str(error))
+        raise UsageError(str(error))
     if not log:
-        fail(f"{os.path.join(folder, 'log.jsonl')} holds no complete record yet: nothing to draw")
+        raise UsageError(f"{os.path.join(folder, 'log.jsonl')} holds no complete record yet: nothing to draw")
 
 
 def check_out(out: str) -> None:
@@ -238,12 +235,12 @@ def check_out(out: str) -> None:
     suffix = os.path.splitext(out)[1].lstrip(".").lower()
     formats = FigureCanvasAgg.get_supported_filetypes()
     if suffix and suffix not in formats:
-        fail(f"--out {out}: matplotlib writes no .{suffix} files; use one of .{', .'.join(sorted(formats))}")
+        raise UsageError(f"--out {out}: matplotlib writes no .{suffix} files; use one of .{', .'.join(sorted(formats))}")
     if os.path.isdir(out):
-        fail(f"--out {out} is a folder; give the figure's file name")
+        raise UsageError(f"--out {out} is a folder; give the figure's file name")
 
 
-def main(argv=None) -> str:
+def draw_runs(argv=None) -> str:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="run folders (--output_dir), as DIR or LABEL=DIR[,DIR...]")
     p.add_argument("--out", default=None, help="PNG to write (default: curves.png in the only run's folder)")
@@ -259,10 +256,19 @@ def main(argv=None) -> str:
     try:
         draw(groups, out, args.title)
     except OSError as error:
-        fail(f"cannot write {out}: {error.strerror or error}")
+        raise UsageError(f"cannot write {out}: {error.strerror or error}")
     print(out)
     return out
 
+
+
+def main(argv=None) -> str:
+    """Draw the runs named on the command line. A mistake of the user's ends the process as one `error:` line and
+    exit code 2."""
+    try:
+        return draw_runs(argv)
+    except errors.RunError as error:
+        raise SystemExit(errors.report(error)) from None
 
 if __name__ == "__main__":
     main()

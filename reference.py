@@ -27,6 +27,23 @@ from losses import per_sample_error
 
 ON_DIVERGE = ("freeze", "reinit", "ignore")
 
+# The monitor's probe [choice: fixed winners of the data, drawn once; one micro-batch's winner moves D by ±25 %
+# between checks, a fixed probe of 64 by ±4 % (README, "The monitor's estimate of D")]: its pairs come in an
+# order of their own (the data seeded seed + PROBE_SEED, without caption dropout) and its t and ε from the
+# generator stream MONITOR_STREAM, apart from every micro-batch's (the train scripts' `micro_generators`).
+PROBE_SEED = 7919
+MONITOR_STREAM = 1 << 20
+
+# --method: which of the paper's two ideas a run uses, the rows of its ablation (PAPER.md §6). A preset sets
+# §2's τ and §3's γ and λ(t) together over the script's recipe; an explicit --tau, --gamma or
+# --(no_)reward_scale still wins.
+METHODS = {
+    "plain": dict(tau=0, gamma=1.0, no_reward_scale=True),  # Diffusion-DPO (Wallace et al. 2023)
+    "exploration": dict(gamma=1.0, no_reward_scale=True),   # §2 only: the recipe's τ/δ reference update
+    "timestep": dict(tau=0),                                # §3 only: γ over-sampling and λ(t)
+    "ours": dict(),                                         # §2 + §3, the paper's full method
+}
+
 PredictFn = Callable[[nn.Module], torch.Tensor]
 
 
@@ -101,7 +118,7 @@ class Reference:
     dtype:      dtype of the reference copy (the training dtype, e.g. bf16: it is only ever run); p_init is
                 kept in that dtype too, in pinned CPU memory.
     model:      the reference module to use instead of a deep copy of the policy; it must start equal to the
-                policy, and its parameters and buffers must match the policy's one to one. LoRA (speed/lora.py)
+                policy, and its parameters and buffers must match the policy's one to one. LoRA (mechanics/lora.py)
                 passes views of one shared base model through two adapters, so that only the adapter
                 weights are copied, and p_init is the initial adapter (B = 0: the base model itself). Under
                 FSDP the trainers pass a copy of the policy sharded as the policy is: every tensor is then this

@@ -6,10 +6,9 @@ Every reward is an object with
     score(images: list[PIL.Image], prompts: list[str]) -> list[float]   (one score per image, higher = better)
     close() frees its weights (evaluation loads one reward model at a time)
 
-and is built from a spec string "NAME" or "NAME:ARG" by `build_reward(spec, device)`. The registry
-(`register_reward`) maps NAME to a factory; a factory may be given as "module:attribute" so that the module
-is imported only when that reward is used. A reward that is a plain function of pixels (the toy world's
-rewards) is one line: `register_function("my_reward", "my_module:my_fn", units="...")`.
+and is built from a spec string "NAME" or "NAME:ARG" by `build_reward(spec, device)`. `REWARDS` maps NAME to
+a factory and a line of help; a reward that is a plain function of pixels (the toy world's) is one entry
+made by `_pixels`. A fork adds its own reward as one more entry.
 
 The paper's five rewards, and the scale each is reported on (PAPER.md §6 tables):
 
@@ -32,20 +31,19 @@ Variants and offline rewards (no downloaded weights needed for the last three gr
     aesthetic:FILE.pth    the aesthetic MLP from a local state dict (e.g. sac+logos+ava1-l14-linearMSE.pth)
     hpsv2:v2.1            HPS v2.1 instead of v2.0
     tiny_pickscore, tiny_clip   the same code on a tiny, randomly initialised CLIP built and saved locally
-                          (`tiny_clip_dir()`): numbers without meaning, for tests and the offline demo
-    toy_fidelity, toy_aesthetic, toy_label   miniature/toy.py's programmatic rewards of the toy world (pure pixels)
+                          (offline/tiny.py, `tiny_clip_dir()`): numbers without meaning, for tests and the offline demo
+    toy_fidelity, toy_aesthetic, toy_label   offline/toy.py's programmatic rewards of the toy world (pure pixels)
 """
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import os
-import shutil
-import tempfile
-from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+
+from mechanics import loading
+from offline import tiny, toy
 
 # The paper's rewards in the column order of its tables.
 PAPER_REWARDS = ("pickscore", "hpsv2", "clip", "aesthetic", "imagereward")
@@ -117,14 +115,8 @@ def _load_clip(model_id: str, processor_id: str, device: str, local_files_only: 
         processor = AutoProcessor.from_pretrained(processor_id, local_files_only=local_files_only)
     except (OSError, ValueError) as exc:  # not a folder, not a valid hub id, not cached, or no network
         raise RewardError(_not_found(f"CLIP checkpoint {model_id!r} / {processor_id!r}", local_files_only)) from exc
-    # transformers 5 returns a 2-token tokenizer instead of failing when the tokenizer files of an uncached
-    # hub id cannot be fetched (ENVIRONMENT.md): scores would then be computed on garbage text.
-    vocab = model.config.text_config.vocab_size
-    if len(processor.tokenizer) < vocab // 2:
-        raise RewardError(
-            f"the tokenizer loaded for {processor_id!r} has {len(processor.tokenizer)} tokens, its text encoder "
-            f"expects {vocab}: the tokenizer files were not found (offline and not cached?)"
-        )
+    # An uncached hub id's tokenizer loads with a handful of tokens instead of failing: scores on garbage text.
+    loading.check_tokenizer(processor.tokenizer, model.text_model, f"the tokenizer of {processor_id!r}")
     return model.to(device).eval().requires_grad_(False), processor
 
 
@@ -321,103 +313,48 @@ class ImageRewardReward(Reward):
         return [float(self.model.score(p, im)) for im, p in zip(images, prompts)]
 
 
-# A tiny CLIP that needs no download: for tests and the offline demo, through the same CLIP code path.
+# The registry: NAME -> (factory(arg, device=, local_files_only=) -> Reward, one line of help)
 
-TINY_CLIP_VERSION = 1
-
-
-def build_tiny_clip(out_dir: str | os.PathLike, seed: int = 0) -> str:
-    """Save a randomly initialised tiny CLIPModel with its processor (32 px images, tiny/'s tokenizer).
-
-    Its logit scale is set to 100, PickScore's, so that tiny_pickscore has the scale of the real one."""
-    import math
-
-    from transformers import CLIPConfig, CLIPModel, CLIPProcessor
-
-    try:  # transformers 5 without torchvision: the PIL image processor, which needs no extra package
-        from transformers import CLIPImageProcessorPil as ImageProcessor
-    except ImportError:
-        from transformers import CLIPImageProcessor as ImageProcessor
-    import tiny
-
-    tokenizer = tiny.build_clip_tokenizer()
-    config = CLIPConfig(
-        text_config=dict(
-            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, max_position_embeddings=tiny.CLIP_MAX_LENGTH,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        ),
-        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
-                           num_hidden_layers=2, num_attention_heads=4),
-        projection_dim=32,
-        logit_scale_init_value=math.log(100.0),
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = CLIPModel(config).eval()
-    processor = CLIPProcessor(
-        image_processor=ImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
-        tokenizer=tokenizer,
-    )
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
-    return str(out_dir)
+def _tiny_pickscore(arg, device="cpu", local_files_only=False):
+    path = tiny.tiny_clip_dir()
+    reward = PickScoreReward(path, path, device=device, local_files_only=True)
+    reward.name, reward.units = "tiny_pickscore", "PickScore formula on a random tiny CLIP (offline demo: no meaning)"
+    return reward
 
 
-def tiny_clip_dir(root: str | os.PathLike | None = None) -> str:
-    """The tiny CLIP folder, built on first use next to tiny/'s pipelines (same atomic rename)."""
-    import tiny
-
-    root_dir = Path(root) if root is not None else tiny.default_cache_root()
-    final = root_dir / f"tiny-clip-v{TINY_CLIP_VERSION}"
-    if (final / "config.json").is_file():
-        return str(final)
-    root_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root_dir))
-    try:
-        build_tiny_clip(tmp)
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            if not (final / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return str(final)
+def _tiny_clip(arg, device="cpu", local_files_only=False):
+    reward = CLIPScoreReward(tiny.tiny_clip_dir(), device=device, local_files_only=True)
+    reward.name, reward.units = "tiny_clip", "100 × cosine on a random tiny CLIP (offline demo: no meaning)"
+    return reward
 
 
-# Registry
-
-# name -> (factory or "module:attribute", help). factory(arg, device=..., local_files_only=...) -> Reward
-_REGISTRY: dict[str, tuple[Callable | str, str]] = {}
-
-
-def register_reward(name: str, factory: Callable | str, help: str = "") -> None:
-    """Register `factory(arg, device=, local_files_only=) -> Reward` under `name` (arg: text after "NAME:")."""
-    _REGISTRY[name] = (factory, help)
+def _pixels(name: str, fn: Callable, units: str) -> Callable:
+    """A reward that is a plain function of pixels and prompts (the toy world's)."""
+    return lambda arg, device="cpu", local_files_only=False: FunctionReward(name, fn, units=units)
 
 
-def register_function(name: str, target: str, units: str = "", help: str = "") -> None:
-    """Register a pixel function given as "module:attribute" (imported on first use) as reward `name`."""
-
-    def factory(arg, device="cpu", local_files_only=False):
-        return FunctionReward(name, _import(target), units=units)
-
-    register_reward(name, factory, help or units)
-
-
-def _import(target: str):
-    module, _, attr = target.partition(":")
-    try:
-        return getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as exc:
-        raise RewardError(f"cannot import {target!r}: {exc}") from exc
+REWARDS: dict[str, tuple[Callable, str]] = {
+    "pickscore": (lambda arg, **kw: PickScoreReward(arg or PICKSCORE_MODEL, arg or PICKSCORE_PROCESSOR, **kw),
+                  "PickScore_v1, logit_scale·cos (×100 scale); pickscore:DIR uses another CLIP checkpoint"),
+    "hpsv2": (lambda arg, **kw: HPSv2Reward(arg, **kw), "HPS v2.0 ×100 (pip install hpsv2); hpsv2:v2.1 for v2.1"),
+    "clip": (lambda arg, **kw: CLIPScoreReward(arg or CLIPSCORE_MODEL, **kw),
+             "100·cos, laion/CLIP-ViT-H-14-laion2B-s32B-b79K; clip:DIR_OR_ID for another CLIP"),
+    "aesthetic": (lambda arg, **kw: AestheticReward(arg, **kw),
+                  "LAION aesthetic predictor (1–10) on CLIP ViT-L/14; aesthetic:FILE.pth for local weights"),
+    "imagereward": (lambda arg, **kw: ImageRewardReward(arg, **kw), "ImageReward-v1.0, raw (pip install image-reward)"),
+    "tiny_pickscore": (_tiny_pickscore, "offline: PickScore formula on a random tiny CLIP"),
+    "tiny_clip": (_tiny_clip, "offline: 100·cos on a random tiny CLIP"),
+    # The toy world's programmatic rewards (offline/toy.py), in [0, 1].
+    **{name: (_pixels(name, fn, units), units) for name, fn, units in (
+        ("toy_fidelity", toy.fidelity, "toy world: caption fidelity in [0, 1] (offline/toy.py)"),
+        ("toy_aesthetic", toy.aesthetic, "toy world: picture quality in [0, 1] (offline/toy.py)"),
+        ("toy_label", toy.label_reward, "toy world: the labelling reward in [0, 1] (offline/toy.py)"))},
+}
 
 
 def available_rewards() -> dict[str, str]:
     """{name: help} of every registered reward."""
-    return {name: help for name, (_, help) in _REGISTRY.items()}
+    return {name: help for name, (_, help) in REWARDS.items()}
 
 
 def parse_spec(spec: str) -> tuple[str, str | None]:
@@ -446,8 +383,8 @@ def check_spec(spec: str, offline: bool = False) -> None:
     """Fail early (before hours of sampling) on an unknown name, a missing optional package, or, offline,
     weights that are not in the local cache."""
     name, arg = parse_spec(spec)
-    if name not in _REGISTRY:
-        raise RewardError(f"unknown reward {spec!r}; available: {', '.join(_REGISTRY)}")
+    if name not in REWARDS:
+        raise RewardError(f"unknown reward {spec!r}; available: {', '.join(REWARDS)}")
     if name == "hpsv2":
         _require("hpsv2", "hpsv2", "HPSv2")
     if name == "imagereward":
@@ -475,47 +412,8 @@ def build_reward(spec: str, device: str = "cpu", local_files_only: bool = False)
     """Build the reward named by `spec` ("NAME" or "NAME:ARG"), loading its weights on `device`."""
     check_spec(spec)
     name, arg = parse_spec(spec)
-    factory, _ = _REGISTRY[name]
-    if isinstance(factory, str):
-        factory = _import(factory)
+    factory, _ = REWARDS[name]
     reward = factory(arg, device=device, local_files_only=local_files_only)
     if arg is not None and name in ("pickscore", "clip", "aesthetic"):
         reward.name = f"{reward.name}({arg})"  # a non-default checkpoint gets its own column
     return reward
-
-
-register_reward(
-    "pickscore",
-    lambda arg, **kw: PickScoreReward(arg or PICKSCORE_MODEL, arg or PICKSCORE_PROCESSOR, **kw),
-    "PickScore_v1, logit_scale·cos (×100 scale); pickscore:DIR uses another CLIP checkpoint",
-)
-register_reward("hpsv2", lambda arg, **kw: HPSv2Reward(arg, **kw),
-                "HPS v2.0 ×100 (pip install hpsv2); hpsv2:v2.1 for v2.1")
-register_reward("clip", lambda arg, **kw: CLIPScoreReward(arg or CLIPSCORE_MODEL, **kw),
-                "100·cos, laion/CLIP-ViT-H-14-laion2B-s32B-b79K; clip:DIR_OR_ID for another CLIP")
-register_reward("aesthetic", lambda arg, **kw: AestheticReward(arg, **kw),
-                "LAION aesthetic predictor (1–10) on CLIP ViT-L/14; aesthetic:FILE.pth for local weights")
-register_reward("imagereward", lambda arg, **kw: ImageRewardReward(arg, **kw),
-                "ImageReward-v1.0, raw (pip install image-reward)")
-
-
-def _tiny_pickscore(arg, device="cpu", local_files_only=False):
-    path = tiny_clip_dir()
-    reward = PickScoreReward(path, path, device=device, local_files_only=True)
-    reward.name, reward.units = "tiny_pickscore", "PickScore formula on a random tiny CLIP (offline demo: no meaning)"
-    return reward
-
-
-def _tiny_clip(arg, device="cpu", local_files_only=False):
-    reward = CLIPScoreReward(tiny_clip_dir(), device=device, local_files_only=True)
-    reward.name, reward.units = "tiny_clip", "100 × cosine on a random tiny CLIP (offline demo: no meaning)"
-    return reward
-
-
-register_reward("tiny_pickscore", _tiny_pickscore, "offline: PickScore formula on a random tiny CLIP")
-register_reward("tiny_clip", _tiny_clip, "offline: 100·cos on a random tiny CLIP")
-
-# The toy world's programmatic rewards (miniature/toy.py), in [0, 1]: one line each.
-register_function("toy_fidelity", "miniature.toy:fidelity", units="toy world: caption fidelity in [0, 1] (miniature/toy.py)")
-register_function("toy_aesthetic", "miniature.toy:aesthetic", units="toy world: picture quality in [0, 1] (miniature/toy.py)")
-register_function("toy_label", "miniature.toy:label_reward", units="toy world: the labelling reward in [0, 1] (miniature/toy.py)")

@@ -30,9 +30,9 @@ def reward_scale_flow(sigmas: torch.Tensor, inv_sqrt_snr_min: float = SD15_INV_S
                       inv_sqrt_snr_max: float = SD15_INV_SQRT_SNR_MAX) -> torch.Tensor:
     """λ(σ) for flow matching (§3–§4), x_σ = (1 − σ)x0 + σε, where 1/√SNR = σ / (1 − σ).
 
-    That ratio is unbounded at σ = 1, so min–max over the grid is undefined. [choice, PAPER.md §3: the
-    ratio is clamped to the range it spans on SD1.5's schedule, [0.0292, 14.61], and min–max normalised
-    over that fixed range.] λ is then the same function of the noise level (SNR) as on SD1.5: 2 for
+    That ratio is unbounded at σ = 1, so min–max over the grid is undefined. [choice: the ratio is
+    clamped to the range it spans on SD1.5's schedule, [0.0292, 14.61], and min–max normalised over that
+    fixed range; PAPER.md §3] λ is then the same function of the noise level (SNR) as on SD1.5: 2 for
     σ ≥ 0.936, 1 for σ ≤ 0.028, finite everywhere, and independent of which σ happen to be in a batch.
     """
     sigmas = sigmas.double()
@@ -47,7 +47,8 @@ def sd15_alphas_cumprod(num_train_timesteps: int = 1000) -> torch.Tensor:
 
 
 def reward_scale_by_step(num_train_timesteps: int = 1000) -> torch.Tensor:
-    """λ for flow matching by generation step rather than by noise level [choice, --flow_lambda step]: the i-th
+    """λ for flow matching by generation step rather than by noise level [choice: --flow_lambda step; the paper
+    frames §3 over generation steps]: the i-th
     point of a flow model's σ grid gets the λ(t) that SD1.5's schedule gives its i-th timestep.
 
     λ(σ) of `reward_scale_flow` matches noise levels, and a shifted flow grid spends most of its steps at noise
@@ -72,8 +73,8 @@ def sample_timesteps(n: int, num_train_timesteps: int = 1000, gamma: float | Non
     """Draw n training timesteps with the early steps over-sampled (§3, item 1): k ~ Cat(γ^k), then t
     uniform inside bin k.
 
-    [choice, PAPER.md §3: the grid follows Yang et al. 2024's 50 sampler steps, i.e. K = `num_bins`
-    intervals of T/K timesteps; bin k = 0 holds the largest t.] `gamma=None` or 1.0 gives uniform t, as
+    [choice: K = `num_bins` intervals of T/K timesteps, bin k = 0 holding the largest t; Yang et al. 2024's
+    grid is the 50 sampler steps (PAPER.md §3)] `gamma=None` or 1.0 gives uniform t, as
     in plain Diffusion-DPO. Deterministic under a seeded CPU `generator`; the result is moved to `device`.
     """
     if not 1 <= num_bins <= num_train_timesteps:

@@ -1,7 +1,7 @@
 """Diffusion-DPO with the paper's stable reference update and timestep-aware training, for FLUX.1 (flow matching).
 
 Algorithm 1 of Kang et al. (AAAI 2026) for FLUX.1, top to bottom: flags, models, data, then the loop. With no
-arguments this runs the FLUX recipe, LoRA on one GPU [choice, PAPER.md §5: the paper trains no FLUX model]:
+arguments this runs the FLUX recipe, LoRA on one GPU [choice: every FLUX setting; the paper trains no FLUX model]:
 FLUX.1-dev at 1024 px, Pick-a-Pic v2, a rank-8 LoRA adapter (the reference a second adapter) at lr 1e-5 with
 gradient checkpointing, effective batch 32, 2000 steps, β = 5000, the reference updated every τ = 32 steps under
 the monitor δ = 0.002, γ = 0.9 over-sampling of the noisy end of FLUX's own σ grid at the training resolution and
@@ -31,23 +31,25 @@ from functools import partial
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from einops import rearrange
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
 import losses
 import plot
 import reference
 import schedule
-import tiny
-from mechanics import checkpoints, flags, loading, runtime, trainlog
+from mechanics import checkpoints, errors, flags, folder, loading, lora, runtime, trainlog
+from offline import tiny
 
-# [choice] LoRA r8 at lr 1e-5 and effective batch 32: diffusers' Diffusion-DPO LoRA example's settings; τ, δ, β, γ
+# [choice: LoRA r8 at lr 1e-5 and effective batch 32; diffusers' Diffusion-DPO LoRA example's settings] τ, δ, β, γ
 # as SD3 (the paper's SDXL values); gradient checkpointing: 12B parameters at 4096 image tokens (README, memory).
+FAMILY = "flux"  # the model family: its pipeline class, its published β per objective, its log lines
 RECIPE = dict(pretrained_model="black-forest-labs/FLUX.1-dev", resolution=1024, lora_rank=8, learning_rate=1e-5,
               scale_lr=False, effective_batch_size=32, warmup_steps=100, max_steps=2000, tau=32, delta=0.002,
               gradient_checkpointing=True, output_dir="out/flux")
 # --tiny: the offline demo's small-scale recipe, on a tiny random SD3 of the real classes (tiny/) and the
 # built-in smooth-vs-noise pairs, both made once in the cache; each value a flag's default, which a flag overrides.
-TINY_RECIPE = dict(pretrained_model=lambda v: tiny.pipeline_path("flux"), dataset=lambda v: tiny.builtin_pairs_path(),
+TINY_RECIPE = dict(pretrained_model=lambda v: tiny.pipeline_path(FAMILY), dataset=lambda v: tiny.builtin_pairs_path(),
                    resolution=32, train_batch_size=4, effective_batch_size=4, learning_rate=2e-5, scale_lr=False,
                    warmup_steps=0, max_steps=60, checkpoint_every=30, beta=500.0, tau=8, delta=0.05,
                    dataloader_workers=0, divergence_every=5, cpu_threads=1, gradient_checkpointing=False,
@@ -93,13 +95,15 @@ def load_models(path: str, device, dtype, resolution: int, guidance_scale: float
     tokenizer_2 = loading.load(T5TokenizerFast, path, "tokenizer_2")
     text_encoder_2 = loading.frozen(loading.load(T5EncoderModel, path, "text_encoder_2"), device, dtype)
     loading.check_tokenizer(tokenizer_2, text_encoder_2, "tokenizer_2")
+    # FLUX is a bf16 model end to end: its VAE runs in the training dtype, as FluxPipeline runs it.
     vae = loading.frozen(loading.load(AutoencoderKL, path, "vae"), device, dtype)
     transformer = loading.load(FluxTransformer2DModel, path, "transformer")
     scheduler = loading.load(FlowMatchEulerDiscreteScheduler, path, "scheduler")
     latent_size = resolution // 2 ** (len(vae.config.block_out_channels) - 1)
     guidance = guidance_scale if transformer.config.guidance_embeds else None
     return Models(tokenizer, text_encoder, tokenizer_2, text_encoder_2, vae, scheduler, transformer,
-                  torch.device(device), dtype, sigma_grid(scheduler, (latent_size // 2) ** 2), guidance, t5_max_length)
+                  torch.device(device), dtype, sigma_grid(scheduler, (latent_size // 2) ** 2).to(device), guidance,
+                  t5_max_length)
 
 
 @torch.no_grad()
@@ -134,22 +138,21 @@ def encode(m: Models, batch, generator):
     return latents.to(m.dtype), cond
 
 
-def add_noise(latents, noise, sigma):
-    """x_σ = (1 − σ)·x0 + σ·ε, and the velocity target v = ε − x0 the model predicts (§4)."""
-    sigma = sigma.view(-1, 1, 1, 1)  # fp32, whatever the latents' dtype
+def add_noise(m: Models, latents, noise, index):
+    """x_σ = (1 − σ)·x0 + σ·ε at σ = m.sigmas[index], and the velocity target v = ε − x0 the model predicts
+    (PAPER.md §4)."""
+    sigma = m.sigmas[index].view(-1, 1, 1, 1)  # fp32, whatever the latents' dtype
     return ((1 - sigma) * latents + sigma * noise).to(latents.dtype), noise - latents
 
 
 def pack(latents):
     """[n, C, H, W] → [n, (H/2)(W/2), 4C]: each 2×2 patch of the latent image one token, row by row."""
-    n, c, h, w = latents.shape
-    return latents.view(n, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(n, (h // 2) * (w // 2), 4 * c)
+    return rearrange(latents, "n c (h ph) (w pw) -> n (h w) (c ph pw)", ph=2, pw=2)
 
 
 def unpack(tokens, h: int, w: int):
     """The inverse of `pack` for an [H, W] latent image."""
-    n, _, c4 = tokens.shape
-    return tokens.view(n, h // 2, w // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(n, c4 // 4, h, w)
+    return rearrange(tokens, "n (h w) (c ph pw) -> n c (h ph) (w pw)", h=h // 2, w=w // 2, ph=2, pw=2)
 
 
 def image_ids(h: int, w: int, device, dtype):
@@ -176,47 +179,52 @@ def monitor_probe(m: Models, batch, num_samples, generators, run, chunk) -> refe
     latents, cond = encode(m, batch, generators[1])
     index = torch.arange(num_samples, device=m.device) % (latents.shape[0] // 2)  # winners come first
     latents, cond = latents[index], {k: v[index] for k, v in cond.items()}
-    sigmas = m.sigmas.to(m.device)
-    sigma = sigmas[schedule.sample_timesteps(num_samples, len(sigmas), gamma=None, generator=generators[0]).to(m.device)]
+    num_train_timesteps = m.scheduler.config.num_train_timesteps
+    at = schedule.sample_timesteps(num_samples, num_train_timesteps, gamma=None, generator=generators[0]).to(m.device)
     noise = torch.randn(latents.shape, generator=generators[1], device=m.device, dtype=latents.dtype)
-    noisy, target = add_noise(latents, noise, sigma)
-    return reference.Probe(predict, noisy, sigma * len(sigmas), cond, target, chunk, run.autocast)
+    noisy, target = add_noise(m, latents, noise, at)
+    return reference.Probe(predict, noisy, m.sigmas[at] * num_train_timesteps, cond, target, chunk, run.autocast)
 
 
 def model_flags(parser):
     parser.add_argument("--guidance_scale", type=float, default=3.5,
-                        help="FLUX.1-dev's distilled guidance input during training [choice: 3.5, diffusers' FLUX "
-                             "training scripts' and FluxPipeline's sampling default, so that the preference is learnt "
-                             "in the mode the model samples in; SimpleTuner trains at 1.0]; ignored by FLUX.1-schnell")
+                        help="FLUX.1-dev's distilled guidance input during training [choice: 3.5; diffusers' FLUX training "
+                             "scripts' and FluxPipeline's sampling default, so that the preference is learnt in the "
+                             "mode the model samples in (SimpleTuner trains at 1.0)]; ignored by FLUX.1-schnell")
     parser.add_argument("--t5_max_length", type=int, default=512,
                         help="T5 tokens per prompt (FluxPipeline: 512 for FLUX.1-dev, 256 for FLUX.1-schnell)")
     parser.add_argument("--flow_lambda", default="snr", choices=["snr", "step"],
-                        help="λ for flow matching [choice, README]: 'snr' = §3's 1 + minmax(1/√SNR) by noise level "
-                             "(1/√SNR = σ/(1 − σ) clamped to SD1.5's range); 'step' = by generation step, the i-th "
-                             "grid point taking SD1.5's λ of its i-th timestep (the same mean λ as SD1.5)")
+                        help="λ for flow matching [choice: snr; §3 defines λ by the noise level]: 'snr' = §3's "
+                             "1 + minmax(1/√SNR) by noise level (1/√SNR = σ/(1 − σ) clamped to SD1.5's range); "
+                             "'step' = by generation step, the i-th grid point taking SD1.5's λ of its i-th timestep "
+                             "(the same mean λ as SD1.5)")
 
 
-def main(argv=None) -> int:
-    args, defaults = flags.resolve(argv, __doc__, "flux", RECIPE, losses.LOSSES, TINY_RECIPE,
-                                     resolution_multiple=16, model_flags=model_flags)
-    run = runtime.start(args, "flux")
-    if args.tiny:  # the demo's model and pairs, made once and cached (rank 0 first)
-        with run.main_first():
-            tiny.ensure(args.pretrained_model, args.dataset)
-    model_path = loading.pipeline_folder(args, "flux")
+def train(argv=None) -> int:
+    """Algorithm 1 for this model: returns the exit code (0 done, 3 diverged, 128 + N stopped by signal N)."""
+    args, defaults = flags.resolve(argv, __doc__, FAMILY, RECIPE, TINY_RECIPE, losses.LOSSES, reference.METHODS,
+                                   resolution_multiple=16, model_flags=model_flags)
+    run = runtime.start(args, FAMILY)
+    if args.tiny:  # the demo's model and pairs, made once and cached
+        loading.ensure_tiny(args, run)
+    model_path = loading.pipeline_folder(args, FAMILY)
     m = load_models(model_path, run.device, run.weight_dtype, args.resolution, args.guidance_scale,
                     args.t5_max_length)
     encoders = partial(encode_images, m), partial(encode_captions, m)
     loader = loading.pair_loader(args, run, *encoders)
-    # §2's monitor measures D(p_ref, p_init) on a probe: --monitor_samples winners of the data with their
-    # t ~ U and ε, drawn once and kept in the checkpoint (or, with --monitor batch, the last micro-batch's).
-    probe = monitor_probe(m, loading.probe_pairs(args, run, *encoders),
-                          args.monitor_samples, runtime.micro_generators(args.seed, 0, runtime.MONITOR_STREAM, run.device),
-                          run, chunk=2 * args.train_batch_size)
+    # §2's monitor measures D(p_ref, p_init) on a probe: --monitor_samples winners of the data, each with a grid
+    # point drawn uniformly and an ε, drawn once and kept in the checkpoint (--monitor batch: the last micro-batch).
+    probe_pairs = next(iter(loading.pair_loader(args, run, *encoders, batch_size=args.monitor_samples, num_workers=0,
+                                                seed=args.seed + reference.PROBE_SEED, caption_dropout=0.0,
+                                                announce=False)))
+    probe = monitor_probe(m, probe_pairs, args.monitor_samples,
+                          runtime.micro_generators(args.seed, 0, reference.MONITOR_STREAM, run.device), run,
+                          chunk=2 * args.train_batch_size)
     if args.cache_latents:
         loading.to_cpu(m.vae, m.text_encoder, m.text_encoder_2, device=run.device)  # never run again
     num_train_timesteps = m.scheduler.config.num_train_timesteps
-    sigmas = m.sigmas.to(run.device)  # [T], σ grows with the index: FLUX's grid at --resolution
+    sigmas = m.sigmas  # [T], σ grows with the index: FLUX's grid at --resolution
+    timesteps = sigmas * num_train_timesteps  # σ·T of each grid point (predict hands the transformer σ = t / T)
     reward_scale = (schedule.reward_scale_flow(sigmas) if args.flow_lambda == "snr"  # λ(σ) of §3 for flow matching
                     else schedule.reward_scale_by_step(num_train_timesteps).to(run.device))
     if args.no_reward_scale:
@@ -230,10 +238,11 @@ def main(argv=None) -> int:
     # The reference starts as the pretrained weights, which are also p_init (§2); with LoRA it is a second
     # adapter (or, for τ = 0, the adapters switched off) of the same transformer.
     if args.lora_rank:
-        from speed import lora
         lora.add_lora(transformer, args.lora_rank, args.lora_alpha, reference_adapter=args.tau > 0,
                       base_dtype=run.weight_dtype, seed=args.seed)
-        ref, ref_source = lora.make_reference(transformer, args.tau, args.delta, args.on_diverge)
+        ref_source, ref_view = lora.views(transformer, args.tau)
+        ref = reference.Reference(ref_source, tau=args.tau, delta=args.delta, on_diverge=args.on_diverge,
+                                  model=ref_view)
     elif args.fsdp:  # policy and reference sharded alike: the τ copy and p_init's restore stay shard to shard
         ref_model = runtime.shard(copy.deepcopy(transformer).requires_grad_(False), run)
         transformer = runtime.shard(transformer, run)
@@ -246,7 +255,7 @@ def main(argv=None) -> int:
     params = [p for p in transformer.parameters() if p.requires_grad]
     optimizer, lr_schedule = runtime.optimizer(args, params)
     scaler = run.grad_scaler()
-    log = trainlog.TrainLog(args, run, num_train_timesteps, desc=f"flux {args.loss}")
+    log = trainlog.TrainLog(args, run, num_train_timesteps, desc=f"{FAMILY} {args.loss}")
     ckpt = checkpoints.Checkpoints(args, run, model_path, defaults, policy=transformer, reference=ref, optimizer=optimizer,
                                    lr_schedule=lr_schedule, loader=loader, scaler=scaler, monitor_probe=probe, log=log)
     step = ckpt.resume()  # refuses a checkpoint of another run (README, "Checkpoints and resume")
@@ -257,84 +266,100 @@ def main(argv=None) -> int:
     objective = losses.LOSSES[args.loss]
     accumulation = args.gradient_accumulation_steps
     batches = iter(loader)
-    record = {}
+    kto_point = 0.0  # Diffusion-KTO's reference point (losses.Objective.inputs: the last step's mean reward)
 
-    while step < args.max_steps:
-        step_loss = 0.0
-        for micro in range(accumulation):
-            batch = next(batches, None)
-            if batch is None:  # a signal stopped the loader while no pair would decode: exit, no checkpoint
+    with log:  # closed however the loop ends (a return, an error): its progress bar and tracker
+        while step < args.max_steps:
+            step_loss = step_reward = 0.0
+            for micro in range(accumulation):
+                batch = next(batches, None)
+                if batch is None:  # a signal stopped the loader while no pair would decode: exit, no checkpoint
+                    return 128 + run.signals.signum
+                micro_index = micro * run.world_size + run.rank  # the global micro-batch: seeds its draws
+                generators = runtime.micro_generators(args.seed, step, micro_index, run.device)
+                latents, cond = encode(m, batch, generators[1])  # [2B]: winners, then losers
+                n = latents.shape[0] // 2
+                # §3: one grid point per pair, the early (noisy) steps over-sampled by Cat(γ^k); its timestep
+                # and its reward scale λ(t).
+                index = schedule.sample_timesteps(n, num_train_timesteps, args.gamma, args.num_bins,
+                                                  generator=generators[0]).to(run.device)
+                t, scale = timesteps[index], reward_scale[index]
+                # §1: one ε per pair, shared by its winner and loser; SFT needs the winners only.
+                noise = torch.randn(latents[:n].shape, generator=generators[1], device=run.device,
+                                    dtype=latents.dtype)
+                k = 2 if objective.needs_loser else 1
+                noisy, target = add_noise(m, latents[:k * n], noise.repeat(k, 1, 1, 1), index.repeat(k))
+                cond_k = {name: c[:k * n] for name, c in cond.items()}
+                if run.world_size > 1:  # DDP averages the gradients once, on the step's last micro-batch
+                    ddp_transformer.require_backward_grad_sync = micro == accumulation - 1
+                with run.autocast():
+                    pred = predict(transformer_forward, noisy, t.repeat(k), cond_k)
+                model_err, ref_pred = losses.per_sample_error(pred, target), None
+                ref_err = torch.zeros_like(model_err)
+                if objective.needs_reference:
+                    with torch.no_grad(), run.autocast():
+                        ref_pred = predict(ref_forward, noisy, t.repeat(k), cond_k)
+                    ref_err = losses.per_sample_error(ref_pred, target)
+                extra = objective.inputs(FAMILY, pred, ref_pred, target, kto_point)  # DSPO's predictions, KTO's point
+                loss, metrics = objective.fn(model_err[:n], model_err[n:], ref_err[:n], ref_err[n:], args.beta,
+                                             scale, **extra)
+                scaler.scale(loss / accumulation).backward()
+                step_loss += loss.detach() / accumulation
+                step_reward += metrics.get("kto_mean_reward", 0.0) / accumulation
+                log.add(loss, metrics, batch["num_skipped"], t, scale, losses.pair_margin(model_err, ref_err, n),
+                        model_err)
+
+            scaler.unscale_(optimizer)
+            grad_norm = runtime.clip_grad_norm(params, args.max_grad_norm or math.inf)  # 0: no clipping
+            # A non-finite loss or gradient norm on any rank skips the step (fp16: the scaler skips overflows).
+            finite = run.all_finite(step_loss, *([] if scaler.is_enabled() else [grad_norm]))
+            if finite:
+                scaler.step(optimizer)
+            scaler.update()
+            lr_schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if objective.needs_reference_point:
+                kto_point = run.mean_over_ranks(step_reward)
+
+            # §2: every τ steps the reference becomes a copy of the policy, unless the monitor has frozen it.
+            if args.monitor == "batch":
+                probe = monitor_probe(m, batch, args.monitor_samples, runtime.micro_generators(
+                    args.seed, step, reference.MONITOR_STREAM, run.device), run, chunk=2 * args.train_batch_size)
+            ref_info = ref.step(step, ref_source, probe, probe.target)
+            if args.divergence_every and step % args.divergence_every == 0:
+                divergence = ref.divergence(ref_source, probe, probe.target)  # D(p_θ, p_init), for Fig. 1b
+                ref_info["policy_divergence"], ref_info["policy_distance"] = divergence
+            log.write(step, skipped_step=not finite, grad_norm=grad_norm, lr=lr_schedule.get_last_lr()[0], **ref_info)
+            if log.nonfinite_in_a_row >= args.max_nonfinite_steps:  # diverged: stop, no final model
                 log.close()
-                return 128 + run.signals.signum
-            generators = runtime.micro_generators(args.seed, step, micro * run.world_size + run.rank, run.device)
-            latents, cond = encode(m, batch, generators[1])  # [2B]: winners, then losers
-            n = latents.shape[0] // 2
-            # §3: one σ per pair, the early (noisy) steps over-sampled by Cat(γ^k), and its reward scale λ(σ).
-            index = schedule.sample_timesteps(n, num_train_timesteps, args.gamma, args.num_bins,
-                                              generator=generators[0]).to(run.device)
-            sigma, t = sigmas[index], sigmas[index] * num_train_timesteps  # t: the transformer's timestep
-            scale = reward_scale[index]
-            # §1: one ε per pair, shared by its winner and loser; SFT needs the winners only.
-            noise = torch.randn(latents[:n].shape, generator=generators[1], device=run.device, dtype=latents.dtype)
-            k = 2 if objective.needs_loser else 1
-            noisy, target = add_noise(latents[:k * n], noise.repeat(k, 1, 1, 1), sigma.repeat(k))
-            cond_k = {name: c[:k * n] for name, c in cond.items()}
-            if run.world_size > 1:  # DDP averages the gradients once, on the step's last micro-batch
-                ddp_transformer.require_backward_grad_sync = micro == accumulation - 1
-            with run.autocast():
-                pred = predict(transformer_forward, noisy, t.repeat(k), cond_k)
-            model_err, ref_pred = losses.per_sample_error(pred, target), None
-            ref_err = torch.zeros_like(model_err)
-            if objective.needs_reference:
-                with torch.no_grad(), run.autocast():
-                    ref_pred = predict(ref_forward, noisy, t.repeat(k), cond_k)
-                ref_err = losses.per_sample_error(ref_pred, target)
-            extra = objective.inputs("flux", pred, ref_pred, target, record.get("kto_mean_reward", 0.0))  # DSPO, KTO
-            loss, metrics = objective.fn(model_err[:n], model_err[n:], ref_err[:n], ref_err[n:], args.beta,
-                                         scale, **extra)
-            scaler.scale(loss / accumulation).backward()
-            step_loss += loss.detach() / accumulation
-            log.add(loss, metrics, batch["num_skipped"], t, scale, losses.pair_margin(model_err, ref_err, n), model_err)
+                trainlog.report_diverged(args, run, log, step, checkpoints.checkpoint_dirs(args.output_dir))
+                return errors.EXIT_DIVERGED
 
-        scaler.unscale_(optimizer)
-        grad_norm = runtime.clip_grad_norm(params, args.max_grad_norm or math.inf)  # 0: no clipping
-        # A non-finite loss or gradient norm on any rank skips the step (fp16: the scaler skips overflows).
-        finite = run.all_finite(step_loss, *([] if scaler.is_enabled() else [grad_norm]))
-        if finite:
-            scaler.step(optimizer)
-        scaler.update()
-        lr_schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-
-        # §2: every τ steps the reference becomes a copy of the policy, unless the monitor has frozen it.
-        if args.monitor == "batch":
-            probe = monitor_probe(m, batch, args.monitor_samples, runtime.micro_generators(
-                args.seed, step, runtime.MONITOR_STREAM, run.device), run, chunk=2 * args.train_batch_size)
-        ref_info = ref.step(step, ref_source, probe, probe.target)
-        if args.divergence_every and step % args.divergence_every == 0:
-            ref_info["policy_divergence"], ref_info["policy_distance"] = ref.divergence(ref_source, probe, probe.target)
-        record = log.write(step, skipped_step=not finite, grad_norm=grad_norm, lr=lr_schedule.get_last_lr()[0],
-                           **ref_info)
-        if log.nonfinite_in_a_row >= args.max_nonfinite_steps:  # diverged: stop, no final model
-            log.close()
-            trainlog.report_diverged(args, run, log, step, checkpoints.checkpoint_dirs(args.output_dir))
-            return flags.EXIT_DIVERGED
-
-        signum = run.stop_requested()  # SIGTERM / Ctrl-C: checkpoint, then exit with 128 + N
-        if step % args.checkpoint_every == 0 or (signum and step < args.max_steps):
-            log.note(f"saved {ckpt.save(step)}")
-        if signum:
-            log.close()
-            trainlog.report_stop(args, run, step, f"stopped at step {step}")
-            return 128 + signum
-    log.close()
+            signum = run.stop_requested()  # SIGTERM / Ctrl-C: checkpoint, then exit with 128 + N
+            if step % args.checkpoint_every == 0 or (signum and step < args.max_steps):
+                log.note(f"saved {ckpt.save(step)}")
+            if signum:
+                log.close()
+                trainlog.report_stop(args, run, step, f"stopped at step {step}")
+                return 128 + signum
 
     final_dir = checkpoints.save_final(args, run, model_path, "FluxPipeline", transformer=transformer)
     curves = (plot.draw({os.path.basename(os.path.normpath(args.output_dir)): [args.output_dir]},
                         os.path.join(args.output_dir, "curves.png")) if args.plot and run.is_main else None)
     trainlog.report(args, run, log, final_dir, step, curves, baseline=args.pretrained_model)
     return 0
+
+
+def main(argv=None) -> int:
+    """The entry point: what the mechanics raise (a flag, folder, model or data that cannot be used, a full
+    disk) ends here as one `error:` line and its exit code (README, "Exit codes"); the folder's lock goes."""
+    try:
+        return train(argv)
+    except errors.RunError as error:
+        return errors.report(error)
+    finally:
+        folder.release()
 
 
 if __name__ == "__main__":

@@ -34,29 +34,26 @@ import losses
 import plot
 import reference
 import schedule
-import tiny
-from mechanics import checkpoints, flags, loading, runtime, trainlog
-from miniature import toy
+from mechanics import checkpoints, errors, flags, folder, loading, lora, runtime, trainlog
+from offline import toy
 
+FAMILY = "sd15"  # the model family: its pipeline class, its published β per objective, its log lines
 RECIPE = dict(pretrained_model="stable-diffusion-v1-5/stable-diffusion-v1-5", resolution=512,
               effective_batch_size=2048, warmup_steps=500, max_steps=2000, tau=32, delta=0.005,
               output_dir="out/sd15")
-# --tiny: the offline demo, the pretrained toy model (miniature/) on TOY_DEMO_PAIRS of its own samples labelled by
-# the toy reward (the study's 1000 pairs). TINY_RECIPE is the small scale of every trainer's demo; TOY_RECIPE, the
-# miniature's, applies to the toy model only (not with --pretrained_model): its steps, batch, lr, probe and δ are
-# the study's (miniature/README.md); τ = 20 and β = 100 are the demo's own, chosen on the calibration prompts so
-# that a reader sees the loss fall below log 2 and the accuracy rise before the first reference update (with the
-# study's τ = 2 the reference trails the policy by two steps and the loss sits at log 2 until the freeze; at
-# β = 500 a few large wrong-way margins keep the mean loss above log 2 at accuracy 0.7). One CPU thread: two
-# spinning OpenMP threads on a busy 2-core laptop were ~5x slower.
+# --tiny: the offline demo. The pretrained toy model (offline/toy_model) on the study's TOY_DEMO_PAIRS pairs of its
+# own samples labelled by the toy reward; steps, batch, lr, probe and δ are the study's (miniature/README.md).
+# [choice: τ = 20 and β = 100; picked on the calibration prompts so that a reader sees the loss fall below log 2
+# and the accuracy rise before the first reference update: with the study's τ = 2 the reference trails the
+# policy by two steps and the loss sits at log 2 until the freeze, and at β = 500 a few large wrong-way margins
+# keep the mean loss above log 2 at accuracy 0.7.] One CPU thread: two spinning OpenMP threads on a busy 2-core
+# laptop were ~5x slower.
 TOY_DEMO_PAIRS = 1000
-TINY_RECIPE = dict(pretrained_model=lambda v: str(toy.TOY_MODEL),
+TINY_RECIPE = dict(pretrained_model=str(toy.TOY_MODEL),
                    dataset=lambda v: str(toy.pairs_path(v["pretrained_model"], TOY_DEMO_PAIRS)),
-                   resolution=32, train_batch_size=4, effective_batch_size=4, learning_rate=2e-5, scale_lr=False,
-                   warmup_steps=0, max_steps=60, checkpoint_every=30, beta=500.0, tau=8, delta=0.05,
-                   dataloader_workers=0, divergence_every=5, cpu_threads=1)
-TOY_RECIPE = dict(train_batch_size=8, effective_batch_size=8, max_steps=100, learning_rate=6e-5,
-                  warmup_steps=5, beta=100.0, tau=20, delta=0.045, monitor_samples=32, checkpoint_every=50)
+                   resolution=32, train_batch_size=8, effective_batch_size=8, learning_rate=6e-5, scale_lr=False,
+                   warmup_steps=5, max_steps=100, checkpoint_every=50, beta=100.0, tau=20, delta=0.045,
+                   monitor_samples=32, dataloader_workers=0, divergence_every=5, cpu_threads=1)
 
 
 @dataclass
@@ -68,16 +65,19 @@ class Models:
     scheduler: DDPMScheduler
     unet: UNet2DConditionModel
     device: torch.device
+    dtype: torch.dtype
 
 
 def load_models(path: str, device, dtype) -> Models:
-    """The pipeline's components: the frozen ones in the training dtype, the UNet in fp32 (it is trained)."""
+    """The pipeline's components: the frozen ones in the training dtype, the UNet in fp32 (it is trained).
+    The VAE too runs in the training dtype: bf16 has fp32's range, and SD1.5's VAE, unlike SDXL's, does not
+    overflow in fp16 either (the pipeline upcasts it only as a precaution)."""
     text_encoder = loading.frozen(loading.load(CLIPTextModel, path, "text_encoder"), device, dtype)
     tokenizer = loading.load(CLIPTokenizer, path, "tokenizer")
     loading.check_tokenizer(tokenizer, text_encoder, "tokenizer")
     return Models(tokenizer, text_encoder, loading.frozen(loading.load(AutoencoderKL, path, "vae"), device, dtype),
                   loading.load(DDPMScheduler, path, "scheduler"), loading.load(UNet2DConditionModel, path, "unet"),
-                  torch.device(device))
+                  torch.device(device), dtype)
 
 
 @torch.no_grad()
@@ -100,14 +100,15 @@ def encode(m: Models, batch, generator):
     moments = batch["latent_moments"] if "latent_moments" in batch else encode_images(m, batch["pixel_values"])
     prompts = batch.get("prompt_embeds") or encode_captions(m, batch["captions"])
     latents = DiagonalGaussianDistribution(moments.to(m.device)).sample(generator) * m.vae.config.scaling_factor
-    return latents, {"encoder_hidden_states": prompts["encoder_hidden_states"].to(m.device).repeat(2, 1, 1)}
+    return latents.to(m.dtype), {"encoder_hidden_states": prompts["encoder_hidden_states"].to(m.device).repeat(2, 1, 1)}
 
 
-def add_noise(scheduler, latents, noise, t):
-    """x_t = √ᾱ_t x0 + √(1−ᾱ_t) ε, and the target the model predicts: ε (or v for a v-prediction model)."""
-    noisy = scheduler.add_noise(latents, noise, t)
-    if scheduler.config.prediction_type == "v_prediction":
-        return noisy, scheduler.get_velocity(latents, noise, t)
+def add_noise(m: Models, latents, noise, t):
+    """x_t = √ᾱ_t x0 + √(1−ᾱ_t) ε at grid points t (on the DDPM grid a point's index is its timestep), and the
+    target the model predicts: ε (or v for a v-prediction model)."""
+    noisy = m.scheduler.add_noise(latents, noise, t)
+    if m.scheduler.config.prediction_type == "v_prediction":
+        return noisy, m.scheduler.get_velocity(latents, noise, t)
     return noisy, noise
 
 
@@ -124,28 +125,32 @@ def monitor_probe(m: Models, batch, num_samples, generators, run, chunk) -> refe
     t = schedule.sample_timesteps(num_samples, m.scheduler.config.num_train_timesteps, gamma=None,
                                   generator=generators[0]).to(m.device)
     noise = torch.randn(latents.shape, generator=generators[1], device=m.device, dtype=latents.dtype)
-    noisy, target = add_noise(m.scheduler, latents, noise, t)
+    noisy, target = add_noise(m, latents, noise, t)
     return reference.Probe(predict, noisy, t, cond, target, chunk, run.autocast)
 
 
-def main(argv=None) -> int:
-    args, defaults = flags.resolve(argv, __doc__, "sd15", RECIPE, losses.LOSSES, TINY_RECIPE, TOY_RECIPE)
-    run = runtime.start(args, "sd15")
-    if args.tiny:  # the demo's model and pairs, made once and cached (rank 0 first)
-        with run.main_first():
-            tiny.ensure(args.pretrained_model, args.dataset, toy_pairs=TOY_DEMO_PAIRS)
-    model_path = loading.pipeline_folder(args, "sd15")
+def train(argv=None) -> int:
+    """Algorithm 1 for this model: returns the exit code (0 done, 3 diverged, 128 + N stopped by signal N)."""
+    args, defaults = flags.resolve(argv, __doc__, FAMILY, RECIPE, TINY_RECIPE, losses.LOSSES, reference.METHODS)
+    run = runtime.start(args, FAMILY)
+    if args.tiny:  # the demo's model and pairs, made once and cached
+        loading.ensure_tiny(args, run, toy_pairs=TOY_DEMO_PAIRS)
+    model_path = loading.pipeline_folder(args, FAMILY)
     m = load_models(model_path, run.device, run.weight_dtype)
     encoders = partial(encode_images, m), partial(encode_captions, m)
     loader = loading.pair_loader(args, run, *encoders)
-    # §2's monitor measures D(p_ref, p_init) on a probe: --monitor_samples winners of the data with their
-    # t ~ U and ε, drawn once and kept in the checkpoint (or, with --monitor batch, the last micro-batch's).
-    probe = monitor_probe(m, loading.probe_pairs(args, run, *encoders),
-                          args.monitor_samples, runtime.micro_generators(args.seed, 0, runtime.MONITOR_STREAM, run.device),
-                          run, chunk=2 * args.train_batch_size)
+    # §2's monitor measures D(p_ref, p_init) on a probe: --monitor_samples winners of the data, each with a grid
+    # point drawn uniformly and an ε, drawn once and kept in the checkpoint (--monitor batch: the last micro-batch).
+    probe_pairs = next(iter(loading.pair_loader(args, run, *encoders, batch_size=args.monitor_samples, num_workers=0,
+                                                seed=args.seed + reference.PROBE_SEED, caption_dropout=0.0,
+                                                announce=False)))
+    probe = monitor_probe(m, probe_pairs, args.monitor_samples,
+                          runtime.micro_generators(args.seed, 0, reference.MONITOR_STREAM, run.device), run,
+                          chunk=2 * args.train_batch_size)
     if args.cache_latents:
         loading.to_cpu(m.vae, m.text_encoder, device=run.device)  # never run again
     num_train_timesteps = m.scheduler.config.num_train_timesteps
+    timesteps = torch.arange(num_train_timesteps, device=run.device)  # the DDPM grid: index = timestep
     reward_scale = schedule.reward_scale(m.scheduler.alphas_cumprod).to(run.device)  # λ(t) of §3
     if args.no_reward_scale:
         reward_scale = torch.ones_like(reward_scale)
@@ -158,10 +163,11 @@ def main(argv=None) -> int:
     # The reference starts as the pretrained weights, which are also p_init (§2); with LoRA it is a second
     # adapter (or, for τ = 0, the adapters switched off) of the same UNet.
     if args.lora_rank:
-        from speed import lora
         lora.add_lora(unet, args.lora_rank, args.lora_alpha, reference_adapter=args.tau > 0,
                       base_dtype=run.weight_dtype, seed=args.seed)
-        ref, ref_source = lora.make_reference(unet, args.tau, args.delta, args.on_diverge)
+        ref_source, ref_view = lora.views(unet, args.tau)
+        ref = reference.Reference(ref_source, tau=args.tau, delta=args.delta, on_diverge=args.on_diverge,
+                                  model=ref_view)
     elif args.fsdp:  # policy and reference sharded alike: the τ copy and p_init's restore stay shard to shard
         ref_model = runtime.shard(copy.deepcopy(unet).requires_grad_(False), run)
         unet = runtime.shard(unet, run)
@@ -174,7 +180,7 @@ def main(argv=None) -> int:
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer, lr_schedule = runtime.optimizer(args, params)
     scaler = run.grad_scaler()
-    log = trainlog.TrainLog(args, run, num_train_timesteps, desc=f"sd15 {args.loss}")
+    log = trainlog.TrainLog(args, run, num_train_timesteps, desc=f"{FAMILY} {args.loss}")
     ckpt = checkpoints.Checkpoints(args, run, model_path, defaults, policy=unet, reference=ref, optimizer=optimizer,
                                    lr_schedule=lr_schedule, loader=loader, scaler=scaler, monitor_probe=probe, log=log)
     step = ckpt.resume()  # refuses a checkpoint of another run (README, "Checkpoints and resume")
@@ -185,77 +191,83 @@ def main(argv=None) -> int:
     objective = losses.LOSSES[args.loss]
     accumulation = args.gradient_accumulation_steps
     batches = iter(loader)
-    record = {}
+    kto_point = 0.0  # Diffusion-KTO's reference point (losses.Objective.inputs: the last step's mean reward)
 
-    while step < args.max_steps:
-        step_loss = 0.0
-        for micro in range(accumulation):
-            batch = next(batches, None)
-            if batch is None:  # a signal stopped the loader while no pair would decode: exit, no checkpoint
+    with log:  # closed however the loop ends (a return, an error): its progress bar and tracker
+        while step < args.max_steps:
+            step_loss = step_reward = 0.0
+            for micro in range(accumulation):
+                batch = next(batches, None)
+                if batch is None:  # a signal stopped the loader while no pair would decode: exit, no checkpoint
+                    return 128 + run.signals.signum
+                micro_index = micro * run.world_size + run.rank  # the global micro-batch: seeds its draws
+                generators = runtime.micro_generators(args.seed, step, micro_index, run.device)
+                latents, cond = encode(m, batch, generators[1])  # [2B]: winners, then losers
+                n = latents.shape[0] // 2
+                # §3: one grid point per pair, the early (noisy) steps over-sampled by Cat(γ^k); its timestep
+                # and its reward scale λ(t).
+                index = schedule.sample_timesteps(n, num_train_timesteps, args.gamma, args.num_bins,
+                                                  generator=generators[0]).to(run.device)
+                t, scale = timesteps[index], reward_scale[index]
+                # §1: one ε per pair, shared by its winner and loser; SFT needs the winners only.
+                noise = torch.randn(latents[:n].shape, generator=generators[1], device=run.device,
+                                    dtype=latents.dtype)
+                k = 2 if objective.needs_loser else 1
+                noisy, target = add_noise(m, latents[:k * n], noise.repeat(k, 1, 1, 1), index.repeat(k))
+                cond_k = {name: c[:k * n] for name, c in cond.items()}
+                if run.world_size > 1:  # DDP averages the gradients once, on the step's last micro-batch
+                    ddp_unet.require_backward_grad_sync = micro == accumulation - 1
+                with run.autocast():
+                    pred = predict(unet_forward, noisy, t.repeat(k), cond_k)
+                model_err, ref_pred = losses.per_sample_error(pred, target), None
+                ref_err = torch.zeros_like(model_err)
+                if objective.needs_reference:
+                    with torch.no_grad(), run.autocast():
+                        ref_pred = predict(ref_forward, noisy, t.repeat(k), cond_k)
+                    ref_err = losses.per_sample_error(ref_pred, target)
+                extra = objective.inputs(FAMILY, pred, ref_pred, target, kto_point)  # DSPO's predictions, KTO's point
+                loss, metrics = objective.fn(model_err[:n], model_err[n:], ref_err[:n], ref_err[n:], args.beta,
+                                             scale, **extra)
+                scaler.scale(loss / accumulation).backward()
+                step_loss += loss.detach() / accumulation
+                step_reward += metrics.get("kto_mean_reward", 0.0) / accumulation
+                log.add(loss, metrics, batch["num_skipped"], t, scale, losses.pair_margin(model_err, ref_err, n),
+                        model_err)
+
+            scaler.unscale_(optimizer)
+            grad_norm = runtime.clip_grad_norm(params, args.max_grad_norm or math.inf)  # 0: no clipping
+            # A non-finite loss or gradient norm on any rank skips the step (fp16: the scaler skips overflows).
+            finite = run.all_finite(step_loss, *([] if scaler.is_enabled() else [grad_norm]))
+            if finite:
+                scaler.step(optimizer)
+            scaler.update()
+            lr_schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if objective.needs_reference_point:
+                kto_point = run.mean_over_ranks(step_reward)
+
+            # §2: every τ steps the reference becomes a copy of the policy, unless the monitor has frozen it.
+            if args.monitor == "batch":
+                probe = monitor_probe(m, batch, args.monitor_samples, runtime.micro_generators(
+                    args.seed, step, reference.MONITOR_STREAM, run.device), run, chunk=2 * args.train_batch_size)
+            ref_info = ref.step(step, ref_source, probe, probe.target)
+            if args.divergence_every and step % args.divergence_every == 0:
+                divergence = ref.divergence(ref_source, probe, probe.target)  # D(p_θ, p_init), for Fig. 1b
+                ref_info["policy_divergence"], ref_info["policy_distance"] = divergence
+            log.write(step, skipped_step=not finite, grad_norm=grad_norm, lr=lr_schedule.get_last_lr()[0], **ref_info)
+            if log.nonfinite_in_a_row >= args.max_nonfinite_steps:  # diverged: stop, no final model
                 log.close()
-                return 128 + run.signals.signum
-            generators = runtime.micro_generators(args.seed, step, micro * run.world_size + run.rank, run.device)
-            latents, cond = encode(m, batch, generators[1])  # [2B]: winners, then losers
-            n = latents.shape[0] // 2
-            # §3: one t per pair, the early (noisy) steps over-sampled by Cat(γ^k), and its reward scale λ(t).
-            t = schedule.sample_timesteps(n, num_train_timesteps, args.gamma, args.num_bins,
-                                          generator=generators[0]).to(run.device)
-            scale = reward_scale[t]
-            # §1: one ε per pair, shared by its winner and loser; SFT needs the winners only.
-            noise = torch.randn(latents[:n].shape, generator=generators[1], device=run.device, dtype=latents.dtype)
-            k = 2 if objective.needs_loser else 1
-            noisy, target = add_noise(m.scheduler, latents[:k * n], noise.repeat(k, 1, 1, 1), t.repeat(k))
-            cond_k = {name: c[:k * n] for name, c in cond.items()}
-            if run.world_size > 1:  # DDP averages the gradients once, on the step's last micro-batch
-                ddp_unet.require_backward_grad_sync = micro == accumulation - 1
-            with run.autocast():
-                pred = predict(unet_forward, noisy, t.repeat(k), cond_k)
-            model_err, ref_pred = losses.per_sample_error(pred, target), None
-            ref_err = torch.zeros_like(model_err)
-            if objective.needs_reference:
-                with torch.no_grad(), run.autocast():
-                    ref_pred = predict(ref_forward, noisy, t.repeat(k), cond_k)
-                ref_err = losses.per_sample_error(ref_pred, target)
-            extra = objective.inputs("sd15", pred, ref_pred, target, record.get("kto_mean_reward", 0.0))  # DSPO, KTO
-            loss, metrics = objective.fn(model_err[:n], model_err[n:], ref_err[:n], ref_err[n:], args.beta,
-                                         scale, **extra)
-            scaler.scale(loss / accumulation).backward()
-            step_loss += loss.detach() / accumulation
-            log.add(loss, metrics, batch["num_skipped"], t, scale, losses.pair_margin(model_err, ref_err, n), model_err)
+                trainlog.report_diverged(args, run, log, step, checkpoints.checkpoint_dirs(args.output_dir))
+                return errors.EXIT_DIVERGED
 
-        scaler.unscale_(optimizer)
-        grad_norm = runtime.clip_grad_norm(params, args.max_grad_norm or math.inf)  # 0: no clipping
-        # A non-finite loss or gradient norm on any rank skips the step (fp16: the scaler skips overflows).
-        finite = run.all_finite(step_loss, *([] if scaler.is_enabled() else [grad_norm]))
-        if finite:
-            scaler.step(optimizer)
-        scaler.update()
-        lr_schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-
-        # §2: every τ steps the reference becomes a copy of the policy, unless the monitor has frozen it.
-        if args.monitor == "batch":
-            probe = monitor_probe(m, batch, args.monitor_samples, runtime.micro_generators(
-                args.seed, step, runtime.MONITOR_STREAM, run.device), run, chunk=2 * args.train_batch_size)
-        ref_info = ref.step(step, ref_source, probe, probe.target)
-        if args.divergence_every and step % args.divergence_every == 0:
-            ref_info["policy_divergence"], ref_info["policy_distance"] = ref.divergence(ref_source, probe, probe.target)
-        record = log.write(step, skipped_step=not finite, grad_norm=grad_norm, lr=lr_schedule.get_last_lr()[0],
-                           **ref_info)
-        if log.nonfinite_in_a_row >= args.max_nonfinite_steps:  # diverged: stop, no final model
-            log.close()
-            trainlog.report_diverged(args, run, log, step, checkpoints.checkpoint_dirs(args.output_dir))
-            return flags.EXIT_DIVERGED
-
-        signum = run.stop_requested()  # SIGTERM / Ctrl-C: checkpoint, then exit with 128 + N
-        if step % args.checkpoint_every == 0 or (signum and step < args.max_steps):
-            log.note(f"saved {ckpt.save(step)}")
-        if signum:
-            log.close()
-            trainlog.report_stop(args, run, step, f"stopped at step {step}")
-            return 128 + signum
-    log.close()
+            signum = run.stop_requested()  # SIGTERM / Ctrl-C: checkpoint, then exit with 128 + N
+            if step % args.checkpoint_every == 0 or (signum and step < args.max_steps):
+                log.note(f"saved {ckpt.save(step)}")
+            if signum:
+                log.close()
+                trainlog.report_stop(args, run, step, f"stopped at step {step}")
+                return 128 + signum
 
     final_dir = checkpoints.save_final(args, run, model_path, "StableDiffusionPipeline", unet=unet)
     curves = (plot.draw({os.path.basename(os.path.normpath(args.output_dir)): [args.output_dir]},
@@ -263,9 +275,20 @@ def main(argv=None) -> int:
     toy_demo = args.tiny and args.pretrained_model == str(toy.TOY_MODEL)  # eval.py --tiny compares with it
     trainlog.report(args, run, log, final_dir, step, curves, baseline=None if toy_demo else args.pretrained_model)
     if toy_demo and run.is_main:  # the demo ends with what it did to held-out prompts: eval.py --tiny's comparison
-        import eval as evaluation
-        print("\n".join(evaluation.tiny_report(final_dir, os.path.join(args.output_dir, "heldout"))))
+        import eval  # the one lazy import of the project: eval.py (a sibling entry point) only for the toy demo
+        print("\n".join(eval.tiny_report(final_dir, os.path.join(args.output_dir, "heldout"))))
     return 0
+
+
+def main(argv=None) -> int:
+    """The entry point: what the mechanics raise (a flag, folder, model or data that cannot be used, a full
+    disk) ends here as one `error:` line and its exit code (README, "Exit codes"); the folder's lock goes."""
+    try:
+        return train(argv)
+    except errors.RunError as error:
+        return errors.report(error)
+    finally:
+        folder.release()
 
 
 if __name__ == "__main__":

@@ -12,8 +12,9 @@ from contextlib import nullcontext
 import torch
 from torch.utils._pytree import tree_leaves
 
-from mechanics.flags import fail
-from mechanics.folder import atomic_dir
+from mechanics import lora
+from mechanics.errors import DiskFull, UsageError
+from mechanics.folder import atomic_dir, no_space_message
 
 logger = logging.getLogger("train")
 
@@ -61,7 +62,6 @@ def save_final(args, run, model_path: str, pipeline: str, **denoiser) -> str:
     if run.is_main:
         with atomic_dir(final_dir) as tmp:
             if args.lora_rank:
-                from speed import lora
                 pipeline_class.save_lora_weights(tmp, **{f"{name}_lora_layers": lora.adapter_state_dict(module),
                                                          f"{name}_lora_adapter_metadata": lora.adapter_metadata(module)})
                 base = os.path.abspath(model_path) if os.path.isdir(args.pretrained_model) else args.pretrained_model
@@ -112,12 +112,11 @@ class Checkpoints:
             state = {"step": step, **{name: obj.state_dict() for name, obj in self.state.items() if name != "scaler"},
                      "scaler": scaler.state_dict() if scaler.is_enabled() else None,
                      "identity": self.identity, "args": vars(self.args)}
-            needed, free = _tensor_bytes(state), shutil.disk_usage(self.args.output_dir).free
-            if needed > free:
-                fail(f"no space left for checkpoint-{step}: it needs about {needed / 2**20:.0f} MB and "
-                     f"{free / 2**20:.0f} MB are free in {self.args.output_dir}")
-            with atomic_dir(path) as tmp:
-                torch.save(state, os.path.join(tmp, "state.pt"))
+            needed = _tensor_bytes(state)
+            if needed > shutil.disk_usage(self.args.output_dir).free:
+                raise DiskFull(no_space_message(path, needed))
+            with atomic_dir(path, needed_bytes=needed) as tmp, open(os.path.join(tmp, "state.pt"), "wb") as f:
+                torch.save(state, f)  # into a file object: a full disk is OSError(ENOSPC), not a zip RuntimeError
             for old in checkpoint_dirs(self.args.output_dir)[:-self.args.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
         self.run.barrier()
@@ -187,16 +186,16 @@ class Checkpoints:
         elif os.path.isfile(os.path.join(resume, "state.pt")):
             candidates = [resume]
         else:
-            fail(f"--resume {resume}: no checkpoint there (expected {resume}/state.pt)")
+            raise UsageError(f"--resume {resume}: no checkpoint there (expected {resume}/state.pt)")
         for folder in candidates:
             try:
                 return folder, torch.load(os.path.join(folder, "state.pt"), map_location="cpu", weights_only=True)
             except Exception as error:  # a truncated zip, a pickle with code in it, an empty file: not usable
                 reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
                 if resume != "latest":
-                    fail(f"--resume {resume}: its state.pt cannot be read ({reason})")
+                    raise UsageError(f"--resume {resume}: its state.pt cannot be read ({reason})")
                 logger.warning("%s cannot be read (%s); trying the one before", folder, reason)
-        fail(f"no checkpoint in {self.args.output_dir} can be read; start over with --overwrite")
+        raise UsageError(f"no checkpoint in {self.args.output_dir} can be read; start over with --overwrite")
 
     def _changed(self, saved: dict) -> dict:
         """Defining values that differ from the checkpoint's: flag → (then, now)."""
@@ -227,8 +226,9 @@ class Checkpoints:
         refused = {k: v for k, v in changed.items() if k not in override}
         if refused:
             listed = "; ".join(f"--{k} {a} → {b}" for k, (a, b) in refused.items())
-            fail(f"--resume {folder} belongs to another run: {listed}. Resume with the run's own flags, pass "
-                 f"--resume_override {','.join(refused)} to change them anyway, or start a new --output_dir")
+            raise UsageError(f"--resume {folder} belongs to another run: {listed}. Resume with the run's own "
+                             f"flags, pass --resume_override {','.join(refused)} to change them anyway, or start a "
+                             "new --output_dir")
         for k, (a, b) in changed.items():
             logger.warning("--resume_override: --%s %s → %s", k, a, b)
         name = "the checkpoint"
@@ -240,7 +240,7 @@ class Checkpoints:
                     if name != "scaler":
                         obj.load_state_dict(saved[name])
         except (RuntimeError, KeyError, ValueError, FileNotFoundError) as error:
-            fail(f"--resume {folder} does not fit this run's {name}: {str(error).splitlines()[0][:300]}")
+            raise UsageError(f"--resume {folder} does not fit this run's {name}: {str(error).splitlines()[0][:300]}")
         if saved["scaler"] and self.state["scaler"].is_enabled():
             self.state["scaler"].load_state_dict(saved["scaler"])
         if set(changed) & set(OPTIMIZER_FLAGS):

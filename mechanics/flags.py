@@ -1,30 +1,19 @@
 """The flags every trainer shares, resolved once into the values the run uses.
 
 `resolve` is the one place a default is decided: the parser's generic values, then the script's paper recipe,
-with --tiny its small-scale recipe (and SD1.5's toy recipe), then the --method preset, then what the user typed.
+with --tiny its TINY_RECIPE (the offline demo), then the --method preset, then what the user typed.
 Derived values (gradient accumulation, the learning rate × batch, β per objective, device, compile) are filled
 in the same pass. `--help` prints exactly these values, run.json records them, and nothing changes them later.
-A value outside its range ends the run before any model loads, in one line (`fail`).
+A value outside its range is refused before any model loads (`UsageError`: one line).
 """
 import argparse
 import math
 import os
 import sys
 
-import torch
-
 import data
-
-EXIT_USAGE, EXIT_DIVERGED = 2, 3  # 0 finished, 2 a user or data error, 3 diverged, 128 + N stopped by signal N
-
-# Baselines one flag away (PAPER.md's tables have rows "X" and "X + ours"): each preset sets τ, γ and λ(t)
-# together; an explicit --tau, --gamma or --(no_)reward_scale still wins.
-METHODS = {
-    "plain": dict(tau=0, gamma=1.0, no_reward_scale=True),  # Diffusion-DPO (Wallace et al. 2023)
-    "exploration": dict(gamma=1.0, no_reward_scale=True),   # §2 only: the recipe's τ/δ reference update
-    "timestep": dict(tau=0),                                # §3 only: γ over-sampling and λ(t)
-    "ours": dict(),                                         # §2 + §3, the paper's full method
-}
+from mechanics import runtime
+from mechanics.errors import UsageError
 
 # Valid values: (low, high, low included, high included). Checked on the resolved values, recipe ones too.
 POSITIVE, NON_NEGATIVE = (0, math.inf, False, False), (0, math.inf, True, False)
@@ -40,15 +29,6 @@ RANGES = {
     "checkpoint_every": POSITIVE, "keep_checkpoints": POSITIVE, "max_nonfinite_steps": POSITIVE,
     "bin_stats_every": POSITIVE,
 }
-
-
-def fail(message: str):
-    """End the run with `error: message` on one line and exit code 2 (a user mistake, not a bug)."""
-    from tqdm import tqdm
-    for bar in list(getattr(tqdm, "_instances", ())):  # the error is the last line, under no progress bar
-        bar.close()
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    raise SystemExit(EXIT_USAGE)
 
 
 def range_text(spec) -> str:
@@ -79,15 +59,16 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
         return super()._get_help_string(action) + (f" [valid: {range_text(spec)}]" if spec else "")
 
 
-def parser(doc: str, objectives: dict) -> argparse.ArgumentParser:
+def parser(doc: str, objectives: dict, methods: dict) -> argparse.ArgumentParser:
     """Every flag the trainers share, with its generic default; a script adds its model's flags to it.
-    objectives: losses.LOSSES (name → objective with `beta_help`), for --loss and --beta."""
+    objectives: losses.LOSSES (name → objective with `beta_help`), for --loss and --beta; methods: the
+    --method presets."""
     p = argparse.ArgumentParser(description=doc, formatter_class=_HelpFormatter)
     g = p.add_argument_group("model and data")
     g.add_argument("--pretrained_model", help="hub id or local folder of the diffusers pipeline to fine-tune")
     g.add_argument("--tiny", action="store_true",
-                   help="offline demo: the script's TINY_RECIPE (a tiny model of the real classes and built-in "
-                        "pairs; SD1.5: the toy model and its sampled pairs, TOY_RECIPE), each value of which an "
+                   help="offline demo: the script's TINY_RECIPE (a tiny model of the real classes and its pairs; "
+                        "SD1.5: the pretrained toy model and pairs sampled from it), each value of which an "
                         "explicit flag overrides; `--tiny --help` shows them")
     g.add_argument("--dataset", default=data.DEFAULT_DATASET,
                    help="Pick-a-Pic-format pairs: a hub dataset id (the recipe's: a public mirror of Pick-a-Pic v2), "
@@ -110,7 +91,7 @@ def parser(doc: str, objectives: dict) -> argparse.ArgumentParser:
     g.add_argument("--beta", type=float,
                    help="β of the objective; unset: its published value for this model. " + "; ".join(
                        f"{name}: {obj.beta_help}" for name, obj in objectives.items() if name != "sft"))
-    g.add_argument("--method", default="ours", choices=sorted(METHODS),
+    g.add_argument("--method", default="ours", choices=sorted(methods),
                    help="plain: Diffusion-DPO (τ 0, γ 1, no λ); exploration: the τ/δ reference update only "
                         "(§2); timestep: γ over-sampling and λ(t) only (§3); ours: both (the paper)")
 
@@ -122,8 +103,9 @@ def parser(doc: str, objectives: dict) -> argparse.ArgumentParser:
                    help="once D > δ: freeze the reference (paper), reset it to the initial model (Re-Init), "
                         "or ignore the monitor (the unstable variant)")
     g.add_argument("--monitor", default="probe", choices=["probe", "batch"],
-                   help="inputs of the divergence estimate D [choice, README]: 'probe' = --monitor_samples winners "
-                        "of the data with their t ~ U and ε, drawn once and kept in the checkpoint (lower noise; "
+                   help="inputs of the divergence estimate D [choice: probe; one pair's D moves by ±25 %% between "
+                        "checks, a probe of 64 by ±4 %% (README)]: 'probe' = --monitor_samples winners of the data, "
+                        "each with a uniform grid point and an ε, drawn once and kept in the checkpoint (lower noise; "
                         "p_init's predictions on them computed once); 'batch' = the last micro-batch's winners "
                         "with fresh draws at every check")
     g.add_argument("--monitor_samples", type=int, default=64,
@@ -181,11 +163,11 @@ def parser(doc: str, objectives: dict) -> argparse.ArgumentParser:
                    help="TF32 matmuls on Ampere+ GPUs")
     g.add_argument("--cache_latents", action="store_true",
                    help="encode every image (both flips) and caption once, into --cache_dir, and train from there: "
-                        "the VAE and text encoders never run again (speed/latent_cache.py; needs center crops and "
+                        "the VAE and text encoders never run again (mechanics/latent_cache.py; needs center crops and "
                         "a map-style dataset)")
     g.add_argument("--cache_dir", help="where --cache_latents keeps its files (None: OUTPUT_DIR/cache)")
 
-    g = p.add_argument_group("LoRA (speed/lora.py)")
+    g = p.add_argument_group("LoRA (mechanics/lora.py)")
     g.add_argument("--lora_rank", type=int, default=0,
                    help="train a LoRA adapter of this rank on the attention projections instead of the full model "
                         "(0 = full fine-tuning); the reference is the adapter-free base model, or with τ > 0 a "
@@ -231,17 +213,15 @@ def _given(p: argparse.ArgumentParser, argv: list[str]) -> dict:
             action.default = default
 
 
-def _layered(p, given: dict, recipe: dict, tiny_recipe: dict, toy_recipe: dict | None) -> dict:
-    """Generic defaults < the script's recipe < --tiny's recipe < (SD1.5, no --pretrained_model) the toy
-    recipe < the --method preset < the command line. A recipe value may be a function of the values so far
-    (a path in the cache, say), evaluated here in order."""
+def _layered(p, given: dict, recipe: dict, tiny_recipe: dict, methods: dict) -> dict:
+    """Generic defaults < the script's recipe < its TINY_RECIPE with --tiny < the --method preset < the
+    command line. A recipe value may be a function of the values so far (a path in the cache, say),
+    evaluated here in order."""
     values = {a.dest: a.default for a in p._actions if a.dest != "help"}
     values.update(recipe)
     if given.get("tiny"):
         values.update(tiny_recipe)
-        if toy_recipe is not None and "pretrained_model" not in given:
-            values.update(toy_recipe)
-    values.update(METHODS[given.get("method", values["method"])])
+    values.update(methods[given.get("method", values["method"])])
     values.update(given)
     for name, value in values.items():
         if callable(value):
@@ -258,22 +238,24 @@ def _derive(values: dict, given: dict, objectives: dict, family: str, world_size
     if values["gradient_accumulation_steps"] is None:
         if "train_batch_size" not in given:  # the demo on any number of processes: split the recipe's batch
             if effective % world_size:
-                fail(f"--effective_batch_size {effective} is not a multiple of the {world_size} processes: "
-                     "set --effective_batch_size or --gradient_accumulation_steps")
+                raise UsageError(f"--effective_batch_size {effective} is not a multiple of the {world_size} processes: "
+                                 "set --effective_batch_size or --gradient_accumulation_steps")
             batch = values["train_batch_size"] = math.gcd(batch, effective // world_size)
         if effective % (batch * world_size):
-            fail(f"--effective_batch_size {effective} is not a multiple of --train_batch_size {batch} × "
-                 f"{world_size} processes: set --gradient_accumulation_steps, or an --effective_batch_size that is")
+            raise UsageError(f"--effective_batch_size {effective} is not a multiple of --train_batch_size {batch} × "
+                             f"{world_size} processes: set --gradient_accumulation_steps, or an "
+                             "--effective_batch_size that is")
         values["gradient_accumulation_steps"] = effective // (batch * world_size)
     values["effective_batch_size"] = batch * world_size * values["gradient_accumulation_steps"]
     if values["scale_lr"]:
         values["learning_rate"] *= values["effective_batch_size"]
     if values["fsdp"] and values["optimizer"] == "adafactor":
         if "optimizer" in given:
-            fail("--optimizer adafactor (transformers') cannot update FSDP's sharded parameters: use --optimizer "
-                 "adamw, whose state --fsdp shards too (8 bytes per parameter, divided by the processes)")
+            raise UsageError("--optimizer adafactor (transformers') cannot update FSDP's sharded parameters: use "
+                             "--optimizer adamw, whose state --fsdp shards too (8 bytes per parameter, divided by "
+                             "the processes)")
         values["optimizer"] = "adamw"  # the SDXL/SD3 recipes' Adafactor does not take DTensors (README, FSDP)
-    values["device"] = values["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
+    values["device"] = values["device"] or runtime.default_device()
     if values["compile"] is None:
         values["compile"] = values["device"].startswith("cuda")
 
@@ -282,14 +264,14 @@ def _check_ranges(values: dict) -> None:
     for name, spec in RANGES.items():
         value = values.get(name)
         if value is not None and not in_range(value, spec):
-            fail(f"--{name} {value} is out of range: it must be {range_text(spec)}")
+            raise UsageError(f"--{name} {value} is out of range: it must be {range_text(spec)}")
 
 
 def _check(values: dict, resolution_multiple: int) -> None:
     _check_ranges(values)  # the derived values too (β per objective, accumulation)
     if values["resolution"] % resolution_multiple:
-        fail(f"--resolution {values['resolution']} must be a multiple of {resolution_multiple} for this model "
-             "(its VAE's downsampling and the denoiser's patches)")
+        raise UsageError(f"--resolution {values['resolution']} must be a multiple of {resolution_multiple} for this "
+                         "model (its VAE's downsampling and the denoiser's patches)")
     checks = [(not (values["no_reward_scale"] and values["reward_scale_norm"]),
                "--reward_scale_norm needs λ(t): drop --no_reward_scale"),
               (not (values["cache_latents"] and values["streaming"]),
@@ -304,29 +286,30 @@ def _check(values: dict, resolution_multiple: int) -> None:
                "--fsdp shards over torchrun's processes: launch with torchrun --nproc_per_node=N, N >= 2")]
     for ok, message in checks:
         if not ok:
-            fail(message)
+            raise UsageError(message)
     unknown = set(filter(None, (values["resume_override"] or "").split(","))) - set(values) - {"world_size"}
     if unknown:
-        fail(f"--resume_override: no such flag {', '.join(sorted(unknown))}")
+        raise UsageError(f"--resume_override: no such flag {', '.join(sorted(unknown))}")
 
 
-def resolve(argv, doc: str, family: str, recipe: dict, objectives: dict, tiny_recipe: dict,
-            toy_recipe: dict | None = None, resolution_multiple: int = 8, model_flags=None):
+def resolve(argv, doc: str, family: str, recipe: dict, tiny_recipe: dict, objectives: dict, methods: dict, *,
+            resolution_multiple: int = 8, model_flags=None):
     """The run's flags, every default decided here once. Returns (args, defaults): `defaults` are the values
     the run would take with no flag typed beyond --tiny and --method (a checkpoint written before a flag existed
-    resumes when that flag is at its default). model_flags(parser): the script adds its model's flags."""
+    resumes when that flag is at its default). objectives: losses.LOSSES; methods: reference.METHODS (the
+    --method presets); model_flags(parser): the script adds its model's flags."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    p = parser(doc, objectives)
+    p = parser(doc, objectives, methods)
     if model_flags is not None:
         model_flags(p)
     given = _given(p, argv)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    values = _layered(p, given, recipe, tiny_recipe, toy_recipe)
+    values = _layered(p, given, recipe, tiny_recipe, methods)
     if "-h" not in argv and "--help" not in argv:
         _check_ranges(values)
     _derive(values, given, objectives, family, world_size)
     defaults = _layered(p, {k: v for k, v in given.items() if k in ("tiny", "method", "pretrained_model")},
-                        recipe, tiny_recipe, toy_recipe)
+                        recipe, tiny_recipe, methods)
     if "-h" in argv or "--help" in argv:
         p.set_defaults(**values)
         p.parse_args(["--help"])

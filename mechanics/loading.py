@@ -1,6 +1,5 @@
 """What a run loads: the pipeline folder (local, cached or from the hub), its components with one-line errors
-for a wrong folder, and the preference pairs (data.py, or the latent cache of speed/latent_cache.py)."""
-import argparse
+for a wrong folder, and the preference pairs (data.py, or the latent cache of mechanics/latent_cache.py)."""
 import json
 import logging
 import os
@@ -13,7 +12,9 @@ import torch
 from torch import nn
 
 import data
-from mechanics.flags import fail
+from mechanics import latent_cache
+from mechanics.errors import DataError, UsageError
+from offline import tiny
 
 PIPELINES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline",
              "flux": "FluxPipeline"}
@@ -22,7 +23,7 @@ SCRIPTS = {family: f"train_{family}.py" for family in PIPELINES}
 
 def hub_reachable(timeout: float = 5.0) -> bool:
     """One bounded connection attempt to the Hugging Face hub: without it, an offline hub lookup retries DNS
-    for minutes before failing (ENVIRONMENT.md); with it, an offline run fails at once with one line."""
+    for minutes (23–233 s measured) before failing; with it, an offline run fails at once with one line."""
     url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     result = []
 
@@ -45,17 +46,17 @@ def resolve_model(name_or_path: str, flag: str = "--pretrained_model") -> str:
     if os.path.isdir(name_or_path):
         return name_or_path
     if os.path.exists(name_or_path):
-        fail(f"{flag} {name_or_path} is a file, expected a diffusers folder or hub id")
+        raise UsageError(f"{flag} {name_or_path} is a file, expected a diffusers folder or hub id")
     if os.path.isabs(name_or_path) or name_or_path.startswith(".") or name_or_path.count("/") > 1:
-        fail(f"{flag} {name_or_path}: no such folder")
+        raise UsageError(f"{flag} {name_or_path}: no such folder")
     from diffusers import DiffusionPipeline
     try:
         return DiffusionPipeline.download(name_or_path, local_files_only=True)
     except Exception:
         pass
     if os.environ.get("HF_HUB_OFFLINE") == "1" or not hub_reachable():
-        fail(f"cannot reach the Hugging Face hub to download '{name_or_path}' and it is not cached; "
-             f"run the offline demo with --tiny, or pass {flag} a local folder")
+        raise UsageError(f"cannot reach the Hugging Face hub to download '{name_or_path}' and it is not cached; "
+                         f"run the offline demo with --tiny, or pass {flag} a local folder")
     return DiffusionPipeline.download(name_or_path)
 
 
@@ -63,8 +64,8 @@ def pipeline_folder(args, family: str) -> str:
     """The local folder of --pretrained_model, checked to hold this script's pipeline class (an SDXL folder
     given to train_sd15.py is refused before anything loads), after checking that --dataset can be read."""
     if not os.path.exists(args.dataset) and (os.environ.get("HF_DATASETS_OFFLINE") == "1" or not hub_reachable()):
-        fail(f"cannot reach the Hugging Face hub to load dataset '{args.dataset}'; pass --dataset a local "
-             "parquet file or folder, or run the offline demo with --tiny")
+        raise UsageError(f"cannot reach the Hugging Face hub to load dataset '{args.dataset}'; pass --dataset a local "
+                         "parquet file or folder, or run the offline demo with --tiny")
     path = resolve_model(args.pretrained_model)
     index = os.path.join(path, "model_index.json")
     if not os.path.isfile(index):  # a folder without one fails at its first component, with that component's name
@@ -72,12 +73,23 @@ def pipeline_folder(args, family: str) -> str:
     try:
         name = json.load(open(index)).get("_class_name", "")
     except (OSError, ValueError) as error:
-        fail(f"{index} cannot be read: {error}")
+        raise UsageError(f"{index} cannot be read: {error}")
     other = next((f for f, cls in PIPELINES.items() if cls == name), None)
     if name != PIPELINES[family]:
         hint = f": use {SCRIPTS[other]}" if other else ""
-        fail(f"{path} is a {name or 'pipeline of unknown class'}, not a {PIPELINES[family]}{hint}")
+        raise UsageError(f"{path} is a {name or 'pipeline of unknown class'}, not a {PIPELINES[family]}{hint}")
     return path
+
+
+def ensure_tiny(args, run, toy_pairs: int = 0) -> None:
+    """--tiny: the demo's model and pairs that the script's TINY_RECIPE names, made once and cached (rank 0
+    first, the others then find them): offline/tiny.py's `ensure`, with a one-line error for a folder that
+    cannot be sampled from."""
+    with run.main_first():
+        try:
+            tiny.ensure(args.pretrained_model, args.dataset, toy_pairs=toy_pairs)
+        except FileNotFoundError as error:
+            raise UsageError(str(error)) from None
 
 
 def load(cls, path: str, subfolder: str | None = None):
@@ -87,7 +99,7 @@ def load(cls, path: str, subfolder: str | None = None):
         return cls.from_pretrained(path, subfolder=subfolder)
     except (OSError, ValueError) as error:
         where = f"{subfolder}/ of {path}" if subfolder else path
-        fail(f"cannot load {where} as {cls.__name__}: {str(error).splitlines()[0]}")
+        raise UsageError(f"cannot load {where} as {cls.__name__}: {str(error).splitlines()[0]}")
 
 
 def frozen(module: nn.Module, device, dtype) -> nn.Module:
@@ -101,11 +113,11 @@ def frozen(module: nn.Module, device, dtype) -> nn.Module:
 
 def check_tokenizer(tokenizer, text_encoder, name: str) -> None:
     """transformers 5 silently returns a 2- or 104-token tokenizer for an unreachable hub id
-    (ENVIRONMENT.md); training on such prompts would be garbage, so refuse."""
+    instead of raising; training on such prompts would be garbage, so refuse."""
     vocab = text_encoder.config.vocab_size
     if len(tokenizer) < vocab // 2:
-        fail(f"{name} has {len(tokenizer)} tokens but its text encoder expects {vocab}: the tokenizer "
-             "files are missing or were not downloaded")
+        raise UsageError(f"{name} has {len(tokenizer)} tokens but its text encoder expects {vocab}: the tokenizer "
+                         "files are missing or were not downloaded")
 
 
 def to_cpu(*modules, device=None) -> None:
@@ -117,9 +129,10 @@ def to_cpu(*modules, device=None) -> None:
         torch.cuda.empty_cache()
 
 
-class _OneLineDataErrors:
-    """A loader whose fatal data problems (data.DataError, raised while iterating too) end the run in one
-    line. A signal that stops the loader while no pair would decode ends the iteration (the loop stops)."""
+class _DataErrors:
+    """A loader whose fatal data problems (data.DataError, raised while iterating too) become errors.DataError,
+    which the entry point reports in one line. A signal that stops the loader while no pair would decode ends
+    the iteration (the loop then stops)."""
 
     def __init__(self, loader):
         self.loader = loader
@@ -128,7 +141,7 @@ class _OneLineDataErrors:
         try:
             yield from self.loader
         except data.DataError as error:
-            fail(str(error))
+            raise DataError(str(error)) from None
         except data.Interrupted:
             print("stopped by a signal while no pair of the data would decode; the last checkpoint is kept",
                   file=sys.stderr, flush=True)
@@ -140,29 +153,33 @@ class _OneLineDataErrors:
         try:
             self.loader.load_state_dict(state)
         except data.DataError as error:
-            fail(str(error))
+            raise DataError(str(error)) from None
 
 
 def pair_loader(args, run, encode_images=None, encode_captions=None, batch_size=None, seed=None,
-                num_workers=None):
+                num_workers=None, caption_dropout=None, announce=True):
     """Micro-batches of preference pairs for this rank, forever and resumable (data.py): pixels [2B]
     winners then losers and B captions. With --cache_latents, the VAE posteriors and prompt embeddings
-    instead, from a cache built on first use with `encode_images` and `encode_captions`. batch_size, seed
-    and num_workers default to the flags'."""
+    instead, from a cache built on first use with `encode_images` and `encode_captions`. batch_size, seed,
+    num_workers and caption_dropout default to the flags'; announce=False: data.py does not log the dataset
+    again (a second loader of the same data, such as the monitor's probe)."""
     batch_size = batch_size or args.train_batch_size
     seed = args.seed if seed is None else seed
     num_workers = args.dataloader_workers if num_workers is None else num_workers
+    caption_dropout = args.caption_dropout if caption_dropout is None else caption_dropout
     stop = (lambda: bool(run.signals.signum)) if run.signals is not None else None
+    data_log = logging.getLogger("data")
+    level = data_log.level
+    if not announce:
+        data_log.setLevel(logging.WARNING)
     try:
         dataset = data.load_pairs(args.dataset, split=args.split, streaming=args.streaming,
                                   max_samples=args.max_train_samples)
         if not args.streaming:  # a small dataset still gives one full batch (the monitor's probe)
             batch_size = max(1, min(batch_size, len(dataset) // run.world_size))
         transform = data.PairTransform(resolution=args.resolution, random_crop=args.random_crop,
-                                       random_flip=not args.no_flip, caption_dropout=args.caption_dropout,
-                                       seed=seed)
-        if args.cache_latents:
-            from speed import latent_cache  # first pass: VAE and text encoders run once per image and caption
+                                       random_flip=not args.no_flip, caption_dropout=caption_dropout, seed=seed)
+        if args.cache_latents:  # first pass: VAE and text encoders run once per image and caption
             loader = latent_cache.cached_loader(args, run, dataset, transform, encode_images, encode_captions,
                                                 batch_size, seed, stop_requested=stop)
         else:
@@ -170,24 +187,53 @@ def pair_loader(args, run, encode_images=None, encode_captions=None, batch_size=
                                      world_size=run.world_size, num_workers=num_workers, seed=seed,
                                      stop_requested=stop)
     except data.DataError as error:
-        fail(str(error))
-    return _OneLineDataErrors(loader)
-
-
-PROBE_SEED = 7919  # the seed offset of the probe's order of pairs, apart from the training order's
-
-
-def probe_pairs(args, run, encode_images=None, encode_captions=None) -> dict:
-    """The pairs of the monitor's probe (--monitor probe): --monitor_samples pairs of the training data for
-    this rank, drawn once in an order of their own (seed apart from the training order's), without caption
-    dropout: the monitor compares models on the prompts the images belong to."""
-    quiet = logging.getLogger("data")
-    level = quiet.level
-    quiet.setLevel(logging.WARNING)  # the training loader has just reported the same dataset
-    try:
-        loader = pair_loader(argparse.Namespace(**{**vars(args), "caption_dropout": 0.0}), run, encode_images,
-                             encode_captions, batch_size=args.monitor_samples, seed=args.seed + PROBE_SEED,
-                             num_workers=0)
-        return next(iter(loader))
+        raise DataError(str(error)) from None
     finally:
-        quiet.setLevel(level)
+        data_log.setLevel(level)
+    return _DataErrors(loader)
+
+
+_hub_online: bool | None = None  # go_offline_unless_reachable's answer, asked once per process
+
+
+def go_offline_unless_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub can be reached: False at once under HF_HUB_OFFLINE=1 (or TRANSFORMERS_OFFLINE),
+    else one hub_reachable attempt, once per process. Without network every hub lookup retries DNS for minutes
+    before failing; so when the attempt fails, huggingface_hub, transformers, diffusers and datasets (imported or
+    not yet) switch to offline mode: what the local cache holds still loads, and the rest fails at once."""
+    global _hub_online
+    if _hub_online is None:
+        flags = (os.environ.get(name, "").strip().lower() for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+        if any(flag in ("1", "true", "yes", "on") for flag in flags):
+            _hub_online = False
+        else:
+            _hub_online = hub_reachable(timeout)
+            if not _hub_online:
+                print("note: the Hugging Face hub is unreachable; using the local cache only", file=sys.stderr)
+                os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
+                if "huggingface_hub" in sys.modules:
+                    import huggingface_hub.constants
+                    huggingface_hub.constants.HF_HUB_OFFLINE = True
+                if "datasets" in sys.modules:
+                    import datasets.config
+                    datasets.config.HF_HUB_OFFLINE = True
+    return _hub_online
+
+
+def read_json(path, what: str) -> dict:
+    """A JSON object from `path`, or one UsageError line saying why it cannot be read and what it should be."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except OSError as error:
+        raise UsageError(f"cannot read {path}: {error.strerror or error}") from None
+    except UnicodeDecodeError as error:
+        raise UsageError(f"{path} is not UTF-8 text (byte {error.start}): it should be {what}") from None
+    except json.JSONDecodeError as error:
+        raise UsageError(f"{path} is not valid JSON ({error.msg}, line {error.lineno}): it should be {what}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{path} holds a JSON {type(data).__name__}: it should be {what}")
+    return data
+
+
+OFFLINE_HINT = "for an offline evaluation use tiny models and offline rewards: python eval.py --tiny"

@@ -16,13 +16,9 @@ from torch import nn
 from tqdm import tqdm
 
 from mechanics import folder
-from mechanics.flags import fail
+from mechanics.errors import UsageError
 
 logger = logging.getLogger("train")
-
-# Generator stream of the monitor's inputs, apart from every micro-batch's.
-MONITOR_STREAM = 1 << 20
-
 
 @dataclass
 class Run:
@@ -71,6 +67,14 @@ class Run:
         """The signal number that asked the run to stop, 0 if none (every rank agrees: one all-reduce)."""
         return self.signals.agreed(self) if self.signals is not None else 0
 
+    def mean_over_ranks(self, value) -> float:
+        """The mean of a number over every rank (one all-reduce)."""
+        value = torch.as_tensor(value, device=self.device).detach().float().reshape(1)
+        if self.world_size > 1:
+            dist.all_reduce(value)
+            value /= self.world_size
+        return value.item()
+
     def all_finite(self, *values) -> bool:
         """Whether every value is finite on every rank (one all-reduce)."""
         bad = torch.stack([~torch.isfinite(torch.as_tensor(v, device=self.device).float()) for v in values]).any()
@@ -85,7 +89,7 @@ def _setup_devices(args) -> Run:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        fail("--device cuda but no CUDA device is available")
+        raise UsageError("--device cuda but no CUDA device is available")
     if world_size > 1:
         dist.init_process_group(backend="nccl" if args.device.startswith("cuda") else "gloo")
         atexit.register(dist.destroy_process_group)
@@ -106,7 +110,7 @@ def start(args, family: str) -> Run:
     """Everything before the models load, for resolved `args`: logging, the device, precision and torchrun
     processes, the output folder (folder.prepare_output), signals, and run.json. Returns the Run."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    _quiet_libraries()
+    quiet_libraries()
     run = _setup_devices(args)
     run.family, run.fsdp = family, args.fsdp
     if run.device.type == "cpu" and args.cpu_threads:
@@ -114,7 +118,7 @@ def start(args, family: str) -> Run:
     folder.prepare_output(args, run.is_main)
     package = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(args.report_to)
     if package and importlib.util.find_spec(package) is None:
-        fail(f"--report_to {args.report_to} needs the {package} package: pip install {package}")
+        raise UsageError(f"--report_to {args.report_to} needs the {package} package: pip install {package}")
     run.signals = StopSignal()
     if run.is_main:  # the values the run uses, for plot.py and for people
         with open(os.path.join(args.output_dir, "run.json"), "w") as f:
@@ -126,7 +130,7 @@ def start(args, family: str) -> Run:
     return run
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     """The first screen of a run shows the run: no loading bars of every component, no transformers notice
     that torchvision is missing (it falls back to PIL, which is what the trainers use)."""
     import datasets
@@ -198,7 +202,7 @@ def optimizer(args, params):
         try:
             import bitsandbytes as bnb
         except ImportError:
-            fail("--optimizer adamw8bit needs bitsandbytes: pip install bitsandbytes")
+            raise UsageError("--optimizer adamw8bit needs bitsandbytes: pip install bitsandbytes")
         opt = bnb.optim.AdamW8bit(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.weight_decay, eps=args.adam_epsilon)
     elif args.optimizer == "adafactor":
@@ -237,3 +241,24 @@ class StopSignal:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         self.signum = self.signum or int(flag.item())
         return int(flag.item())
+
+
+def default_device() -> str:
+    """The device of a run that names none: CUDA when there is a GPU, else the CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+SAMPLING_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+                   "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def sampling_dtype(name: str | torch.dtype | None, device) -> torch.dtype:
+    """The dtype a pipeline samples in: a torch dtype as is, a name of SAMPLING_DTYPES, or (None, "auto") float16
+    on an accelerator, as the public evaluation scripts, and float32 on the CPU, where half precision is slower."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name in (None, "auto"):
+        return torch.float32 if torch.device(device).type == "cpu" else torch.float16
+    if name not in SAMPLING_DTYPES:
+        raise UsageError(f"unknown dtype {name!r}; use auto, float32, float16 or bfloat16")
+    return SAMPLING_DTYPES[name]

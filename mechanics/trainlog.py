@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from mechanics.folder import release
+from mechanics import folder
 
 logger = logging.getLogger("train")
 
@@ -102,10 +102,7 @@ class TrainLog:
                         kept.append(line if line.endswith("\n") else line + "\n")
                 except (json.JSONDecodeError, KeyError, TypeError):
                     logger.warning("%s: dropping a line cut short (%d characters)", self.path, len(line))
-        tmp = f"{self.path}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.writelines(kept)
-        os.replace(tmp, self.path)
+        folder.write_text(self.path, "".join(kept))
 
     def read(self) -> list[dict]:
         """The log's complete lines."""
@@ -171,7 +168,14 @@ class TrainLog:
         if self.run.is_main:
             (self.progress.write if self.progress is not None else print)(message)
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def close(self) -> None:
+        """Close the progress bar and the tracker (again: nothing more happens)."""
         if self.progress is not None:
             self.progress.close()
         if self.tracker is not None:
@@ -237,8 +241,7 @@ def summary_lines(args, log: list[dict]) -> list[str]:
 
 def report(args, run, log: TrainLog, final_dir: str, step: int, curves: str | None, baseline: str | None) -> None:
     """The run's last lines: what it did, where its curves, model and log are, and the command that evaluates
-    it against `baseline` (None: eval.py's own default for --tiny). Gives the output folder's lock back."""
-    release(args.output_dir)
+    it against `baseline` (None: eval.py's own default for --tiny)."""
     if not run.is_main:
         return
     print(f"\n{run.family} {args.loss} ({args.method}), {step} steps of {args.effective_batch_size} pairs:")
@@ -252,14 +255,12 @@ def report(args, run, log: TrainLog, final_dir: str, step: int, curves: str | No
 
 def report_stop(args, run, step: int, reason: str) -> None:
     """The last lines of a run that stopped early: why, and how to go on (the loop returns the exit code)."""
-    release(args.output_dir)
     if run.is_main:
         print(f"{reason}; resume with --resume latest --output_dir {args.output_dir}", flush=True)
 
 
 def report_diverged(args, run, log: TrainLog, step: int, kept: list[str]) -> None:
     """Why a run stopped with no final model, and where its last checkpoint is."""
-    release(args.output_dir)
     if run.is_main:
         print(f"error: the run diverged: {log.nonfinite_in_a_row} steps in a row (to step {step}) had a non-finite "
               f"loss or gradient norm; no final model was written; the last checkpoint is "

@@ -23,8 +23,7 @@ from diffusers import UNet2DConditionModel
 import data
 import train_sd15
 from mechanics import runtime
-from miniature import toy
-
+from offline import toy
 ESTIMATORS = (("batch", 1, 8), ("batch", 8, 8), ("probe", 8, 8), ("probe", 64, 64), ("probe", 256, 256))
 
 

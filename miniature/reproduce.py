@@ -44,11 +44,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-HERE = Path(__file__).resolve().parent
-DEFAULT_MODEL = HERE / "toy_model"
+from mechanics import errors, runtime
+from mechanics.errors import UsageError
+from mechanics.trainlog import NUM_LOG_BINS as NUM_BINS  # the paper's 10 equal t-bins, bin 0 the cleanest
+from offline import toy
+
+DEFAULT_MODEL = toy.TOY_MODEL
 REWARDS = ("toy_fidelity", "toy_aesthetic", "toy_label")
 PRIMARY = "toy_label"
-NUM_BINS = 10  # mechanics.trainlog.NUM_LOG_BINS: the paper's 10 equal t-bins, bin 0 the cleanest
 CALIBRATION_SEED = 1000  # the calibration runs' training seed, apart from the study's 0, 1, …
 
 # The recipe, fixed before the final run (README, pre-registration). Every value is a flag of this script.
@@ -179,41 +182,36 @@ def parse_args(argv=None):
     return args
 
 
-def fail(message: str):
-    """One `error: ...` line on stderr and exit code 2, as the trainers and eval.py."""
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(2)
-
 
 def check_inputs(args) -> None:
     """Before any work: --model is an SD1.5 pipeline folder (what train_sd15.py trains) whose model_index.json
     reads, and --output_dir is, or can be made, a writable folder."""
     model = Path(args.model)
-    hint = "build it with miniature/toy_pretrain.py"
+    hint = "build it with offline/toy_pretrain.py"
     if not model.is_dir():
-        fail(f"--model {args.model} is not a pipeline folder ({'no such folder' if not model.exists() else 'a file'}; "
+        raise UsageError(f"--model {args.model} is not a pipeline folder ({'no such folder' if not model.exists() else 'a file'}; "
                f"{hint})")
     index = model / "model_index.json"
     if not index.is_file():
-        fail(f"--model {args.model} is not a pipeline folder (no model_index.json; {hint})")
+        raise UsageError(f"--model {args.model} is not a pipeline folder (no model_index.json; {hint})")
     try:
         config = json.loads(index.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:  # unreadable, not UTF-8, not JSON
-        fail(f"--model {args.model}: model_index.json is not readable JSON ({error})")
+        raise UsageError(f"--model {args.model}: model_index.json is not readable JSON ({error})")
     kind = config.get("_class_name") if isinstance(config, dict) else None
     if kind != "StableDiffusionPipeline":
-        fail(f"--model {args.model} is a {kind or 'pipeline of no known class'}, not an SD1.5 "
+        raise UsageError(f"--model {args.model} is a {kind or 'pipeline of no known class'}, not an SD1.5 "
                f"StableDiffusionPipeline: the study trains with train_sd15.py")
     out = Path(args.output_dir)
     if out.exists() and not out.is_dir():
-        fail(f"--output_dir {out} is a file, not a folder")
+        raise UsageError(f"--output_dir {out} is a file, not a folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write-test-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as error:
-        fail(f"--output_dir {out} cannot be written: {error.strerror or error}")
+        raise UsageError(f"--output_dir {out} cannot be written: {error.strerror or error}")
 
 
 def read_state(path: Path):
@@ -274,9 +272,9 @@ def train_one(run_dir: str, argv: list[str]) -> dict:
             os.dup2(log.fileno(), 1), os.dup2(log.fileno(), 2)
             logging.getLogger().setLevel(logging.INFO)
             try:
-                train_sd15.main(argv)
-            except SystemExit as exit_:
-                raise RuntimeError(f"training in {run_dir} failed (exit {exit_.code}); see {run_dir}/train.log")
+                code = train_sd15.main(argv)
+                if code:
+                    raise RuntimeError(f"training in {run_dir} failed (exit {code}); see {run_dir}/train.log")
             finally:
                 sys.stdout.flush(), sys.stderr.flush()
     finally:
@@ -291,12 +289,13 @@ def train_one(run_dir: str, argv: list[str]) -> dict:
 
 
 def quiet_libraries() -> None:
+    """The trainers' quieting (no loading bars), and no library warnings either: the study prints its stages."""
     import diffusers.utils.logging
     import transformers.utils.logging
 
-    for lib in (diffusers.utils.logging, transformers.utils.logging):
-        lib.set_verbosity_error()
-        lib.disable_progress_bar()
+    runtime.quiet_libraries()
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.set_verbosity_error()
 
 
 def _worker_init():
@@ -329,8 +328,6 @@ def run_tasks(tasks: list[tuple], jobs: int, desc: str) -> list:
 def ensure_pairs(args) -> dict:
     """The training pairs (toy.PAIR_PROMPTS) and the diagnostics' held-out pairs (toy.EVAL_PROMPTS), made once
     per base model and cached."""
-    from miniature import toy
-
     print("[0/5] pairs")
     args.pairs = str(toy.cached_pairs(args.model, args.num_pairs, seed=0))
     args.held_out_pairs = str(toy.cached_pairs(args.model, args.diagnostic_pairs, seed=1, split="eval"))
@@ -353,8 +350,6 @@ def warm_cache(args, out: Path) -> None:
 
 def calibration_keys(args) -> tuple[list[str], list[int]]:
     """toy.CALIBRATION_PROMPTS, each with `calibration_seeds` images of their own seeds (10⁶ + …)."""
-    from miniature import toy
-
     prompts = toy.CALIBRATION_PROMPTS[:SMOKE_PROMPTS] if args.smoke else toy.CALIBRATION_PROMPTS
     keys = [(p, 10**6 + i * args.calibration_seeds + s) for i, p in enumerate(prompts)
             for s in range(args.calibration_seeds)]
@@ -365,8 +360,6 @@ def calibrate_run(run_dir: str, argv: list[str], model: str, prompts: list[str],
                   every: int) -> dict:
     """A calibration run (reference updates without the monitor): train with checkpoints, then each checkpoint's
     mean toy_label on the calibration prompts against its D(p_θ, p_init) (the monitor's probe, from the log)."""
-    from miniature import toy
-
     cached = Path(run_dir) / "calibration.json"
     key = {"argv": argv, "prompts": prompts, "seeds": seeds,
            "sampler": [toy.SAMPLER, toy.TIMESTEP_SPACING, toy.NUM_INFERENCE_STEPS, toy.GUIDANCE_SCALE]}
@@ -465,8 +458,6 @@ def _evaluate(specs: list[str], prompt_file: str, output_dir: str, settings: dic
 def eval_prompts(args) -> list[str]:
     """The prompts final models are compared on: toy.EVAL_PROMPTS, or with --eval_split calibration (the pilot)
     toy.CALIBRATION_PROMPTS."""
-    from miniature import toy
-
     prompts = toy.CALIBRATION_PROMPTS if args.eval_split == "calibration" else toy.EVAL_PROMPTS
     return prompts[:SMOKE_PROMPTS] if args.smoke else prompts
 
@@ -475,8 +466,6 @@ def evaluate(args, out: Path, runs: dict, stage: str, desc: str) -> dict:
     """Every final model of `runs` and the base model on eval_prompts, each image with its own seed, into
     OUTPUT_DIR/eval/STAGE; the models are split in `jobs` groups sampled in parallel (each group samples the base
     model too, in its own folder)."""
-    from miniature import toy
-
     prompts = eval_prompts(args)
     prompt_file = out / "eval_prompts.txt"
     prompt_file.write_text("\n".join(prompts) + "\n")
@@ -509,8 +498,6 @@ GATE_WIN_RATE = 0.65    # the same-seed win rate over the base, the mean over tr
 def attainable(args) -> float:
     """The reward's attainable level on the comparison prompts: the renderer's own clean pictures, as many per
     prompt as the evaluation samples, scored like the models' images."""
-    from miniature import toy
-
     rng = np.random.default_rng(0)
     prompts = [p for p in eval_prompts(args) for _ in range(args.eval_seeds)]
     return float(np.mean(toy.TOY_REWARDS[PRIMARY]([toy.render(toy.sample_spec(rng, p)) for p in prompts], prompts)))
@@ -574,7 +561,7 @@ class HeldOutProbe:
         for k in range(NUM_BINS):
             t = (k * width + torch.randint(0, width, (self.n,), generator=generator)).repeat(2)
             noise = torch.randn(latents[:self.n].shape, generator=generator).repeat(2, 1, 1, 1)
-            self.inputs.append((*train_sd15.add_noise(self.models.scheduler, latents, noise, t), t))
+            self.inputs.append((*train_sd15.add_noise(self.models, latents, noise, t), t))
         self.err_init = self.errors(self.models.unet)
 
     @torch.no_grad()
@@ -766,7 +753,6 @@ def draw_figures(args, out: Path, runs: dict, seeds_of: dict, tuning: dict, cali
     # Same-seed samples: base, Diffusion-DPO, exploration, the full method (training seed 0).
     from PIL import Image
 
-    from miniature import toy
     shown = ["base"] + [k for k in ("dpo", "explore", "full50") if (k, 0) in runs]
     prompts = eval_prompts(args)
     rows = sorted(set(np.linspace(0, len(prompts) - 1, min(8, len(prompts))).round().astype(int).tolist()))
@@ -892,7 +878,7 @@ def train_all(args, out: Path, calibration: dict, keys) -> tuple[dict, dict]:
     return runs, seeds_of
 
 
-def main(argv=None) -> dict:
+def reproduce(argv=None) -> dict:
     args = parse_args(argv)
     check_inputs(args)
     torch.set_num_threads(1)
@@ -953,6 +939,14 @@ def write_results(args, out: Path, argv, clock, text: str, payload: dict) -> dic
           + (f" and {out / 'figures'}/" if figures else ""))
     return {"tables": text, **payload}
 
+
+
+def main(argv=None) -> dict:
+    """The study, stage by stage. A mistake of the user's ends the process as one `error:` line and exit code 2."""
+    try:
+        return reproduce(argv)
+    except errors.RunError as error:
+        raise SystemExit(errors.report(error)) from None
 
 if __name__ == "__main__":
     main()

@@ -3,7 +3,7 @@
     python -m speed.bench --trainer sd15                        # tiny SD1.5 on this machine
     python -m speed.bench --trainer sd15 --cache_latents        # ... reading cached latents and prompt embeddings
     python -m speed.bench --trainer sd15 --lora_rank 8          # ... LoRA (reference = second adapter, τ > 0)
-    python -m speed.bench --trainer sdxl                        # tiny SDXL (sd3 likewise)
+    python -m speed.bench --trainer sdxl                        # tiny SDXL (sd3 and flux likewise)
     python -m speed.bench --trainer sd15 --real_size --batch 4  # real SD1.5 UNet / VAE / CLIP-L configs, random
                                                                 # weights (nothing downloaded), 512 px: for a GPU
     python -m speed.bench --trainer sd15 --json out.json -- --gradient_checkpointing   # trainer flags after --
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import json
 import math
 import os
@@ -40,13 +39,17 @@ from contextlib import ExitStack, contextmanager
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-import data
 import losses
 import reference
-import tiny
-from mechanics import checkpoints, flags, loading, runtime, trainlog
+import train_flux
+import train_sd3
+import train_sd15
+import train_sdxl
+from mechanics import checkpoints, errors, flags, loading, runtime, trainlog
+from mechanics.errors import UsageError
+from offline import cache, tiny
 
-TRAINERS = ("sd15", "sdxl", "sd3")
+TRAINERS = {"sd15": train_sd15, "sdxl": train_sdxl, "sd3": train_sd3, "flux": train_flux}
 SECTIONS = ("data", "encode", "policy_forward_backward", "reference_forward", "loss", "optimizer", "reference_update")
 LABELS = {"data": "data loading", "encode": "encode (VAE + text)", "encode:vae": "  VAE",
           "encode:text": "  text encoders", "policy_forward_backward": "policy forward+backward",
@@ -171,7 +174,7 @@ def instrument(timer: SectionTimer, stack: ExitStack) -> dict:
         return run
 
     @contextmanager
-    def no_final_save(_):
+    def no_final_save(*_, **__):
         raise _FinalSave
         yield
 
@@ -244,13 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def real_pairs(resolution: int) -> str:
     """64 built-in pairs at the real resolution, written once into the tiny cache."""
-    path = tiny.default_cache_root() / f"bench-pairs-{resolution}-v1.parquet"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        data.write_tiny_pickapic(tmp, num_pairs=64, resolution=resolution, seed=0)
-        os.replace(tmp, path)
-    return str(path)
+    path = cache.root() / f"bench-pairs-{resolution}-v1.parquet"
+    return str(cache.build_aside(path, lambda tmp: tiny.write_tiny_pickapic(str(tmp), num_pairs=64,
+                                                                           resolution=resolution, seed=0), folder=False))
 
 
 def trainer_argv(opts, output_dir: str) -> list[str]:
@@ -280,16 +279,16 @@ def trainer_argv(opts, output_dir: str) -> list[str]:
 
 def run(opts) -> dict:
     if opts.real_size and opts.trainer != "sd15":
-        flags.fail("--real_size builds the SD1.5 architecture only: use --trainer sd15")
+        raise UsageError("--real_size builds the SD1.5 architecture only: use --trainer sd15")
     if opts.steps < 1 or opts.warmup < 1:
-        flags.fail("need --steps >= 1 and --warmup >= 1")
+        raise UsageError("need --steps >= 1 and --warmup >= 1")
     if opts.json:  # refused now, not after the run
         folder = os.path.dirname(os.path.abspath(opts.json))
         if os.path.isdir(opts.json) or (os.path.exists(folder) and not os.access(folder, os.W_OK)):
-            flags.fail(f"--json {opts.json} cannot be written (a folder, or in a read-only one)")
+            raise UsageError(f"--json {opts.json} cannot be written (a folder, or in a read-only one)")
     if opts.threads:
         torch.set_num_threads(opts.threads)
-    script = importlib.import_module(f"train_{opts.trainer}")
+    script = TRAINERS[opts.trainer]
     own_dir = opts.output_dir is None
     output_dir = opts.output_dir or tempfile.mkdtemp(prefix=f"bench-{opts.trainer}-")
     timer = SectionTimer(opts.warmup)
@@ -379,7 +378,7 @@ def print_table(r: dict) -> None:
     print(f"  loss {r['loss_first']:.4f} → {r['loss_last']:.4f}; run {r['run_s']:.1f} s")
 
 
-def main(argv=None) -> dict | None:
+def measure(argv=None) -> dict | None:
     opts = build_parser().parse_args(argv)
     result = run(opts)
     print_table(result)
@@ -389,6 +388,14 @@ def main(argv=None) -> dict | None:
             json.dump(result, f, indent=1)
     return result
 
+
+
+def main(argv=None) -> dict | None:
+    """Measure a trainer's step. A mistake of the user's ends the process as one `error:` line and exit code 2."""
+    try:
+        return measure(argv)
+    except errors.RunError as error:
+        raise SystemExit(errors.report(error)) from None
 
 if __name__ == "__main__":
     main()

@@ -37,6 +37,9 @@ import threading
 import time
 from pathlib import Path
 
+from mechanics import errors
+from mechanics.errors import UsageError
+
 ROOT = Path(__file__).resolve().parent.parent
 DPO_FLAGS = ["--tau", "0", "--gamma", "1", "--no_reward_scale"]  # plain Diffusion-DPO
 
@@ -223,11 +226,6 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def fail(message: str):
-    """One `error: ...` line on stderr and exit code 2, as the trainers."""
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    raise SystemExit(2)
-
 
 def preflight() -> dict[str, str]:
     """The versions of what the check imports, or one line naming the wheel to carry."""
@@ -237,12 +235,12 @@ def preflight() -> dict[str, str]:
         try:
             versions[name] = importlib.import_module(name).__version__
         except ImportError as error:
-            fail(f"{name} does not import ({error}): carry its wheel, e.g. "
-                 f"bash speed/gpu_wheels.sh {name}==VERSION (see that file)")
+            raise UsageError(f"{name} does not import ({error}): carry its wheel, e.g. "
+                             f"bash speed/gpu_wheels.sh {name}==VERSION (see that file)")
     return versions
 
 
-def main(argv=None) -> dict:
+def check(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.environ.get("OUT", "out/gpu-check"), help="where the JSON and table go")
     p.add_argument("--tiny", action="store_true", help="the tiny SD1.5 model on this machine (the plumbing only)")
@@ -257,10 +255,9 @@ def main(argv=None) -> dict:
     started, packages = time.time(), preflight()
     import torch
 
-    import tiny
-
+    from offline import tiny
     if not opts.tiny and not torch.cuda.is_available():
-        fail("no CUDA device: run with --tiny for the plumbing on a CPU")
+        raise UsageError("no CUDA device: run with --tiny for the plumbing on a CPU")
     model = tiny.tiny_pipeline_dir("sd15") if opts.tiny else tiny.real_sd15_pipeline_dir()
     from speed.bench import real_pairs
 
@@ -285,6 +282,14 @@ def main(argv=None) -> dict:
     print(table + f"\n{report['wall_s']:.0f} s; wrote {out / 'gpu_check.json'} and {out / 'gpu_check.md'}")
     return report
 
+
+
+def main(argv=None) -> dict:
+    """The prepared GPU check. A mistake of the user's ends the process as one `error:` line and exit code 2."""
+    try:
+        return check(argv)
+    except errors.RunError as error:
+        raise SystemExit(errors.report(error)) from None
 
 if __name__ == "__main__":
     main()

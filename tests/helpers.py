@@ -10,8 +10,9 @@ import pytest
 import torch
 
 import losses
+import reference
 import schedule
-import tiny
+from offline import tiny
 import train_sd15
 from mechanics import flags, loading, runtime
 
@@ -23,22 +24,35 @@ def read_log(output_dir) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
+# The small scale of the other trainers' TINY_RECIPE (train_sdxl.py), for the random tiny SD1.5: SD1.5's own
+# TINY_RECIPE is the toy demo's, whose larger batch and τ would only slow the mechanics' tests down.
+SMALL = ["--effective_batch_size", "4", "--learning_rate", "2e-5", "--warmup_steps", "0", "--max_steps", "60",
+         "--checkpoint_every", "30", "--beta", "500", "--tau", "8", "--delta", "0.05", "--monitor_samples", "64"]
+
+
 def sd15_flags() -> list[str]:
-    """The random tiny SD1.5 pipeline and the built-in smooth-vs-noise pairs: the mechanics in seconds
-    (`--tiny` alone trains the toy model on its sampled pairs, tested in test_toy.py)."""
-    return ["--tiny", "--pretrained_model", tiny.tiny_pipeline_dir("sd15"), "--dataset", tiny.builtin_pairs()]
+    """The random tiny SD1.5 pipeline and the built-in smooth-vs-noise pairs at the small scale: the mechanics in
+    seconds (`--tiny` alone trains the toy model on its sampled pairs, tested in test_toy.py)."""
+    return ["--tiny", "--pretrained_model", tiny.tiny_pipeline_dir("sd15"), "--dataset", tiny.builtin_pairs(), *SMALL]
+
+
+def main_or_exit(script, argv) -> None:
+    """`script.main(argv)` as `python script.py` runs it: a non-zero exit code raises SystemExit with it."""
+    code = script.main(argv)
+    if code:
+        raise SystemExit(code)
 
 
 def run_sd15(output_dir, *flags) -> list[dict]:
     """One in-process train_sd15.py run (saves the 5 s import of a subprocess); returns the log lines."""
-    train_sd15.main([*sd15_flags(), "--output_dir", str(output_dir), *map(str, flags)])
+    main_or_exit(train_sd15, [*sd15_flags(), "--output_dir", str(output_dir), *map(str, flags)])
     return read_log(output_dir)
 
 
 def setup_sd15(output_dir, *extra):
-    """The flags, Run and models train_sd15.main would have with sd15_flags(), without training."""
+    """The flags, Run and models train_sd15.train would have with sd15_flags(), without training."""
     args, _ = flags.resolve([*sd15_flags(), "--output_dir", str(output_dir), *map(str, extra)], "test", "sd15",
-                            train_sd15.RECIPE, losses.LOSSES, train_sd15.TINY_RECIPE, train_sd15.TOY_RECIPE)
+                            train_sd15.RECIPE, train_sd15.TINY_RECIPE, losses.LOSSES, reference.METHODS)
     run = runtime.start(args, "sd15")
     return args, run, train_sd15.load_models(loading.pipeline_folder(args, "sd15"), run.device, run.weight_dtype)
 
@@ -49,13 +63,13 @@ def unet_weights(folder):
 
 
 def sd15_dpo_loss(args, m, batch, generators, policy, reference):
-    """The Diffusion-DPO loss of one micro-batch exactly as train_sd15.main computes it (PAPER.md §1, §3)."""
+    """The Diffusion-DPO loss of one micro-batch exactly as train_sd15.train computes it (PAPER.md §1, §3)."""
     latents, cond = train_sd15.encode(m, batch, generators[1])
     n = latents.shape[0] // 2
     t = schedule.sample_timesteps(n, 1000, args.gamma, args.num_bins, generator=generators[0])
     scale = schedule.reward_scale(m.scheduler.alphas_cumprod)[t]
     noise = torch.randn(latents[:n].shape, generator=generators[1], dtype=latents.dtype)
-    noisy, target = train_sd15.add_noise(m.scheduler, latents, noise.repeat(2, 1, 1, 1), t.repeat(2))
+    noisy, target = train_sd15.add_noise(m, latents, noise.repeat(2, 1, 1, 1), t.repeat(2))
     model_err = losses.per_sample_error(train_sd15.predict(policy, noisy, t.repeat(2), cond), target)
     with torch.no_grad():
         ref_err = losses.per_sample_error(train_sd15.predict(reference, noisy, t.repeat(2), cond), target)

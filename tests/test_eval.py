@@ -13,8 +13,9 @@ from PIL import Image
 
 import eval as ev
 import rewards as rw
-import tiny
-
+from mechanics.checkpoints import base_model_identity
+from mechanics.errors import UsageError
+from offline import tiny
 
 
 @pytest.fixture(autouse=True)
@@ -58,7 +59,7 @@ def test_win_rate_pairs_by_prompt_and_seed_not_by_order():
 
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
-    return rw.tiny_clip_dir(root=tmp_path_factory.mktemp("clip"))
+    return tiny.tiny_clip_dir(root=tmp_path_factory.mktemp("clip"))
 
 
 def _images(n, seed=0):
@@ -99,8 +100,10 @@ def test_reward_registry_errors_are_clear():
             assert f"pip install {package}" in str(exc)
 
 
-def test_a_pixel_function_reward_is_one_line():
-    rw.register_function("test_brightness", "test_eval:_brightness", units="mean pixel value / 255")
+def test_a_pixel_function_reward_is_one_line(monkeypatch):
+    """A fork's reward that is a plain function of pixels is one more entry of rewards.REWARDS (made by _pixels)."""
+    units = "mean pixel value / 255"
+    monkeypatch.setitem(rw.REWARDS, "test_brightness", (rw._pixels("test_brightness", _brightness, units), units))
     reward = rw.build_reward("test_brightness")
     black, white = Image.new("RGB", (8, 8)), Image.new("RGB", (8, 8), (255, 255, 255))
     assert reward.score([black, white], ["x", "y"]) == [0.0, 1.0]
@@ -136,7 +139,7 @@ class CountingLoader:
 def models(tmp_path_factory):
     """The tiny SD1.5 base, a copy of it at another path, and the base trained for 2 steps by
     `train_sd15.py --tiny` (in-process: a subprocess would pay the imports again) as the evaluated model."""
-    import tiny
+    from offline import tiny
     import train_sd15
 
     base = tiny.tiny_pipeline_dir("sd15")
@@ -209,7 +212,7 @@ def test_end_to_end_offline_evaluation_and_rerun_reuses_images(tmp_path, models,
     assert np.abs(np.asarray(Image.open(victim)).astype(int) - before).max() <= 1  # batch of 1 vs 3: same noise
 
     # Other sampler settings are refused, not mixed into the stored images.
-    with pytest.raises(ev.EvalError, match="other settings"):
+    with pytest.raises(UsageError, match="other settings"):
         ev.evaluate(f"ours={models['model']}", [f"base={models['base']}"], prompts, ["toy_fidelity"], out,
                     **{**kwargs, "steps": 3})
 
@@ -306,7 +309,7 @@ def test_a_unet_checkpoint_swapped_into_a_pipeline(models):
     trained = ev.load_pipeline(ev.model_ref(models["model"]), "cpu", torch.float32)
     for (name, a), (_, b) in zip(pipe.unet.state_dict().items(), trained.unet.state_dict().items()):
         assert torch.equal(a, b), name
-    with pytest.raises(ev.EvalError, match="not a unet checkpoint"):
+    with pytest.raises(UsageError, match="not a unet checkpoint"):
         ev.model_ref(f"{models['base']}/scheduler@{models['base']}")
 
 
@@ -331,7 +334,7 @@ def sample(pipe):
 
 
 def test_a_lora_trained_here_is_evaluated_on_the_base_its_folder_names(tmp_path):
-    import tiny
+    from offline import tiny
     import train_sd15
 
     base = tiny.tiny_pipeline_dir("sd15")
@@ -364,7 +367,7 @@ def test_a_lora_saved_as_diffusers_dpo_script_saves_it_is_evaluated_as_lora_at_b
     folder = tmp_path / "diffusion-dpo"
     StableDiffusionPipeline.save_lora_weights(save_directory=str(folder), text_encoder_lora_layers=None,
                                               unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)))
-    with pytest.raises(ev.EvalError, match="@PIPELINE"):
+    with pytest.raises(UsageError, match="@PIPELINE"):
         ev.model_ref(str(folder))
     ref = ev.model_ref(f"dpo-lora={folder}@{base}")
     assert ref.lora == str(folder) and ref.family == "sd15"
@@ -394,8 +397,9 @@ def test_win_rate_interval_resamples_prompts_and_says_whether_50_is_inside():
 
 
 def test_images_of_other_weights_are_refused_and_the_store_keeps_its_weights_key(tmp_path):
-    """settings.json records weights_version under its old key "weights"; overwriting the weights (a new run
-    into the same folder) changes it, and the stored images are then refused, not scored as the new model's."""
+    """settings.json records weights_version (checkpoints.base_model_identity of the folder) under its old key
+    "weights"; overwriting the weights (a new run into the same folder) changes it, and the stored images are then
+    refused, not scored as the new model's."""
     import json
 
     model = tmp_path / "model"
@@ -404,13 +408,15 @@ def test_images_of_other_weights_are_refused_and_the_store_keeps_its_weights_key
     kwargs = dict(limit=1, steps=2, resolution=32, device="cpu", progress=False, log=lambda s: None)
     ev.evaluate(f"m={model}", [], prompts, ["toy_fidelity"], out, **kwargs)
     ref = ev.model_ref(f"m={model}")
-    assert ref.weights_version == ev.weights_version(model) and len(ref.weights_version) == 16
+    assert ref.weights_version == base_model_identity(str(model)) and len(ref.weights_version) == 16
     stored = json.loads((out / "images" / ref.tag / "settings.json").read_text())
     assert stored["weights"] == ref.weights_version and "fingerprint" not in stored
     weights = next((model / "unet").glob("*.safetensors"))
-    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # rewritten
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # rewritten: one weight's last bit differs, same size
+    weights.write_bytes(bytes(data))
     assert ev.model_ref(f"m={model}").weights_version != ref.weights_version
-    with pytest.raises(ev.EvalError, match=r"other settings \(weights '"):
+    with pytest.raises(UsageError, match=r"other settings \(weights '"):
         ev.evaluate(f"m={model}", [], prompts, ["toy_fidelity"], out, **kwargs)
 
 
@@ -533,10 +539,60 @@ def test_a_second_run_into_a_busy_output_folder_is_refused_at_once(tmp_path, cap
     assert ev.main(argv) == 0
 
 
+def test_a_full_disk_while_storing_images_is_one_line_with_exit_code_4(tmp_path, capsys, models, monkeypatch):
+    """No space left while an image is written: one `error:` line naming the image folder, exit code 4 (as the
+    trainers' DiskFull), nothing half written left beside the images, and the images stored before are kept."""
+    import builtins
+    import errno
+
+    from mechanics import folder
+
+    prompts = _prompt_file(tmp_path / "p.txt")
+    out = tmp_path / "out"
+    argv = ["--model", f"base={models['base']}", "--prompts", prompts, "--rewards", "toy_fidelity",
+            "--num_seeds", "2", "--batch_size", "1", "--steps", "2", "--resolution", "32", "--device", "cpu",
+            "--quiet", "--output_dir", str(out)]
+    images = []
+
+    class FullDisk:  # the disk fills up a few bytes into the file
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, data):
+            self.f.write(data[:4])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def full_on_the_third_image(path, mode="r", *args, **kwargs):
+        f = builtins.open(path, mode, *args, **kwargs)
+        if ".png.tmp-" in str(path):
+            images.append(path)
+            if len(images) == 3:
+                return FullDisk(f)
+        return f
+
+    monkeypatch.setattr(folder, "open", full_on_the_third_image, raising=False)  # folder.write_bytes' open
+    rc = ev.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    store = out / "images" / ev.model_ref(f"base={models['base']}").tag
+    assert rc == 4 and len(images) == 3
+    assert err[-1].startswith(f"error: no space left on the device for {store / '00001_0.png'}: ")
+    assert f"free in {store}; free some space, then run the same command again" in err[-1]
+    assert [line for line in err if line.startswith("error:")] == err[-1:] and "Traceback" not in "\n".join(err)
+    assert sorted(p.name for p in store.iterdir()) == ["00000_0.png", "00000_1.png", "settings.json"]
+    monkeypatch.undo()
+    assert ev.main(argv) == 0 and len(list(store.glob("*.png"))) == 4
+
+
 # Resume: a run killed mid-way, rerun, gives the numbers of a run never interrupted
 
 _KILLED_RUN = """
-import os, signal, sys, tempfile
+import os, signal, sys
 import torch
 torch.set_num_threads(1)
 import eval as ev
@@ -550,12 +606,12 @@ def tick():
     count += 1
     return count == after
 
-if where == "sampling":  # SIGKILL while an image is half written beside its final name
+if where == "sampling":  # SIGKILL while an image is half written beside its final name (folder.write_bytes')
     save = ev._save_image_atomic
     def saving(image, path, prompt, seed):
         if tick():
-            fd, _ = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-            os.write(fd, b"\\x89PNG\\r\\n")
+            with open(f"{path}.tmp-{os.getpid()}", "wb") as f:
+                f.write(b"\\x89PNG\\r\\n")
             os.kill(os.getpid(), signal.SIGKILL)
         save(image, path, prompt, seed)
     ev._save_image_atomic = saving
@@ -604,7 +660,7 @@ def test_a_run_killed_mid_way_resumes_to_the_numbers_of_an_uninterrupted_run(whe
     stores = [out / "images" / ev.model_ref(spec).tag for spec in specs]
     if where == "sampling":  # ours' 6 images stored, then 2 of the baseline's, and a third half written aside
         assert [len(list(store.glob("*.png"))) for store in stores] == [6, 2]
-        assert len(list(stores[1].glob(".*.png.*"))) == 1
+        assert len(list(stores[1].glob("*.png.tmp-*"))) == 1
     else:
         assert len(list((out / "images").rglob("*.png"))) == 12
     # The dead run's name stays in the lock file, but its lock died with it: the rerun is not refused.
@@ -615,7 +671,7 @@ def test_a_run_killed_mid_way_resumes_to_the_numbers_of_an_uninterrupted_run(whe
     # [k4, k5]: one batch [k2 … k5] would round k4 and k5 differently (this tiny UNet: by one pixel level).
     expected = {"sampling": {"ours": 0, "base": 4}, "scoring": {"ours": 0, "base": 0}}[where]
     assert again.generated == expected
-    assert not list(out.rglob(".*.png.*"))  # the half-written file is gone
+    assert not list(out.rglob("*.tmp-*"))  # the half-written file is gone
     for key in ("mean_scores", "win_rates_percent", "win_rate_intervals_percent"):
         assert again.summary[key] == whole.summary[key], key
     assert again.scores == whole.scores

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-import tiny
+from offline import tiny
 from helpers import ROOT, finish, read_log, wait_for_steps
 
 STEPS, EVERY = 10, 5

@@ -2,7 +2,7 @@
 import argparse
 import json
 
-import tiny
+from offline import tiny
 from speed import gpu_check
 from speed.bench import real_pairs
 

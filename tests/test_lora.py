@@ -10,9 +10,8 @@ from safetensors.torch import load_file
 
 from mechanics import runtime as mruntime
 from helpers import run_sd15 as run_log, sd15_dpo_loss, setup_sd15 as setup
-from speed import lora
-
-
+from mechanics import lora
+from reference import Reference
 def unet_inputs(seed=0):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(4, 4, 16, 16, generator=g), torch.tensor([10, 300, 600, 999]),
@@ -37,7 +36,8 @@ def test_loss_is_log2_at_init_and_only_the_adapter_gets_gradients(tmp_path, tau)
     args, runtime, model = setup(tmp_path, "--lora_rank", 4, "--tau", tau)
     unet = model.unet
     trainable = lora.add_lora(unet, 4, reference_adapter=tau > 0)
-    reference, policy_view = lora.make_reference(unet, tau, 0.05, "freeze")
+    policy_view, reference_view = lora.views(unet, tau)  # as the trainers build the LoRA reference
+    reference = Reference(policy_view, tau=tau, delta=0.05, on_diverge="freeze", model=reference_view)
     import data
     loader = data.PairLoader(data.load_pairs(args.dataset), data.PairTransform(args.resolution, random_flip=True),
                              args.train_batch_size)
@@ -85,7 +85,8 @@ def test_reference_adapter_copies_every_tau_and_initial_model_is_adapters_off(tm
     inputs = unet_inputs()
     base = forward(unet, inputs)
     trainable = lora.add_lora(unet, 4, reference_adapter=True)
-    reference, policy_view = lora.make_reference(unet, 3, 1e9, "reinit")
+    policy_view, reference_view = lora.views(unet, 3)
+    reference = Reference(policy_view, tau=3, delta=1e9, on_diverge="reinit", model=reference_view)
     reference_tensors = lora.adapter_tensors(unet, lora.REFERENCE)
     initial = [t.clone() for t in reference_tensors]
     err_fn = lambda module: (forward(module, inputs) ** 2).flatten(1).mean(1)

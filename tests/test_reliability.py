@@ -1,6 +1,7 @@
 """What a demanding user does to a run, each on the tiny SD1.5 model: resume the wrong run, share a folder,
 diverge, feed it broken data, kill it mid-write, corrupt its files, and give it bad flags. Each case ends in
 the documented behaviour (README, "Checkpoints and resume"), never a traceback or a silent wrong run."""
+import errno
 import os
 import pickle
 import signal
@@ -14,20 +15,16 @@ import pytest
 import torch
 
 import data
-import tiny
+from offline import tiny
 import train_sd15
 from mechanics import checkpoints
-from mechanics.flags import EXIT_DIVERGED
+from mechanics.errors import EXIT_DISK_FULL, EXIT_DIVERGED
 from helpers import ROOT, read_log, run_sd15 as run, sd15_flags
 
 
 def fails(capsys, argv, *fragments, code=2):
     """main(argv) ends with `code` and one `error:` line holding every fragment; returns that line."""
-    try:
-        returned = train_sd15.main(argv)  # the loop's own stops (divergence) return their exit code
-    except SystemExit as exit_info:  # a user mistake before training ends through flags.fail
-        returned = exit_info.code
-    assert returned == code
+    assert train_sd15.main(argv) == code
     err = capsys.readouterr().err.strip().splitlines()
     assert err and err[-1].startswith("error: ") and "Traceback" not in "\n".join(err), err[-5:]
     for fragment in fragments:
@@ -192,14 +189,41 @@ def test_stale_temporary_folders_of_dead_processes_are_removed(tmp_path):
 def test_a_full_disk_is_one_line_saying_how_much_the_checkpoint_needs(tmp_path, capsys, monkeypatch):
     real = checkpoints.shutil.disk_usage
     monkeypatch.setattr(checkpoints.shutil, "disk_usage", lambda path: real(path)._replace(free=1000))
-    fails(capsys, flags(tmp_path, *SHORT), "no space left for checkpoint-2", "needs about")
-    monkeypatch.setattr(checkpoints.shutil, "disk_usage", real)
+    fails(capsys, flags(tmp_path, *SHORT), f"{tmp_path}", "checkpoint-2", "needs about", code=EXIT_DISK_FULL)
 
-    def no_space(*args, **kwargs):
-        raise OSError(28, "No space left on device")
-    monkeypatch.setattr(checkpoints.torch, "save", no_space)
-    fails(capsys, flags(tmp_path / "b", *SHORT), "no space left on the device")
-    assert not list(tmp_path.glob("b/*.tmp-*"))
+
+def test_a_disk_that_fills_during_a_checkpoint_keeps_the_previous_one_resumable(tmp_path, capsys, monkeypatch):
+    """The free-space check passes, then the write of checkpoint-2 hits ENOSPC: one line naming the folder and
+    the space needed, exit code 4 (not the user-error 2), the progress bar closed, no temporary folder left,
+    checkpoint-1 intact; after the disk is freed, --resume latest ends where a run never stopped ends."""
+    steps = ["--max_steps", 3, "--checkpoint_every", 1, "--learning_rate", 1e-4, "--tau", 2]
+    full = run(tmp_path / "full", *steps)
+    real_save, saves = checkpoints.torch.save, []
+
+    def fills_up(obj, f, *args, **kwargs):
+        saves.append(f.name)
+        if len(saves) == 2:
+            f.write(b"x" * 100)  # part of the file made it to the disk
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoints.torch, "save", fills_up)
+    out = tmp_path / "cut"
+    line = fails(capsys, flags(out, *steps), f"{out}/checkpoint-2", "needs about", "MB are free",
+                 "--resume latest", code=EXIT_DISK_FULL)
+    assert "checkpoint-2" in saves[1] and line.startswith("error: no space left on the device")
+    assert [d.name for d in out.glob("checkpoint-*")] == ["checkpoint-1"] and not list(out.glob("*.tmp-*"))
+    assert [r["step"] for r in read_log(out)] == [1, 2]  # every line written is whole
+    assert not tqdm_bars_open()  # the log was closed: its progress bar is gone
+    monkeypatch.setattr(checkpoints.torch, "save", real_save)
+    resumed = run(out, *steps, "--resume", "latest")
+    assert [r["step"] for r in resumed] == [1, 2, 3]
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in full]
+
+
+def tqdm_bars_open() -> int:
+    from tqdm import tqdm
+    return sum(not getattr(bar, "disable", False) for bar in getattr(tqdm, "_instances", ()))
 
 
 def test_a_torn_last_log_line_is_dropped_on_resume(tmp_path):

@@ -8,8 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import tiny
-
+from offline import tiny
 # kind -> (pipeline class name, denoiser folder, latent channels, text encoder suffixes)
 KINDS = {
     "sd15": ("StableDiffusionPipeline", "unet", 4, ("",)),

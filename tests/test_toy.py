@@ -7,8 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageFilter
 
-from miniature import toy
-
+from offline import toy
 TOY_MODEL = str(toy.TOY_MODEL)
 
 
@@ -146,8 +145,7 @@ def test_toy_model_loads_with_from_pretrained_and_samples_32px(toy_pipe):
 
 
 def test_pretraining_beats_random_init_on_held_out_prompts(toy_pipe):
-    import tiny
-
+    from offline import tiny
     prompts = toy.EVAL_PROMPTS[:8]
     seeds = list(range(len(prompts)))
     random_pipe = toy.load_pipeline(tiny.tiny_pipeline_dir("sd15"))

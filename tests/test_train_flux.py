@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -13,13 +14,13 @@ import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
 
 import schedule
-import tiny
+from offline import tiny
 import train_flux
-from helpers import ROOT, check_cached_latents_and_lora, check_resume_matches_an_uninterrupted_run, read_log
+from helpers import ROOT, check_cached_latents_and_lora, check_resume_matches_an_uninterrupted_run, read_log, main_or_exit
 
 
 def run(output_dir, *flags):
-    train_flux.main(["--tiny", "--output_dir", str(output_dir), *map(str, flags)])
+    main_or_exit(train_flux, ["--tiny", "--output_dir", str(output_dir), *map(str, flags)])
     return read_log(output_dir)
 
 
@@ -38,6 +39,7 @@ def test_packing_and_ids_round_trip_and_match_the_pipeline():
     assert packed.shape == (3, 4 * 3, 64)
     assert torch.equal(packed, FluxPipeline._pack_latents(latents, 3, 16, 8, 6))
     assert torch.equal(train_flux.unpack(packed, 8, 6), latents)
+    assert torch.equal(train_flux.unpack(packed, 8, 6), FluxPipeline._unpack_latents(packed, 8 * 8, 6 * 8, 8))
     # token (row 1, column 2) holds the 2×2 patch at latent rows 2–3, columns 4–5, channel-major
     assert torch.equal(packed[0, 1 * 3 + 2].view(16, 2, 2), latents[0, :, 2:4, 4:6])
     ids = train_flux.image_ids(8, 6, "cpu", torch.float32)
@@ -47,7 +49,8 @@ def test_packing_and_ids_round_trip_and_match_the_pipeline():
 
 def test_noising_is_rectified_flow_with_a_velocity_target():
     x0, eps = torch.full((2, 16, 4, 4), 2.0), torch.full((2, 16, 4, 4), -1.0)
-    noisy, target = train_flux.add_noise(x0, eps, torch.tensor([0.25, 1.0]))
+    grid = types.SimpleNamespace(sigmas=torch.tensor([0.0, 0.25, 0.5, 1.0]))  # the Models field add_noise reads
+    noisy, target = train_flux.add_noise(grid, x0, eps, torch.tensor([1, 3]))
     assert torch.allclose(noisy[0], torch.full((16, 4, 4), 0.75 * 2 - 0.25)) and torch.equal(noisy[1], eps[1])
     assert torch.equal(target, eps - x0)
 

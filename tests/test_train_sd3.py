@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import schedule
-import tiny
+from offline import tiny
 import train_sd3
-from helpers import check_cached_latents_and_lora, check_resume_matches_an_uninterrupted_run, read_log
+from helpers import check_cached_latents_and_lora, check_resume_matches_an_uninterrupted_run, read_log, main_or_exit
 
 
 def load_model(drop_t5=False):
@@ -23,13 +23,13 @@ def model(tiny_cache):
 
 def run(output_dir, *flags):
     """One in-process training run (saves the 5 s import of a subprocess); returns the log lines."""
-    train_sd3.main(["--tiny", "--output_dir", str(output_dir), *map(str, flags)])
+    main_or_exit(train_sd3, ["--tiny", "--output_dir", str(output_dir), *map(str, flags)])
     return read_log(output_dir)
 
 
-def sample_sigmas(model, n, generator, gamma, num_bins):
-    """σ as train_sd3.main draws it: Cat(γ^k) over the index of the shifted grid (schedule.py, §3)."""
-    return train_sd3.sigma_grid(model.scheduler)[schedule.sample_timesteps(n, 1000, gamma, num_bins, generator=generator)]
+def sample_index(n, generator, gamma, num_bins):
+    """The grid points train_sd3.train draws: Cat(γ^k) over the index of the shifted σ grid (schedule.py, §3)."""
+    return schedule.sample_timesteps(n, 1000, gamma, num_bins, generator=generator)
 
 
 def transformer_weights(folder):
@@ -67,8 +67,10 @@ def test_tiny_run_with_the_defaults_updates_the_reference_oversamples_noise_and_
 
 def test_noising_is_rectified_flow_with_a_velocity_target(model):
     latents, noise = torch.randn(4, 16, 16, 16), torch.randn(4, 16, 16, 16)
-    sigmas = sample_sigmas(model, 4, torch.Generator().manual_seed(0), gamma=0.9, num_bins=50)
-    noisy, target = train_sd3.add_noise(latents, noise, sigmas)
+    index = sample_index(4, torch.Generator().manual_seed(0), gamma=0.9, num_bins=50)
+    noisy, target = train_sd3.add_noise(model, latents, noise, index)
+    sigmas = train_sd3.sigma_grid(model.scheduler)[index]
+    assert torch.equal(model.sigmas, train_sd3.sigma_grid(model.scheduler))  # the grid, computed once at load
     sigma = sigmas.view(-1, 1, 1, 1)
     torch.testing.assert_close(noisy, (1 - sigma) * latents + sigma * noise)
     torch.testing.assert_close(target, noise - latents)  # v = ε − x0: the per-sample errors are velocity errors
@@ -80,8 +82,8 @@ def test_noising_is_rectified_flow_with_a_velocity_target(model):
 
 
 def test_gamma_oversamples_high_sigma(model):
-    uniform = sample_sigmas(model, 4000, torch.Generator().manual_seed(0), gamma=None, num_bins=50) * 1000
-    skewed = sample_sigmas(model, 4000, torch.Generator().manual_seed(0), gamma=0.9, num_bins=50) * 1000
+    uniform = model.sigmas[sample_index(4000, torch.Generator().manual_seed(0), gamma=None, num_bins=50)] * 1000
+    skewed = model.sigmas[sample_index(4000, torch.Generator().manual_seed(0), gamma=0.9, num_bins=50)] * 1000
     assert skewed.mean() > uniform.mean() + 100
     assert (uniform / 1000 > 0.9).float().mean() == pytest.approx(0.25, abs=0.03)  # the shift-3 grid
 

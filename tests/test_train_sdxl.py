@@ -7,9 +7,9 @@ import torch
 from PIL import Image
 
 import data
-import tiny
+from offline import tiny
 import train_sdxl
-from helpers import check_cached_latents_and_lora, check_resume_matches_an_uninterrupted_run, read_log
+from helpers import check_cached_latents_and_lora, check_resume_matches_an_uninterrupted_run, read_log, main_or_exit
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +19,7 @@ def model(tiny_cache):
 
 def run(output_dir, *flags):
     """One in-process training run (saves the 5 s import of a subprocess); returns the log lines."""
-    train_sdxl.main(["--tiny", "--output_dir", str(output_dir), *map(str, flags)])
+    main_or_exit(train_sdxl, ["--tiny", "--output_dir", str(output_dir), *map(str, flags)])
     return read_log(output_dir)
 
 

@@ -14,11 +14,8 @@ from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 import schedule
 import train_flux
 import train_sd3
+from offline import tiny  # the published scheduler configs
 
-SD_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
-SD3_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0)
-FLUX_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-                      base_image_seq_len=256, max_image_seq_len=4096)
 
 
 def figures(scale: torch.Tensor, sigmas: torch.Tensor | None, gamma: float, num_bins: int) -> dict:
@@ -34,10 +31,10 @@ def main(argv=None):
     p.add_argument("--gamma", type=float, default=0.9, help="the sampler's γ (1: uniform t)")
     p.add_argument("--num_bins", type=int, default=50, help="the sampler's K")
     args = p.parse_args(argv)
-    rows = {"SD1.5 / SDXL": (schedule.reward_scale(DDPMScheduler(**SD_SCHEDULER).alphas_cumprod), None)}
-    sd3 = train_sd3.sigma_grid(FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER))
+    rows = {"SD1.5 / SDXL": (schedule.reward_scale(DDPMScheduler.from_config(tiny.SD_SCHEDULER_CONFIG).alphas_cumprod), None)}
+    sd3 = train_sd3.sigma_grid(FlowMatchEulerDiscreteScheduler(**tiny.SD3_SCHEDULER_CONFIG))
     rows["SD3 (shift 3)"] = (schedule.reward_scale_flow(sd3), sd3)
-    flux = FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER)
+    flux = FlowMatchEulerDiscreteScheduler(**tiny.FLUX_SCHEDULER_CONFIG)
     for px in (1024, 512):
         grid = train_flux.sigma_grid(flux, (px // 16) ** 2)
         rows[f"FLUX {px} px"] = (schedule.reward_scale_flow(grid), grid)

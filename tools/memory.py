@@ -9,7 +9,7 @@ activations a training step keeps for backward by running the denoiser's forward
 adding up what autograd saves (saved_tensors_hooks), with and without diffusers' gradient checkpointing.
 Attention is counted as a flash kernel keeps it (q, k, v, output and the log-sum-exp, not the s×s matrix).
 
-The LoRA line adds rank-r adapters on to_q/k/v/out (speed/lora.py) to the frozen bf16 base, with the
+The LoRA line adds rank-r adapters on to_q/k/v/out (mechanics/lora.py) to the frozen bf16 base, with the
 activations of the same forward.
 
 Per GPU: the policy's fp32 weights, its fp32 gradients, the optimizer's state (AdamW: two fp32 moments;
@@ -42,7 +42,7 @@ FROZEN = {"SDXL": 123_060_480 + 694_659_840 + 83_653_863,  # CLIP-L, OpenCLIP-bi
           "SD3": 123_650_304 + 694_659_840 + 4_762_310_656 + 83_819_683,  # CLIP-L, CLIP-G, T5-XXL, VAE
           "FLUX": 123_060_480 + 4_762_310_656 + 83_819_683}  # CLIP-L, T5-XXL, VAE
 OPTIMIZER = {"SDXL": "adafactor", "SD3": "adafactor", "FLUX": "adamw"}  # the recipes' (FLUX: also with Adafactor)
-LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # speed/lora.py's
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # mechanics/lora.py's
 
 
 class _FlashAttention(torch.autograd.Function):

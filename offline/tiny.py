@@ -1,19 +1,27 @@
 """Offline tiny pipelines of the real model classes, written in the on-disk layout of the hub models.
 
 Nothing can be downloaded on the development machines, so the tests, the `--tiny` runs and the toy
-miniature use pipelines built here: the same classes as SD1.5, SDXL and SD3 (UNet2DConditionModel /
-SD3Transformer2DModel, AutoencoderKL, CLIP and T5 text encoders, the hub's scheduler configs), at most
+miniature use pipelines built here: the same classes as SD1.5, SDXL, SD3 (and SD3.5) and FLUX.1
+(UNet2DConditionModel, SD3Transformer2DModel, FluxTransformer2DModel, AutoencoderKL, CLIP and T5 text
+encoders, the hub's scheduler configs), at most
 about a million parameters each, saved with `save_pretrained` into folders laid out like the hub repositories
 (model_index.json, unet/ or transformer/, vae/, text_encoder*/, tokenizer*/, scheduler/). The trainers
 load them with the very `from_pretrained` calls that load the real models; only the folder differs.
 
 `tiny_pipeline_dir(kind)` is the entry point: it builds a pipeline once and caches it. For speed and memory
 on an accelerator, `real_sd15_pipeline_dir()` builds the real SD1.5 architecture the same way, with random
-weights.
+weights. Also here: the built-in smooth-vs-noise pairs (`builtin_pairs`) and the tiny CLIP of the offline
+rewards (`tiny_clip_dir`).
+
+Two facts of transformers that shape this file: it ships no vocabulary files, so the tokenizers are built
+here (a byte-level CLIP BPE written as vocab.json + merges.txt, a character-level T5 Unigram saved as
+tokenizer.json); and freshly constructed models are in train() mode (T5's dropout made sampling
+non-deterministic), so every frozen model is put in eval() before it is saved or used.
 """
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import shutil
@@ -22,7 +30,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
+
+from offline import cache, toy
 
 # Folder names carry this version: bump it whenever a builder changes, so stale caches are not reused.
 TINY_VERSION = 1
@@ -62,6 +74,10 @@ SDXL_SCHEDULER_CONFIG = {
     "timestep_spacing": "leading",
     "use_karras_sigmas": False,
 }
+# SD3's and FLUX.1's (flow matching: a shifted σ grid; FLUX's shift grows with the image's token count).
+SD3_SCHEDULER_CONFIG = {"num_train_timesteps": 1000, "shift": 3.0}
+FLUX_SCHEDULER_CONFIG = {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5,
+                         "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096}
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -420,7 +436,7 @@ def build_tiny_sd3(out_dir: str | os.PathLike, seed: int = 0, sd35: bool = False
     )
     pipe = StableDiffusion3Pipeline(
         transformer=transformer,
-        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+        scheduler=FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER_CONFIG),
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
@@ -461,9 +477,7 @@ def build_tiny_flux(out_dir: str | os.PathLike, seed: int = 0, guidance_embeds: 
         )
     vae = _vae(seed, 4, latent_channels=16, use_quant_conv=False, use_post_quant_conv=False,
                shift_factor=0.1159, scaling_factor=0.3611)
-    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
-                                                base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
-                                                max_image_seq_len=4096)
+    scheduler = FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_CONFIG)
     pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                         text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer)
     _save_pipeline(pipe, out, {"tokenizer": "<|endoftext|>"})
@@ -474,84 +488,169 @@ BUILDERS = {"sd15": build_tiny_sd15, "sdxl": build_tiny_sdxl, "sd3": build_tiny_
             "sd35": lambda out, seed=0: build_tiny_sd3(out, seed, sd35=True), "flux": build_tiny_flux}
 
 
-def default_cache_root() -> Path:
-    return Path(os.environ.get("RDPO_CACHE") or "~/.cache/rethinking-dpo").expanduser()
-
-
 def pipeline_path(kind: str, root: str | os.PathLike | None = None, seed: int = 0) -> str:
     """Where `tiny_pipeline_dir` keeps the tiny `kind` pipeline (nothing is built): the trainers' --tiny recipes
     name it, so that --help shows the real path."""
     if kind not in BUILDERS:
         raise ValueError(f"unknown tiny pipeline kind {kind!r}; expected one of {', '.join(KINDS)}")
-    root_dir = Path(root).expanduser() if root is not None else default_cache_root()
+    root_dir = Path(root).expanduser() if root is not None else cache.root()
     return str(root_dir / (f"tiny-{kind}-v{TINY_VERSION}" if seed == 0 else f"tiny-{kind}-seed{seed}-v{TINY_VERSION}"))
 
 
-def builtin_pairs_path() -> str:
-    """Where `builtin_pairs` keeps the built-in smooth-vs-noise pairs (nothing is written)."""
-    return str(default_cache_root() / "tiny-pairs-v1.parquet")
-
-
-def builtin_pairs() -> str:
-    """The built-in smooth-vs-noise pairs (data.write_tiny_pickapic), written once into the tiny cache."""
-    import data
-
-    pairs = Path(builtin_pairs_path())
-    if not pairs.exists():
-        pairs.parent.mkdir(parents=True, exist_ok=True)
-        tmp = f"{pairs}.tmp-{os.getpid()}"
-        data.write_tiny_pickapic(tmp, num_pairs=256, resolution=32, seed=0)
-        os.replace(tmp, pairs)
-    return str(pairs)
+def tiny_pipeline_dir(kind: str, root: str | os.PathLike | None = None, seed: int = 0) -> str:
+    """The folder of the tiny `kind` pipeline (one of KINDS) with weights drawn from `seed`, built on first use
+    under `root` (default: the cache root) and cached (cache.build_aside: complete or absent)."""
+    return str(cache.build_aside(pipeline_path(kind, root, seed), lambda tmp: BUILDERS[kind](tmp, seed=seed)))
 
 
 def ensure(model: str, dataset: str, toy_pairs: int = 0) -> None:
     """Make the --tiny demo's model and pairs that a trainer's TINY_RECIPE named, if they are not cached yet:
     a tiny pipeline, the built-in pairs, or (toy_pairs > 0, SD1.5) `toy_pairs` preference pairs sampled from
-    `model` and labelled by the toy reward (miniature/toy.py; minutes on first use)."""
+    `model` and labelled by the toy reward (toy.py; minutes on first use). Raises FileNotFoundError when the
+    toy pairs are to be sampled from a folder that is not a pipeline."""
     for kind in BUILDERS:
         if model == pipeline_path(kind):
             tiny_pipeline_dir(kind)
     if dataset == builtin_pairs_path():
         builtin_pairs()
-    if toy_pairs:
-        from miniature import toy
-        if dataset == str(toy.pairs_path(model, toy_pairs)) and not os.path.isfile(dataset):
-            if not os.path.isfile(os.path.join(model, "model_index.json")):
-                from mechanics.flags import fail
-                fail(f"--tiny samples its preference pairs from a local pipeline folder, and {model} is not "
-                     "one: give --dataset, or build it with miniature/toy_pretrain.py")
-            toy.cached_pairs(model, toy_pairs, seed=0)
+    if toy_pairs and dataset == str(toy.pairs_path(model, toy_pairs)) and not os.path.isfile(dataset):
+        if not os.path.isfile(os.path.join(model, "model_index.json")):
+            raise FileNotFoundError(f"--tiny samples its preference pairs from a local pipeline folder, and {model} "
+                                    "is not one: give --dataset, or build one with offline/toy_pretrain.py")
+        toy.cached_pairs(model, toy_pairs, seed=0)
 
 
-def tiny_pipeline_dir(kind: str, root: str | os.PathLike | None = None, seed: int = 0) -> str:
-    """The folder of the tiny `kind` pipeline ("sd15", "sdxl", "sd3" or "sd35") with weights drawn from `seed`,
-    built on first use and cached.
+# The built-in pairs: smooth pictures preferred to noise, in Pick-a-Pic's row format
 
-    root defaults to $RDPO_CACHE, else ~/.cache/rethinking-dpo. The pipeline is built in a temporary
-    sibling folder and renamed into place in one step, so the final folder exists only when complete:
-    concurrent builders (torchrun ranks) each build their own copy and the first rename wins; a process
-    killed mid-build leaves at most a stray temporary folder, never a half-written pipeline.
+TINY_COLOURS = {"red": (220, 35, 35), "green": (40, 170, 60), "blue": (45, 80, 220), "yellow": (235, 210, 45),
+                "purple": (135, 55, 175), "orange": (240, 140, 35), "cyan": (45, 200, 210), "pink": (240, 135, 185)}
+
+
+def _smooth_image(rng: np.random.Generator, colour: tuple, size: int) -> np.ndarray:
+    """The colour with a gentle linear gradient: low-frequency content only."""
+    y, x = np.mgrid[0:size, 0:size] / max(size - 1, 1) - 0.5
+    angle = rng.uniform(0, 2 * np.pi)
+    ramp = (np.cos(angle) * x + np.sin(angle) * y)[..., None] * rng.uniform(10, 40)
+    return np.clip(np.asarray(colour, np.float64) + ramp, 0, 255).astype(np.uint8)
+
+
+def _encode(array: np.ndarray, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+    return buf.getvalue()
+
+
+def write_tiny_pickapic(path: str, num_pairs: int = 64, resolution: int = 32, seed: int = 0) -> str:
+    """Write a small deterministic preference set in the exact Pick-a-Pic row format; return the parquet path.
+
+    Caption "a <colour> square"; the winner is a smooth image of that colour, the loser high-frequency noise,
+    so a short DPO run can learn the preference. The winner's column is random (label_0 ∈ {0, 1}) and every
+    8th row is a tie (two smooth images, labels 0.5/0.5). Images alternate PNG and JPEG bytes. `path` is the
+    file to write, or an existing folder (or one ending in "/"): then <folder>/train-00000-of-00001.parquet,
+    whose split name `data.load_pairs(folder)` infers.
     """
-    final = Path(pipeline_path(kind, root, seed))
-    root_dir = final.parent
-    if (final / "model_index.json").is_file():
-        return str(final)
-    root_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root_dir))
-    try:
-        # mkdtemp makes the folder private (0700); the cache is readable like any other folder.
-        tmp.chmod(0o755)
-        BUILDERS[kind](tmp, seed=seed)
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            # Another process renamed its complete build into place first; use that one.
-            if not (final / "model_index.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return str(final)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if num_pairs <= 0 or resolution <= 0:
+        raise ValueError("need num_pairs > 0 and resolution > 0")
+    path = os.fspath(path)
+    folder = os.path.isdir(path) or path.endswith(("/", os.sep))
+    file = os.path.join(path, "train-00000-of-00001.parquet") if folder else path
+    os.makedirs(os.path.dirname(os.path.abspath(file)), exist_ok=True)
+    rng = np.random.default_rng(seed)
+    names = list(TINY_COLOURS)
+    cols: dict[str, list] = {k: [] for k in (
+        "are_different", "best_image_uid", "caption", "has_label", "image_0_uid", "image_1_uid", "jpg_0", "jpg_1",
+        "label_0", "label_1", "model_0", "model_1", "ranking_id", "user_id", "num_example_per_prompt")}
+    for i in range(num_pairs):
+        colour = names[int(rng.integers(len(names)))]
+        fmt = "PNG" if i % 2 == 0 else "JPEG"
+        smooth = _smooth_image(rng, TINY_COLOURS[colour], resolution)
+        if i % 8 == 7:  # a tie
+            images, labels = [smooth, _smooth_image(rng, TINY_COLOURS[colour], resolution)], (0.5, 0.5)
+        else:
+            noise = rng.integers(0, 256, size=(resolution, resolution, 3), dtype=np.uint8)
+            winner = int(rng.integers(2))
+            images = [smooth, noise] if winner == 0 else [noise, smooth]
+            labels = (1.0, 0.0) if winner == 0 else (0.0, 1.0)
+        uids = [f"tiny-{seed}-{i}-{k}" for k in (0, 1)]
+        cols["are_different"].append(True)
+        cols["best_image_uid"].append("" if labels[0] == 0.5 else uids[0 if labels[0] == 1.0 else 1])
+        cols["caption"].append(f"a {colour} square")
+        cols["has_label"].append(True)
+        for k in (0, 1):
+            cols[f"image_{k}_uid"].append(uids[k])
+            cols[f"jpg_{k}"].append(_encode(images[k], fmt))
+            cols[f"label_{k}"].append(labels[k])
+            cols[f"model_{k}"].append("tiny")
+        cols["ranking_id"].append(i)
+        cols["user_id"].append(int(rng.integers(8)))
+        cols["num_example_per_prompt"].append(1)
+    table = pa.table({k: pa.array(v, type=pa.binary()) if k.startswith("jpg_") else v for k, v in cols.items()})
+    pq.write_table(table, file, row_group_size=16)
+    return file
+
+
+def builtin_pairs_path() -> str:
+    """Where `builtin_pairs` keeps the built-in smooth-vs-noise pairs (nothing is written)."""
+    return str(cache.root() / "tiny-pairs-v1.parquet")
+
+
+def builtin_pairs() -> str:
+    """The built-in smooth-vs-noise pairs (`write_tiny_pickapic`), written once into the cache."""
+    return str(cache.build_aside(builtin_pairs_path(),
+                                 lambda tmp: write_tiny_pickapic(str(tmp), num_pairs=256, resolution=32, seed=0),
+                                 folder=False))
+
+
+# A tiny CLIP for the offline rewards (rewards.py's tiny_pickscore and tiny_clip): the real CLIP code path
+
+TINY_CLIP_VERSION = 1
+
+
+def build_tiny_clip(out_dir: str | os.PathLike, seed: int = 0) -> str:
+    """Save a randomly initialised tiny CLIPModel with its processor (32 px images, this module's tokenizer).
+
+    Its logit scale is set to 100, PickScore's, so that tiny_pickscore has the scale of the real one."""
+    import math
+
+    from transformers import CLIPConfig, CLIPModel, CLIPProcessor
+
+    try:  # transformers 5 without torchvision: the PIL image processor, which needs no extra package
+        from transformers import CLIPImageProcessorPil as ImageProcessor
+    except ImportError:
+        from transformers import CLIPImageProcessor as ImageProcessor
+
+    tokenizer = build_clip_tokenizer()
+    config = CLIPConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=CLIP_MAX_LENGTH,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ),
+        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=2, num_attention_heads=4),
+        projection_dim=32,
+        logit_scale_init_value=math.log(100.0),
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIPModel(config).eval()
+    processor = CLIPProcessor(
+        image_processor=ImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        tokenizer=tokenizer,
+    )
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return str(out_dir)
+
+
+def tiny_clip_dir(root: str | os.PathLike | None = None) -> str:
+    """The tiny CLIP folder, built once beside the tiny pipelines."""
+    root_dir = Path(root) if root is not None else cache.root()
+    return str(cache.build_aside(root_dir / f"tiny-clip-v{TINY_CLIP_VERSION}", build_tiny_clip))
 
 
 # The real SD1.5 architecture with random weights
@@ -578,17 +677,16 @@ def real_sd15_pipeline_dir(root: str | os.PathLike | None = None) -> str:
     """An SD1.5 pipeline folder of the real architecture (860M-parameter UNet) with random weights, built once
     (atomically) under `root` (default: the tiny cache): the very from_pretrained path of a real run, for
     speed and memory measurements on an accelerator (speed/bench.py --real_size). Nothing is downloaded."""
-    root = Path(root).expanduser() if root is not None else default_cache_root()
+    root = Path(root).expanduser() if root is not None else cache.root()
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     final = root / f"bench-sd15-real-v{REAL_SD15_VERSION}"
     if (final / "model_index.json").is_file():
         return str(final)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
     start = time.perf_counter()
-    try:
+
+    def build(tmp: Path) -> None:
         tokenizer = build_clip_tokenizer()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
@@ -601,10 +699,7 @@ def real_sd15_pipeline_dir(root: str | os.PathLike | None = None) -> str:
                                        scheduler=DDPMScheduler.from_config(SD_SCHEDULER_CONFIG),
                                        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
         _save_pipeline(pipe, tmp, {"tokenizer": "<|endoftext|>"})
-        del pipe, unet, vae, text_encoder
-        tmp.chmod(0o755)
-        os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    cache.build_aside(final, build)
     print(f"built the real-size SD1.5 pipeline (random weights) in {time.perf_counter() - start:.0f} s: {final}")
     return str(final)

@@ -44,6 +44,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import data
+from offline import cache
 
 logger = logging.getLogger(__name__)
 
@@ -202,6 +203,7 @@ def build(folder: str, encode_images, encode_captions, dataset: data.PairDataset
                 "ranks_with_moments": [r for r, l in enumerate(layouts) if l["moments"]]}
         with open(os.path.join(building, "meta.json"), "w") as f:
             json.dump(meta, f, indent=1)
+        cache.fsync_tree(building)  # complete on the disk before it takes the final name
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(building, folder)
     _barrier(runtime)

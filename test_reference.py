@@ -1,3 +1,4 @@
+"""The reference of reference.py (PAPER.md §2) on small modules: τ copies, the monitor D, freeze, Re-Init, ignore."""
 import pytest
 import torch
 from torch import nn

@@ -122,14 +122,11 @@ class AdapterView(nn.Module):
             return self.denoiser(*args, **kwargs)
 
 
-def make_reference(denoiser: nn.Module, tau: int, delta: float, on_diverge: str):
-    """reference.Reference for a LoRA policy: returns (reference, policy_view); pass policy_view wherever
-    the loop hands the policy to the reference (its step and divergence)."""
-    from reference import Reference
-
-    policy_view = AdapterView(denoiser, POLICY)
-    reference_view = AdapterView(denoiser, REFERENCE if tau else None)
-    return Reference(policy_view, tau=tau, delta=delta, on_diverge=on_diverge, model=reference_view), policy_view
+def views(denoiser: nn.Module, tau: int) -> tuple[AdapterView, AdapterView]:
+    """(policy, reference) of a LoRA run for reference.Reference: the policy adapter, and the second adapter
+    the τ copies go into (τ = 0: the adapter-free base model, i.e. p_init itself). Hand the policy view, not
+    the denoiser, to the reference's step and divergence."""
+    return AdapterView(denoiser, POLICY), AdapterView(denoiser, REFERENCE if tau else None)
 
 
 def adapter_state_dict(denoiser: nn.Module) -> dict:

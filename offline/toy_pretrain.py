@@ -1,6 +1,6 @@
 """Pretrain the toy base model: a tiny SD1.5-layout pipeline (tiny.py) taught the toy world (toy.py).
 
-    python -m miniature.toy_pretrain --output_dir miniature/toy_model --seed 0
+    python -m offline.toy_pretrain --output_dir offline/toy_model --seed 0
 
 Three stages, all on CPU:
 1. Autoencoder: a random VAE decodes garbage, so the tiny AutoencoderKL is first fitted to toy images
@@ -43,9 +43,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import tiny
-from miniature import toy
-
+from offline import tiny
+from offline import toy
 LOSS_WINDOW = 50  # the reported final losses are means over this many last steps
 
 

@@ -1,5 +1,5 @@
 """The toy world: captioned 32×32 pictures of one coloured shape, programmatic rewards, and
-preference pairs made the way Pick-a-Pic was made (DESIGN.md, "The toy miniature").
+preference pairs made the way Pick-a-Pic was made (miniature/README.md, design history).
 
 World. A caption is "a [small|big] COLOUR SHAPE [on the left|on the right|at the top|at the bottom]"
 with 6 colours × 3 shapes × 5 placements × 3 sizes = 270 captions. `render(spec)` draws the shape in a
@@ -25,10 +25,10 @@ Rewards (stand-ins for PickScore, HPSv2, ...; pure numpy on pixels, no learned w
 - `label_reward`: the mix that labels preference pairs (like the human raters behind Pick-a-Pic).
 Each takes PIL images and captions and returns one float in [0, 1] per image; `TOY_REWARDS` names them.
 
-Pairs: `python toy.py pairs --model toy_model --out toy_pairs.parquet` samples two images per prompt from
+Pairs: `python -m offline.toy pairs --model offline/toy_model --out toy_pairs.parquet` samples two images per prompt from
 the base model and draws the winner from a Bradley–Terry model on the labelling reward, so the labels
 agree with the reward only most of the time, as human labels do. `cached_pairs` makes them once per
-model and keeps them in the cache; `train_sd15.py --tiny` and reproduce.py read them from there.
+model and keeps them in the cache; `train_sd15.py --tiny` and miniature/reproduce.py read them from there.
 """
 import argparse
 import hashlib
@@ -42,6 +42,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from offline import cache
 
 SIZE = 32
 BACKGROUND = (235, 235, 235)
@@ -475,30 +477,24 @@ PAIRS_VERSION = 2  # bumped when the sampler or the prompt split changes: cached
 
 
 def pairs_path(model: str | os.PathLike = TOY_MODEL, num_pairs: int = 1000, seed: int = 0, split: str = "pair") -> Path:
-    """Where `cached_pairs` keeps these pairs, under tiny.default_cache_root() (nothing is made)."""
-    import tiny
-
-    return tiny.default_cache_root() / f"toy-pairs-v{PAIRS_VERSION}-{pairs_key(model)}-{split}-n{num_pairs}-s{seed}.parquet"
+    """Where `cached_pairs` keeps these pairs, under the cache root (nothing is made)."""
+    return cache.root() / f"toy-pairs-v{PAIRS_VERSION}-{pairs_key(model)}-{split}-n{num_pairs}-s{seed}.parquet"
 
 
 def cached_pairs(model: str | os.PathLike = TOY_MODEL, num_pairs: int = 1000, seed: int = 0,
                  progress: bool = True, split: str = "pair") -> Path:
     """`make_pairs` of `model` on `pair_prompts(num_pairs, seed)` (split "pair": the training pairs) or on the
     held-out prompts cycled (split "eval": pairs for diagnostics only), written once as Pick-a-Pic parquet
-    under tiny.default_cache_root() (~/.cache/rethinking-dpo, or $RDPO_CACHE) and reused: sampling 1000 pairs
-    takes a few CPU minutes. The file appears complete or not at all (written aside, then renamed)."""
+    under the cache root (~/.cache/rethinking-dpo, or $RDPO_CACHE) and reused: sampling 1000 pairs takes a
+    few CPU minutes. The file appears complete or not at all (cache.build_aside)."""
     path = pairs_path(model, num_pairs, seed, split)
-    root = path.parent
     if not path.is_file():
-        root.mkdir(parents=True, exist_ok=True)
         if progress:
             print(f"making {num_pairs} toy preference pairs from {model} (once; cached in {path})", flush=True)
         prompts = (pair_prompts(num_pairs, seed) if split == "pair"
                    else [EVAL_PROMPTS[i % len(EVAL_PROMPTS)] for i in range(num_pairs)])
         cols, stats = make_pairs(load_pipeline(str(model)), prompts, seed, progress=progress)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        write_parquet(cols, str(tmp))
-        os.replace(tmp, path)
+        cache.build_aside(path, lambda tmp: write_parquet(cols, str(tmp)), folder=False)
         path.with_suffix(".json").write_text(json.dumps(stats, indent=1))
     return path
 

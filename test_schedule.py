@@ -1,3 +1,4 @@
+"""The equations of schedule.py (PAPER.md §3) with numbers: λ(t), its flow forms, the Cat(γ^k) sampler."""
 import math
 
 import pytest

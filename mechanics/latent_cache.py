@@ -111,8 +111,10 @@ def cache_key(run, args, dataset: data.PairDataset, transform: data.PairTransfor
     key = {"version": CACHE_VERSION, "model": run.family, "pretrained_model": (os.path.abspath(args.pretrained_model)
                                                                     if os.path.isdir(args.pretrained_model)
                                                                     else args.pretrained_model),
-           "model_options": {k: getattr(args, k, None) for k in ("vae", "drop_t5")},
-           "dataset": str(args.dataset), "split": args.split, "pairs": len(dataset), "content": digest.hexdigest(),
+           "model_options": {k: getattr(args, k, None) for k in ("vae", "drop_t5", "t5_max_length")},
+           "dataset": str(args.dataset), "split": args.split,
+           "columns": {k: getattr(args, k, None) for k in ("caption_column", "chosen_column", "rejected_column",
+                                                          "label_column")}, "pairs": len(dataset), "content": digest.hexdigest(),
            "resolution": transform.resolution, "flips": bool(transform.random_flip),
            "dtype": _dtype_name(run.weight_dtype)}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]

@@ -174,7 +174,9 @@ def pair_loader(args, run, encode_images=None, encode_captions=None, batch_size=
         data_log.setLevel(logging.WARNING)
     try:
         dataset = data.load_pairs(args.dataset, split=args.split, streaming=args.streaming,
-                                  max_samples=args.max_train_samples)
+                                  max_samples=args.max_train_samples, caption_column=args.caption_column,
+                                  chosen_column=args.chosen_column, rejected_column=args.rejected_column,
+                                  label_column=args.label_column, tie_margin=args.tie_margin)
         if not args.streaming:  # a small dataset still gives one full batch (the monitor's probe)
             batch_size = max(1, min(batch_size, len(dataset) // run.world_size))
         transform = data.PairTransform(resolution=args.resolution, random_crop=args.random_crop,

@@ -111,7 +111,7 @@ def test_missing_column_is_a_one_line_error(tmp_path):
 
 def test_bad_labels_skipped_and_counted_without_decoding(tmp_path, caplog, monkeypatch):
     red, blue = encode(RED), encode(BLUE)
-    rows = [row("ok0", red, blue, 1.0), row("bad_value", b"junk", b"junk", 0.7, 0.3),
+    rows = [row("ok0", red, blue, 1.0), row("bad_value", b"junk", b"junk", 1.3, -0.3),
             row("bad_sum", b"junk", b"junk", 1.0, 1.0), row("ok1", blue, red, 0.0),
             row("bad_null", b"junk", b"junk", None, 1.0), row("tie", red, red, 0.5)]
     decoded = []
@@ -297,7 +297,7 @@ def test_streaming_local_parquet(tiny, tmp_path):
 
 def test_streaming_counts_bad_labels_and_two_ranks(tmp_path):
     red, blue = encode(RED), encode(BLUE)
-    rows = [row(f"c{i}", red, blue, 1.0) for i in range(10)] + [row("bad", red, blue, 0.3, 0.7),
+    rows = [row(f"c{i}", red, blue, 1.0) for i in range(10)] + [row("bad", red, blue, 0.3, 0.6),
                                                                    row("tie", red, red, 0.5)]
     path = write_rows(tmp_path / "p.parquet", rows)
     (batch,) = take(PairLoader(load_pairs(path, streaming=True), PairTransform(8, caption_dropout=0.0), 10), 1)
@@ -340,3 +340,19 @@ def test_tiny_dataset_is_deterministic_pickapic_format(tmp_path):
         assert np.abs(np.diff(win, axis=1)).mean() < 10 < np.abs(np.diff(lose, axis=1)).mean()
         colour = np.array(TINY_COLOURS[r["caption"].split()[1]], np.float32)
         assert np.abs(win.mean(axis=(0, 1)) - colour).max() < 12
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "P", "RGBA", "I;16"])  # (older Pillows open 16-bit PNGs as "I")
+def test_every_png_mode_decodes_to_the_picture_it_holds(mode):
+    """A grey ramp saved in each PNG mode decodes to the same 8-bit RGB ramp (16-bit grayscale scaled by 257,
+    not clipped to white)."""
+    ramp = np.tile(np.arange(0, 256, 17, dtype=np.uint8), (4, 1))  # 0, 17, ..., 255
+    if mode == "I;16":
+        image = Image.fromarray(ramp.astype(np.uint16) * 257)
+    else:
+        image = Image.fromarray(ramp, mode="L").convert(mode)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    decoded = np.asarray(data.decode_image(buffer.getvalue()))
+    assert decoded.shape == (4, 16, 3)
+    assert np.abs(decoded[..., 0].astype(int) - ramp).max() <= 1, mode

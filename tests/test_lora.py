@@ -1,17 +1,26 @@
 """--lora_rank (lora.py): log 2 at init, only the adapter trains, the reference adapter is copied at multiples
-of τ, and the saved adapter is what diffusers' load_lora_weights reads. Tiny SD1.5, offline."""
+of τ, and the saved adapter is what diffusers' load_lora_weights reads; the file for ComfyUI and AUTOMATIC1111
+(kohya's keys for SD1.5 and SDXL, alpha for every family) gives the same images. Tiny models, offline."""
+import json
 import math
 import os
 
+import diffusers
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from mechanics import runtime as mruntime
-from helpers import run_sd15 as run_log, sd15_dpo_loss, setup_sd15 as setup
+from helpers import main_or_exit, run_sd15 as run_log, sd15_dpo_loss, setup_sd15 as setup
 from mechanics import lora
 from reference import Reference
+import train_flux
+import train_sd3
+import train_sdxl
+
+
 def unet_inputs(seed=0):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(4, 4, 16, 16, generator=g), torch.tensor([10, 300, 600, 999]),
@@ -142,3 +151,97 @@ def test_lora_run_copies_the_reference_adapter_at_multiples_of_tau_and_saves_loa
     assert abs(after - before).max() > 1e-4
     pipe.unload_lora_weights()
     assert abs(sample() - before).max() < 1e-6
+
+
+# LoRA files for the tools people load them in (lora.save_for_tools): rank 4 with alpha 2, so a loader that took
+# alpha for the rank (as diffusers' own kohya converter writes it) or ignored it would double the update. A learning
+# rate so high that two steps move every family's images by more than 1e-2: a doubled update misses the diffusers
+# file's images by far more than the tolerance of 1e-4, which only float rounding could use.
+RANK, ALPHA = 4, 2.0
+TOOLS_FLAGS = ["--lora_rank", RANK, "--lora_alpha", ALPHA, "--max_steps", 2, "--learning_rate", 0.1,
+               "--checkpoint_every", 1000]
+
+
+def train_lora(family, output_dir):
+    """A tiny LoRA run of `family`'s trainer (τ = 8: its reference adapter exists, still at B = 0); its final_lora/."""
+    if family == "sd15":
+        run_log(output_dir, *TOOLS_FLAGS)
+    else:
+        trainer = {"sdxl": train_sdxl, "sd3": train_sd3, "flux": train_flux}[family]
+        main_or_exit(trainer, ["--tiny", "--output_dir", str(output_dir), *map(str, TOOLS_FLAGS)])
+    return output_dir / "final_lora"
+
+
+def sample(pipe):
+    extra = {"max_sequence_length": 16} if isinstance(pipe, diffusers.FluxPipeline) else {}
+    return pipe("a red square", num_inference_steps=2, height=32, width=32, output_type="np",
+                generator=torch.Generator().manual_seed(0), **extra).images[0]
+
+
+def load_tools_lora(pipe, state):
+    """Diffusers' loader for a tools' file (a state dict): the pipeline's own, which detects kohya's keys (SD1.5,
+    SDXL) and reads `.alpha` keys (FLUX). SD3's pipeline loader refuses keys without "lora" in their name and takes
+    alpha only from diffusers' own metadata, so its transformer's load_lora_adapter is given the file's alphas."""
+    if isinstance(pipe, diffusers.StableDiffusion3Pipeline):
+        state = dict(state)
+        alphas = {key: state.pop(key).item() for key in list(state) if key.endswith(".alpha")}
+        pipe.transformer.load_lora_adapter(state, prefix="transformer", network_alphas=alphas)
+    else:
+        pipe.load_lora_weights(state)
+
+
+def check_tools_file(final, tools_name, modules, parts, base_model_version):
+    """The tools' file holds the trained adapter of the diffusers file (`modules`: its module → (the diffusers
+    file's key, the tools' file's key) of each tensor), `.alpha` = ALPHA per module, kohya's metadata, and gives
+    the diffusers file's images in diffusers' loader."""
+    path = final / tools_name
+    tools, ours = load_file(path), load_file(final / "pytorch_lora_weights.safetensors")
+    assert set(tools) == {f"{module}.{part}" for module in modules.values() for part in (*parts, "alpha")}
+    assert {tools[f"{module}.alpha"].item() for module in modules.values()} == {ALPHA}
+    for key, value in ours.items():  # the trained adapter's tensors, not the reference adapter's (B = 0)
+        module, part = key.split(".lora.")
+        assert torch.equal(tools[f"{modules[module]}.{parts[part != 'down.weight']}"], value), key
+    with safe_open(path, "pt") as f:
+        metadata = f.metadata()
+    assert metadata["ss_network_dim"] == str(RANK) and metadata["ss_network_alpha"] == str(ALPHA)
+    assert metadata["ss_base_model_version"] == base_model_version and "lora_adapter_metadata" not in metadata
+
+    base = json.loads((final / "base_model.json").read_text())
+    pipe = getattr(diffusers, base["pipeline"]).from_pretrained(base["base_model"])
+    before = sample(pipe)
+    pipe.load_lora_weights(final)  # the diffusers file
+    expected = sample(pipe)
+    pipe.unload_lora_weights()
+    if isinstance(pipe, diffusers.StableDiffusion3Pipeline):
+        load_tools_lora(pipe, tools)
+    else:
+        pipe.load_lora_weights(str(path))  # the file, as a user passes it
+    from_tools = sample(pipe)
+    pipe.unload_lora_weights()
+    load_tools_lora(pipe, {k: torch.tensor(float(RANK)) if k.endswith(".alpha") else v for k, v in tools.items()})
+    alpha_as_rank = sample(pipe)
+    assert abs(expected - before).max() > 1e-2       # the LoRA changes the images: the comparison says something
+    assert abs(from_tools - expected).max() < 1e-4   # the same images as the diffusers file
+    assert abs(alpha_as_rank - expected).max() > 1e-3  # and the file's alpha is what makes them the same
+
+
+@pytest.mark.parametrize("family, version", [("sd15", "sd_v1"), ("sdxl", "sdxl_base_v1-0")])
+def test_the_kohya_file_loads_in_diffusers_kohya_loader_with_the_images_of_the_diffusers_file(tmp_path, family, version):
+    final = train_lora(family, tmp_path)
+    ours = load_file(final / "pytorch_lora_weights.safetensors")
+    assert all(key.startswith("unet.") for key in ours)
+    # kohya's names: lora_unet_ and the diffusers module with "_" for "." (what ComfyUI and AUTOMATIC1111 map)
+    modules = {key.split(".lora.")[0]: "lora_unet_" + key.split(".lora.")[0].removeprefix("unet.").replace(".", "_")
+               for key in ours}
+    assert all(key.startswith("lora_unet_") for key in load_file(final / lora.KOHYA_FILE))
+    check_tools_file(final, lora.KOHYA_FILE, modules, ["lora_down.weight", "lora_up.weight"], version)
+
+
+@pytest.mark.parametrize("family, version", [("sd3", "sd3"), ("flux", "flux1")])
+def test_the_sd3_and_flux_file_carries_alpha_and_gives_the_images_of_the_diffusers_file(tmp_path, family, version):
+    final = train_lora(family, tmp_path)
+    ours = load_file(final / "pytorch_lora_weights.safetensors")
+    # diffusers' module names, which ComfyUI maps for SD3 and FLUX, with PEFT's lora_A / lora_B and `.alpha`
+    modules = {key.split(".lora.")[0]: key.split(".lora.")[0] for key in ours}
+    assert modules and all(module.startswith("transformer.") for module in modules)
+    check_tools_file(final, lora.COMFYUI_FILE, modules, ["lora_A.weight", "lora_B.weight"], version)

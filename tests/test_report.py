@@ -63,9 +63,20 @@ def test_report_to_a_tracker_sends_the_log_and_a_missing_package_is_one_line(tmp
     calls = []
     fake = types.ModuleType("wandb")
     fake.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
-    fake.init = lambda **kwargs: calls.append(("init", kwargs["config"]["max_steps"]))
+
+    def init(**kwargs):
+        calls.append(("init", kwargs["config"]["max_steps"], kwargs["project"], kwargs["name"], kwargs["id"],
+                      kwargs["resume"]))
+        return types.SimpleNamespace(id=kwargs["id"] or f"run-{len(calls)}")
+    fake.init = init
     fake.log = lambda values, step: calls.append(("log", step, values["loss"]))
     fake.finish = lambda: calls.append(("finish",))
     monkeypatch.setitem(sys.modules, "wandb", fake)
-    log = run(tmp_path / "b", "--max_steps", 2, "--report_to", "wandb", "--no-plot", "--checkpoint_every", 1000)
-    assert calls == [("init", 2), ("log", 1, log[0]["loss"]), ("log", 2, log[1]["loss"]), ("finish",)]
+    log = run(tmp_path / "b", "--max_steps", 2, "--report_to", "wandb", "--no-plot", "--checkpoint_every", 1)
+    assert calls == [("init", 2, "rethinking-dpo", "b", None, None), ("log", 1, log[0]["loss"]),
+                     ("log", 2, log[1]["loss"]), ("finish",)]
+    # Resumed, with its own project and name: the same wandb run goes on from step 3.
+    calls.clear()
+    log = run(tmp_path / "b", "--max_steps", 3, "--report_to", "wandb", "--no-plot", "--checkpoint_every", 1,
+              "--resume", "latest", "--tracker_project", "mine", "--run_name", "dpo-3")
+    assert calls == [("init", 3, "mine", "dpo-3", "run-1", "allow"), ("log", 3, log[2]["loss"]), ("finish",)]

@@ -14,7 +14,8 @@ Real models (GPU, network on first use; the paper's settings are the defaults):
         --prompts parti --output_dir out/eval-sd15-parti
     python eval.py --model ours=out/sd15/final --baseline sd15=stable-diffusion-v1-5/stable-diffusion-v1-5 \\
         --prompts hpsv2 --output_dir out/eval-sd15-hpsv2
-    # SDXL (50 steps, guidance 5.0, 1024 px) and SD3 (28 steps, guidance 7.0, 1024 px)
+    # SDXL (50 steps, guidance 5.0, 1024 px) and SD3 (28 steps, guidance 7.0, 1024 px); FLUX.1-dev samples with
+    # 50 steps, guidance 3.5, 1024 px, in bfloat16, and FLUX.1-schnell with 4 steps and guidance 0
     python eval.py --model ours=out/sdxl/final --baseline sdxl=stabilityai/stable-diffusion-xl-base-1.0 \\
         --baseline dpo-release=mhdang/dpo-sdxl-text2image-v1@stabilityai/stable-diffusion-xl-base-1.0 \\
         --prompts pickapic --output_dir out/eval-sdxl
@@ -68,22 +69,26 @@ import rewards as rw
 from mechanics import errors, folder, runtime
 from mechanics.errors import UsageError
 from mechanics.loading import go_offline_unless_reachable, read_json
-from mechanics.pipelines import ModelRef, load_pipeline, model_ref
+from mechanics.pipelines import ModelRef, denoiser_config, load_pipeline, model_ref
 from mechanics.prompts import PICKAPIC_DATASET, PromptSet, load_prompt_set, select_prompts
 
 EVAL_FORMAT = 2  # bump when the image store layout changes (2: weights named by base_model_identity)
 
 # Sampler defaults per model family. SD1.5: the Diffusion-DPO evaluation setting (50 steps, guidance 7.5,
 # 512 px). SDXL and SD3: the diffusers pipelines' own defaults for these models (SDXL 50 steps and 5.0;
-# SD3-medium 28 steps and 7.0, as its model card), at their native 1024 px. Each is a flag.
+# SD3-medium 28 steps and 7.0, as its model card, with StableDiffusion3Pipeline's 256 T5 tokens), at their native
+# 1024 px. FLUX.1-dev: its model card's 50 steps at distilled guidance 3.5 with 512 T5 tokens (FluxPipeline's own
+# default is 28 steps; the scheduler shifts σ by the resolution itself). Each is a flag.
 FAMILY_DEFAULTS = {
     "sd15": {"steps": 50, "guidance_scale": 7.5, "resolution": 512},
     "sdxl": {"steps": 50, "guidance_scale": 5.0, "resolution": 1024},
-    "sd3": {"steps": 28, "guidance_scale": 7.0, "resolution": 1024},
-    # FluxPipeline's defaults for FLUX.1-dev (its scheduler shifts σ by the resolution itself); FLUX.1-schnell
-    # samples in 4 steps without guidance: --steps 4 --guidance_scale 0.
-    "flux": {"steps": 28, "guidance_scale": 3.5, "resolution": 1024},
+    "sd3": {"steps": 28, "guidance_scale": 7.0, "resolution": 1024, "max_sequence_length": 256},
+    "flux": {"steps": 50, "guidance_scale": 3.5, "resolution": 1024, "max_sequence_length": 512},
 }
+# FLUX.1-schnell, as its model card samples it: 4 steps, guidance 0 (it has no guidance input), 256 T5 tokens. A FLUX
+# model is schnell-like when its transformer has no guidance embeddings (`guidance_embeds: false` in its config),
+# whatever its name, so that a fine-tune of schnell in another folder samples as schnell.
+FLUX_SCHNELL_DEFAULTS = {"steps": 4, "guidance_scale": 0.0, "resolution": 1024, "max_sequence_length": 256}
 
 # The toy world's rewards; tiny_pickscore / tiny_clip (random CLIP weights, numbers without meaning) exercise the
 # CLIP reward code offline and can be added with --rewards.
@@ -197,8 +202,8 @@ def generate_images(model: ModelRef, prompts: Mapping[int, str], keys: Sequence[
         return 0
     pipe = load_pipeline(model, device, dtype)
     extra = {}
-    if model.family == "sd3":
-        extra["max_sequence_length"] = 256
+    if settings.get("max_sequence_length") is not None:  # SD3 and FLUX: T5 tokens per prompt
+        extra["max_sequence_length"] = settings["max_sequence_length"]
     try:
         with tqdm(total=len(missing), desc=f"sampling {model.label}", unit="img", disable=not progress) as bar:
             for start in range(0, len(keys), batch_size):
@@ -244,11 +249,23 @@ class EvalResult:
     output_dir: Path = field(default_factory=Path)
 
 
+def sampler_defaults(model: ModelRef) -> dict:
+    """The sampler defaults of `model`: its family's (FAMILY_DEFAULTS), or FLUX_SCHNELL_DEFAULTS for a FLUX model
+    whose transformer has no guidance embeddings (FLUX.1-schnell's layout)."""
+    if model.family == "flux" and not denoiser_config(model).get("guidance_embeds", False):
+        return FLUX_SCHNELL_DEFAULTS
+    return FAMILY_DEFAULTS[model.family]
+
+
 def sampling_settings(model: ModelRef, prompt_set: PromptSet, steps=None, guidance_scale=None,
-                      resolution=None, dtype: torch.dtype = torch.float32) -> dict:
-    """The settings images of `model` are made with: the family defaults unless overridden."""
-    defaults = FAMILY_DEFAULTS[model.family]
+                      resolution=None, dtype: torch.dtype = torch.float32, max_sequence_length=None) -> dict:
+    """The settings images of `model` are made with: its defaults (sampler_defaults) unless overridden; the T5
+    length only for the families with T5 (SD3, FLUX)."""
+    defaults = sampler_defaults(model)
     size = resolution or defaults["resolution"]
+    t5 = {}
+    if "max_sequence_length" in defaults:
+        t5["max_sequence_length"] = int(max_sequence_length or defaults["max_sequence_length"])
     return {
         "eval_format": EVAL_FORMAT,
         "model": model.source,
@@ -260,6 +277,7 @@ def sampling_settings(model: ModelRef, prompt_set: PromptSet, steps=None, guidan
         "height": int(size),
         "width": int(size),
         "dtype": str(dtype).replace("torch.", ""),
+        **t5,
     }
 
 
@@ -288,7 +306,7 @@ def evaluate(model: str, baselines: Sequence[str], prompts: str, rewards: Sequen
              guidance_scale: float | None = None, resolution: int | None = None, batch_size: int = 4,
              reward_batch_size: int = 16, device: str | None = None, dtype: str | torch.dtype | None = None,
              pickapic_dataset: str = PICKAPIC_DATASET, progress: bool = True,
-             log: Callable[[str], None] = print) -> EvalResult:
+             log: Callable[[str], None] = print, max_sequence_length: int | None = None) -> EvalResult:
     """Sample (or reuse) images of `model` and each baseline, score them with each reward, and write
     scores.csv, summary.json and table.md to output_dir. Raises UsageError on bad input, before any work.
 
@@ -296,20 +314,25 @@ def evaluate(model: str, baselines: Sequence[str], prompts: str, rewards: Sequen
     output folder: the keys, the images, the scores, the comparison, the files."""
     started = time.time()
     device = device or runtime.default_device()
-    torch_dtype = runtime.sampling_dtype(dtype, device)
+    runtime.sampling_dtype(dtype, device)  # an unknown name is refused first; each model's dtype below
     if batch_size < 1 or reward_batch_size < 1:
         raise UsageError("batch sizes must be at least 1")
+    if max_sequence_length is not None and not 1 <= max_sequence_length <= 512:
+        raise UsageError(f"--max_sequence_length {max_sequence_length} is out of range: T5 takes 1 to 512 tokens "
+                         "in StableDiffusion3Pipeline and FluxPipeline")
     if not progress:
         runtime.quiet_libraries()
     reward_specs = check_rewards(rewards)
     models = model_refs(model, baselines)
+    for m in models:  # per family (auto: FLUX in bfloat16); float16 for FLUX is refused here, before any work
+        runtime.sampling_dtype(dtype, device, m.family)
     out = Path(output_dir)
     with output_lock(out):
         work = choose_keys(prompts, out, limit, num_seeds, distinct_seeds, pickapic_dataset)
         log(f"{work.prompt_set.description}: {len(work.indices)} prompts x {len(work.seeds)} seeds = "
             f"{len(work.keys)} images per model")
-        images = sample_models(models, work, out, steps, guidance_scale, resolution, device, torch_dtype,
-                               batch_size, progress, log)
+        images = sample_models(models, work, out, steps, guidance_scale, resolution, device, dtype,
+                               batch_size, progress, log, max_sequence_length)
         sampled_s = time.time() - started
         scores, reward_info = score_images(models, images, work, reward_specs, device, reward_batch_size, progress)
         summary = summarise(models, work, images, scores, reward_info, device, started, sampled_s)
@@ -376,17 +399,22 @@ def choose_keys(prompts: str, out: Path, limit: int | None, num_seeds: int | Non
 
 
 def sample_models(models: Sequence[ModelRef], work: EvalKeys, out: Path, steps: int | None,
-                  guidance_scale: float | None, resolution: int | None, device: str, dtype: torch.dtype,
-                  batch_size: int, progress: bool = True, log: Callable[[str], None] = print) -> dict[str, ModelImages]:
+                  guidance_scale: float | None, resolution: int | None, device: str,
+                  dtype: str | torch.dtype | None, batch_size: int, progress: bool = True,
+                  log: Callable[[str], None] = print, max_sequence_length: int | None = None) -> dict[str, ModelImages]:
     """Each model's images, in OUT/images/<tag>/: those already stored are kept, the missing ones sampled
-    (generate_images). Returns {label: ModelImages}."""
+    (generate_images), each model in its own dtype (runtime.sampling_dtype of its family). Returns
+    {label: ModelImages}."""
     images = {}
     for m in models:
-        settings = sampling_settings(m, work.prompt_set, steps, guidance_scale, resolution, dtype)
+        m_dtype = runtime.sampling_dtype(dtype, device, m.family)
+        settings = sampling_settings(m, work.prompt_set, steps, guidance_scale, resolution, m_dtype,
+                                     max_sequence_length)
         store = out / "images" / m.tag
         log(f"{m.label}: {m.family}, {settings['steps']} steps, guidance {settings['guidance_scale']}, "
             f"{settings['width']}x{settings['height']}, {settings['dtype']} -> {store}")
-        generated = generate_images(m, work.prompt_of, work.keys, store, settings, device, dtype, batch_size, progress)
+        generated = generate_images(m, work.prompt_of, work.keys, store, settings, device, m_dtype, batch_size,
+                                    progress)
         if generated == 0:
             log(f"{m.label}: all {len(work.keys)} images already stored, none sampled")
         images[m.label] = ModelImages(store, settings, generated)
@@ -645,20 +673,22 @@ def tiny_report(model: str, output_dir) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    every = {**FAMILY_DEFAULTS, "flux-schnell": FLUX_SCHNELL_DEFAULTS}  # schnell: no guidance embeddings
+
     def per_family(key: str) -> str:
-        return ", ".join(f"{family} {defaults[key]}" for family, defaults in FAMILY_DEFAULTS.items())
+        return ", ".join(f"{family} {defaults[key]}" for family, defaults in every.items() if key in defaults)
 
     family_defaults = "; ".join(f"{k}: {v['steps']} steps, guidance {v['guidance_scale']}, {v['resolution']} px"
-                                for k, v in FAMILY_DEFAULTS.items())
+                                for k, v in every.items())
     p = argparse.ArgumentParser(
         description="Same-seed win rates of a model against baselines, per reward and averaged (PAPER.md §6).",
         epilog=f"Sampler defaults per family: {family_defaults}. Rewards: "
                + "; ".join(f"{k}: {v}" for k, v in rw.available_rewards().items()),
     )
     p.add_argument("--model", metavar="[NAME=]PATH",
-                   help="the evaluated model: a diffusers pipeline folder or hub id (the family, SD1.5, SDXL or "
-                        "SD3, is read from its model_index.json); NAME= names it in the tables; UNET@PIPELINE "
-                        "swaps a UNet (SD3: transformer) checkpoint into a pipeline")
+                   help="the evaluated model: a diffusers pipeline folder or hub id (the family, SD1.5, SDXL, "
+                        "SD3 or FLUX, is read from its model_index.json); NAME= names it in the tables; UNET@PIPELINE "
+                        "swaps a UNet (SD3, FLUX: transformer) checkpoint into a pipeline")
     p.add_argument("--baseline", action="append", default=[], metavar="[NAME=]PATH",
                    help="a baseline, given as --model; repeat the flag for several")
     p.add_argument("--prompts", help="prompt set: pickapic (Pick-a-Pic v2 test_unique, 500 prompts, 5 seeds), "
@@ -683,12 +713,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "flux's is FLUX.1-dev's distilled guidance)")
     p.add_argument("--resolution", type=int, default=None,
                    help=f"image height and width in pixels (default per family: {per_family('resolution')})")
+    p.add_argument("--max_sequence_length", type=int, default=None,
+                   help=f"T5 tokens per prompt, for the families with T5 (default: "
+                        f"{per_family('max_sequence_length')}; the others have none)")
     p.add_argument("--batch_size", type=int, default=BATCH_SIZE,
                    help=f"images per pipeline call (default {BATCH_SIZE})")
     p.add_argument("--reward_batch_size", type=int, default=16, help="images per reward forward pass (default 16)")
     p.add_argument("--device", default=None, help="torch device (default cuda if available, else cpu)")
-    p.add_argument("--dtype", default="auto", help="pipeline dtype: auto (float16 on GPU, float32 on CPU), "
-                                                   "float32, float16 or bfloat16; rewards always run in float32")
+    p.add_argument("--dtype", default="auto",
+                   help="pipeline dtype: auto (on a GPU bfloat16 for FLUX, a bf16 model, float16 for the others; "
+                        "float32 on CPU), float32, float16 (refused for FLUX: black or NaN images) or bfloat16; "
+                        "rewards always run in float32")
     p.add_argument("--pickapic_dataset", default=PICKAPIC_DATASET,
                    help="hub id or local folder holding Pick-a-Pic v2's test_unique split "
                         f"(default {PICKAPIC_DATASET})")
@@ -737,6 +772,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             guidance_scale=args.guidance_scale, resolution=args.resolution, batch_size=args.batch_size,
             reward_batch_size=args.reward_batch_size, device=args.device, dtype=args.dtype,
             pickapic_dataset=args.pickapic_dataset, progress=not args.quiet,
+            max_sequence_length=args.max_sequence_length,
         )
     except (errors.RunError, rw.RewardError) as error:  # one line, even when a library's message has several
         line = " ".join(part.strip() for part in str(error).splitlines() if part.strip())

@@ -17,9 +17,10 @@ the flow version of λ(t). FLUX.1-dev's weights are under a non-commercial licen
 
 What differs from train_sd3.py: FluxPipeline's components (CLIP-L's pooled output and T5's sequence states), the
 16-channel VAE's (z − shift)·scale latents packed 2×2 into a sequence with (0, row, col) position ids, FLUX.1-dev's
-distilled guidance input, and the σ grid shifted by the resolution (μ from the image's sequence length, as
-FluxPipeline samples). Output: OUTPUT_DIR/log.jsonl, OUTPUT_DIR/checkpoint-STEP/ and the adapter in
-OUTPUT_DIR/final_lora/ (`FluxPipeline.load_lora_weights`), or with --lora_rank 0 the pipeline in OUTPUT_DIR/final/.
+distilled guidance input, and the σ grid shifted as FluxPipeline samples: by the resolution (μ from the image's
+sequence length) for FLUX.1-dev, by the scheduler's static shift (1: none) for FLUX.1-schnell. Output:
+OUTPUT_DIR/log.jsonl, OUTPUT_DIR/checkpoint-STEP/ and the adapter in OUTPUT_DIR/final_lora/
+(`FluxPipeline.load_lora_weights`), or with --lora_rank 0 the pipeline in OUTPUT_DIR/final/.
 """
 import copy
 import math
@@ -47,7 +48,7 @@ FAMILY = "flux"  # the model family: its pipeline class, its published β per ob
 RECIPE = dict(pretrained_model="black-forest-labs/FLUX.1-dev", resolution=1024, lora_rank=8, learning_rate=1e-5,
               scale_lr=False, effective_batch_size=32, warmup_steps=100, max_steps=2000, tau=32, delta=0.002,
               gradient_checkpointing=True, output_dir="out/flux")
-# --tiny: the offline demo's small-scale recipe, on a tiny random SD3 of the real classes (tiny/) and the
+# --tiny: the offline demo's small-scale recipe, on a tiny random FLUX of the real classes (tiny/) and the
 # built-in smooth-vs-noise pairs, both made once in the cache; each value a flag's default, which a flag overrides.
 TINY_RECIPE = dict(pretrained_model=lambda v: tiny.pipeline_path(FAMILY), dataset=lambda v: tiny.builtin_pairs_path(),
                    resolution=32, train_batch_size=4, effective_batch_size=4, learning_rate=2e-5, scale_lr=False,
@@ -77,13 +78,17 @@ class Models:
 
 def sigma_grid(scheduler, image_seq_len: int) -> torch.Tensor:
     """FLUX's training grid at this resolution, indexed like a DDPM timestep (σ grows with the index): s = i/T for
-    i = 1 … T shifted as FluxPipeline shifts its sampling σ, σ = e^μ / (e^μ + 1/s − 1), with μ interpolated
-    between base_shift at 256 image tokens and max_shift at 4096 (μ = 1.15 at 1024 px). The Cat(γ^k) sampler
-    of schedule.py then over-samples the noisy end, the early generation steps (§3)."""
+    i = 1 … T shifted as FlowMatchEulerDiscreteScheduler.set_timesteps shifts FluxPipeline's sampling σ. With
+    `use_dynamic_shifting` (FLUX.1-dev), σ = e^μ / (e^μ + 1/s − 1), with μ interpolated between base_shift at
+    256 image tokens and max_shift at 4096 (μ = 1.15 at 1024 px, 0.63 at 512 px); without it (FLUX.1-schnell),
+    the config's static σ = shift·s / (1 + (shift − 1)·s), whatever the resolution (shift 1: s itself). The
+    Cat(γ^k) sampler of schedule.py then over-samples the noisy end, the early generation steps (§3)."""
     c = scheduler.config
+    s = torch.arange(1, c.num_train_timesteps + 1, dtype=torch.float64) / c.num_train_timesteps
+    if not c.use_dynamic_shifting:
+        return (c.shift * s / (1 + (c.shift - 1) * s)).float()
     slope = (c.max_shift - c.base_shift) / (c.max_image_seq_len - c.base_image_seq_len)
     mu = c.base_shift + slope * (image_seq_len - c.base_image_seq_len)
-    s = torch.arange(1, c.num_train_timesteps + 1, dtype=torch.float64) / c.num_train_timesteps
     return scheduler.time_shift(mu, 1.0, s).float()
 
 
@@ -344,6 +349,8 @@ def train(argv=None) -> int:
                 trainlog.report_stop(args, run, step, f"stopped at step {step}")
                 return 128 + signum
 
+    if step % args.checkpoint_every and step > args.checkpoint_every:  # a checkpointing run keeps its last steps
+        ckpt.save(step)  # even if writing final/ fails
     final_dir = checkpoints.save_final(args, run, model_path, "FluxPipeline", transformer=transformer)
     curves = (plot.draw({os.path.basename(os.path.normpath(args.output_dir)): [args.output_dir]},
                         os.path.join(args.output_dir, "curves.png")) if args.plot and run.is_main else None)

@@ -21,6 +21,7 @@ losses.py (§1), schedule.py (§3) and reference.py (§2); the run's mechanics i
 import copy
 import math
 import os
+import shutil
 import sys
 from dataclasses import dataclass
 from functools import partial
@@ -269,6 +270,8 @@ def train(argv=None) -> int:
                 trainlog.report_stop(args, run, step, f"stopped at step {step}")
                 return 128 + signum
 
+    if step % args.checkpoint_every and step > args.checkpoint_every:  # a checkpointing run keeps its last steps
+        ckpt.save(step)  # even if writing final/ fails
     final_dir = checkpoints.save_final(args, run, model_path, "StableDiffusionPipeline", unet=unet)
     curves = (plot.draw({os.path.basename(os.path.normpath(args.output_dir)): [args.output_dir]},
                         os.path.join(args.output_dir, "curves.png")) if args.plot and run.is_main else None)
@@ -276,7 +279,9 @@ def train(argv=None) -> int:
     trainlog.report(args, run, log, final_dir, step, curves, baseline=None if toy_demo else args.pretrained_model)
     if toy_demo and run.is_main:  # the demo ends with what it did to held-out prompts: eval.py --tiny's comparison
         import eval  # the one lazy import of the project: eval.py (a sibling entry point) only for the toy demo
-        print("\n".join(eval.tiny_report(final_dir, os.path.join(args.output_dir, "heldout"))))
+        heldout = os.path.join(args.output_dir, "heldout")
+        shutil.rmtree(heldout, ignore_errors=True)  # an earlier comparison (--resume latest) was of other weights
+        print("\n".join(eval.tiny_report(final_dir, heldout)))
     return 0
 
 

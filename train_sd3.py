@@ -11,7 +11,7 @@ the paper gives no SD3 recipe (PAPER.md §5)].
     torchrun --nproc_per_node=8 train_sd3.py               # 8 GPUs (accumulation 256 each)
     python train_sd3.py --tiny                             # offline CPU demo: tiny SD3-layout model (~1 min)
     python train_sd3.py --resume latest                    # continue the run in --output_dir
-    python train_sd3.py --drop_t5                          # no T5 encoder: zeros in its place, ~9 GB less
+    python train_sd3.py --drop_t5                          # no T5 encoder: 256 zero tokens in its place, ~9 GB less
     python train_sd3.py --gradient_checkpointing --optimizer adamw8bit   # less memory (needs bitsandbytes)
     python train_sd3.py --method plain --beta 2000         # plain Diffusion-DPO
 
@@ -54,6 +54,19 @@ TINY_RECIPE = dict(pretrained_model=lambda v: tiny.pipeline_path(FAMILY), datase
                    dataloader_workers=0, divergence_every=5, cpu_threads=1)
 # T5 tokens per prompt [choice: 77, as diffusers' SD3 training scripts; the pipeline samples with 256]
 T5_MAX_LENGTH = 77
+# With --drop_t5, T5's zero block has StableDiffusion3Pipeline's length without T5 (its max_sequence_length default,
+# 256) unless --t5_max_length is given [choice: the pipeline's 256, not the 77 tokens of a run with T5; the zeros are
+# not inert (the context embedder's bias makes each a token the image attends to), so their count changes attention,
+# and a model trained without T5 is meant to sample as `text_encoder_3=None` samples]
+PIPELINE_T5_LENGTH = 256
+
+
+def t5_length(drop_t5: bool, t5_max_length: int | None = None) -> int:
+    """T5 tokens per prompt: t5_max_length when given, else 256 zero tokens without T5 (the pipeline's), 77 with
+    it (the --t5_max_length flag's default)."""
+    if t5_max_length is not None:
+        return t5_max_length
+    return PIPELINE_T5_LENGTH if drop_t5 else T5_MAX_LENGTH
 
 
 @dataclass
@@ -73,8 +86,9 @@ class Models:
     t5_max_length: int
 
 
-def load_models(path: str, device, dtype, drop_t5: bool = False, t5_max_length: int = T5_MAX_LENGTH) -> Models:
-    """The pipeline's components: the frozen ones in the training dtype, the transformer in fp32 (trained)."""
+def load_models(path: str, device, dtype, drop_t5: bool = False, t5_max_length: int | None = None) -> Models:
+    """The pipeline's components: the frozen ones in the training dtype, the transformer in fp32 (trained); without
+    T5 (drop_t5), prompts get T5's zero block of t5_length(drop_t5, t5_max_length) tokens."""
     tokenizers = [loading.load(CLIPTokenizer, path, "tokenizer"), loading.load(CLIPTokenizer, path, "tokenizer_2")]
     text_encoders = [loading.frozen(loading.load(CLIPTextModelWithProjection, path, folder), device, dtype)
                      for folder in ("text_encoder", "text_encoder_2")]
@@ -91,7 +105,7 @@ def load_models(path: str, device, dtype, drop_t5: bool = False, t5_max_length: 
     scheduler = loading.load(FlowMatchEulerDiscreteScheduler, path, "scheduler")
     return Models(tokenizers, text_encoders, tokenizer_3, text_encoder_3, vae, scheduler,
                   loading.load(SD3Transformer2DModel, path, "transformer"), torch.device(device), dtype,
-                  sigma_grid(scheduler).to(device), t5_max_length)
+                  sigma_grid(scheduler).to(device), t5_length(drop_t5, t5_max_length))
 
 
 @torch.no_grad()
@@ -103,8 +117,9 @@ def encode_images(m: Models, pixels):
 @torch.no_grad()
 def encode_prompts(m: Models, captions):
     """As StableDiffusion3Pipeline.encode_prompt: the CLIP penultimate states concatenated on the channel
-    axis and zero-padded to T5's width, followed on the sequence axis by the T5 states (zeros without T5);
-    pooled = both CLIP projections concatenated."""
+    axis and zero-padded to T5's width, followed on the sequence axis by the T5 states (without T5, m.t5_max_length
+    zero tokens, as the pipeline's `_get_t5_prompt_embeds` with text_encoder_3=None); pooled = both CLIP
+    projections concatenated."""
     states, pooled = [], []
     for tokenizer, encoder in zip(m.tokenizers, m.text_encoders):
         ids = tokenizer(captions, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
@@ -176,10 +191,12 @@ def monitor_probe(m: Models, batch, num_samples, generators, run, chunk) -> refe
 def model_flags(parser):
     parser.add_argument("--drop_t5", action="store_true",
                         help="do not load T5: zeros in place of its states, as StableDiffusion3Pipeline with "
-                             "text_encoder_3=None (saves ~9 GB; prompts are read by CLIP only)")
-    parser.add_argument("--t5_max_length", type=int, default=T5_MAX_LENGTH,
+                             "text_encoder_3=None (saves ~9 GB; prompts are read by CLIP only), 256 zero tokens as "
+                             "that pipeline's unless --t5_max_length is given")
+    parser.add_argument("--t5_max_length", type=int, default=lambda v: t5_length(v["drop_t5"]),
                         help="T5 tokens per prompt [choice: 77, as diffusers' SD3 training scripts; "
-                             "StableDiffusion3Pipeline samples with 256]")
+                             "StableDiffusion3Pipeline samples with 256]; with --drop_t5: 256 zero tokens "
+                             "[choice: the pipeline's without T5]")
     parser.add_argument("--flow_lambda", default="snr", choices=["snr", "step"],
                         help="λ for flow matching [choice: snr; §3 defines λ by the noise level]: 'snr' = §3's "
                              "1 + minmax(1/√SNR) by noise level (1/√SNR = σ/(1 − σ) clamped to SD1.5's range); "
@@ -330,6 +347,8 @@ def train(argv=None) -> int:
                 trainlog.report_stop(args, run, step, f"stopped at step {step}")
                 return 128 + signum
 
+    if step % args.checkpoint_every and step > args.checkpoint_every:  # a checkpointing run keeps its last steps
+        ckpt.save(step)  # even if writing final/ fails
     final_dir = checkpoints.save_final(args, run, model_path, "StableDiffusion3Pipeline", transformer=transformer)
     curves = (plot.draw({os.path.basename(os.path.normpath(args.output_dir)): [args.output_dir]},
                         os.path.join(args.output_dir, "curves.png")) if args.plot and run.is_main else None)

@@ -296,6 +296,8 @@ def train(argv=None) -> int:
                 trainlog.report_stop(args, run, step, f"stopped at step {step}")
                 return 128 + signum
 
+    if step % args.checkpoint_every and step > args.checkpoint_every:  # a checkpointing run keeps its last steps
+        ckpt.save(step)  # even if writing final/ fails
     final_dir = checkpoints.save_final(args, run, model_path, "StableDiffusionXLPipeline", unet=unet)
     curves = (plot.draw({os.path.basename(os.path.normpath(args.output_dir)): [args.output_dir]},
                         os.path.join(args.output_dir, "curves.png")) if args.plot and run.is_main else None)

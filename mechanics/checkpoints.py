@@ -1,5 +1,6 @@
 """Checkpoints and the final model. Every checkpoint appears complete or not at all (folder.atomic_dir), and a
 resume continues only the run that wrote the folder (its identity: defining flags, base model, world size)."""
+import errno
 import glob
 import hashlib
 import json
@@ -23,7 +24,7 @@ logger = logging.getLogger("train")
 SAFE_TO_CHANGE = {"max_steps", "checkpoint_every", "keep_checkpoints", "bin_stats_every", "divergence_every",
                   "dataloader_workers", "cpu_threads", "device", "compile", "allow_tf32", "gradient_checkpointing",
                   "cache_latents", "cache_dir", "output_dir", "resume", "resume_override", "overwrite", "tiny",
-                  "max_nonfinite_steps", "report_to", "plot"}
+                  "max_nonfinite_steps", "report_to", "plot", "tracker_project", "run_name"}
 OPTIMIZER_FLAGS = ("learning_rate", "adam_beta1", "adam_beta2", "weight_decay", "adam_epsilon")
 
 
@@ -65,6 +66,8 @@ def save_final(args, run, model_path: str, pipeline: str, **denoiser) -> str:
                 pipeline_class.save_lora_weights(tmp, **{f"{name}_lora_layers": lora.adapter_state_dict(module),
                                                          f"{name}_lora_adapter_metadata": lora.adapter_metadata(module)})
                 base = os.path.abspath(model_path) if os.path.isdir(args.pretrained_model) else args.pretrained_model
+                # The same adapter for ComfyUI and AUTOMATIC1111, alpha included (lora.KOHYA_FILE, lora.COMFYUI_FILE).
+                lora.save_for_tools(tmp, module, name, pipeline_class.__name__, base)
                 with open(os.path.join(tmp, "base_model.json"), "w") as f:
                     json.dump({"base_model": base, "pipeline": pipeline_class.__name__}, f, indent=1)
             elif run.fsdp:
@@ -77,6 +80,55 @@ def save_final(args, run, model_path: str, pipeline: str, **denoiser) -> str:
     return final_dir
 
 
+MANIFEST = "MANIFEST.json"
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _files(folder: str) -> list[str]:
+    """Every file below `folder` but the manifest, hidden ones too (DCP's sharded/.metadata)."""
+    return sorted(os.path.relpath(os.path.join(root, name), folder) for root, _, names in os.walk(folder)
+                  for name in names if name != MANIFEST)
+
+
+def write_manifest(folder: str) -> None:
+    """FOLDER/MANIFEST.json: every file's size and SHA-256 (the shards of every rank too), written with the
+    checkpoint, so that a resume can tell a damaged, truncated or missing file from a good one."""
+    entries = {rel: [os.path.getsize(os.path.join(folder, rel)), _sha256(os.path.join(folder, rel))]
+               for rel in _files(folder)}
+    with open(os.path.join(folder, MANIFEST), "w") as f:
+        json.dump(entries, f, indent=0)
+
+
+def verify(folder: str, rank: int = 0, world_size: int = 1) -> str | None:
+    """Why the checkpoint in `folder` cannot be trusted, or None: this rank's share of its manifest's files
+    (every world_size-th, from `rank`) must be there with their size and checksum. A checkpoint without a
+    manifest (written before there was one) is read as it is."""
+    path = os.path.join(folder, MANIFEST)
+    if not os.path.exists(path):
+        return None if os.path.isfile(os.path.join(folder, "state.pt")) else "it holds no state.pt"
+    try:
+        with open(path) as f:
+            entries = sorted(json.load(f).items())
+    except (OSError, ValueError) as error:
+        return f"its {MANIFEST} cannot be read ({error})"
+    for rel, (size, digest) in entries[rank::world_size]:
+        file = os.path.join(folder, rel)
+        if not os.path.isfile(file):
+            return f"{rel} is missing"
+        if os.path.getsize(file) != size:
+            return f"{rel} has {os.path.getsize(file)} bytes, not the {size} it was written with"
+        if _sha256(file) != digest:
+            return f"{rel} is damaged (its checksum differs from the one written with it)"
+    return None
+
+
 def checkpoint_dirs(output_dir: str) -> list[str]:
     """Complete checkpoints, oldest first (a checkpoint folder only exists once fully written)."""
     found = glob.glob(os.path.join(output_dir, "checkpoint-*"))
@@ -85,7 +137,9 @@ def checkpoint_dirs(output_dir: str) -> list[str]:
 
 
 def _tensor_bytes(state) -> int:
-    return sum(t.numel() * t.element_size() for t in tree_leaves(state) if torch.is_tensor(t))
+    """The bytes of the tensors in `state` that this process holds (a DTensor: its local shard)."""
+    local = [t.to_local() if hasattr(t, "to_local") else t for t in tree_leaves(state) if torch.is_tensor(t)]
+    return sum(t.numel() * t.element_size() for t in local)
 
 
 class Checkpoints:
@@ -104,9 +158,14 @@ class Checkpoints:
                          "pretrained_model": base_model_identity(model_path), "world_size": run.world_size}
 
     def save(self, step: int) -> str | None:
+        """Write checkpoint-STEP (with its MANIFEST.json) and prune the oldest; a failure on any rank (a full disk)
+        ends every rank alike."""
         path = os.path.join(self.args.output_dir, f"checkpoint-{step}")
         if self.run.fsdp:
-            return self._save_sharded(step, path)
+            return self.run.together(lambda: self._save_sharded(step, path))
+        return self.run.together(lambda: self._save(step, path))
+
+    def _save(self, step: int, path: str) -> str:
         if self.run.is_main:
             scaler = self.state["scaler"]
             state = {"step": step, **{name: obj.state_dict() for name, obj in self.state.items() if name != "scaler"},
@@ -115,11 +174,12 @@ class Checkpoints:
             needed = _tensor_bytes(state)
             if needed > shutil.disk_usage(self.args.output_dir).free:
                 raise DiskFull(no_space_message(path, needed))
-            with atomic_dir(path, needed_bytes=needed) as tmp, open(os.path.join(tmp, "state.pt"), "wb") as f:
-                torch.save(state, f)  # into a file object: a full disk is OSError(ENOSPC), not a zip RuntimeError
+            with atomic_dir(path, needed_bytes=needed) as tmp:
+                with open(os.path.join(tmp, "state.pt"), "wb") as f:
+                    torch.save(state, f)  # into a file object: a full disk is OSError(ENOSPC), not a zip RuntimeError
+                write_manifest(tmp)
             for old in checkpoint_dirs(self.args.output_dir)[:-self.args.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
-        self.run.barrier()
         return path
 
     # Under FSDP the policy, its optimizer state and the reference are saved by torch.distributed.checkpoint,
@@ -137,12 +197,25 @@ class Checkpoints:
         import torch.distributed as dist
         import torch.distributed.checkpoint as dcp
 
+        sharded = self._sharded_state()
+        # The shards land in one folder: every rank's bytes, checked by all before any writes (agreed, so that no
+        # rank waits in dcp.save for one that refused).
+        needed = _tensor_bytes(sharded) * self.run.world_size
+        short = self.run.first_of_ranks(
+            no_space_message(path, needed) if needed > shutil.disk_usage(self.args.output_dir).free else None)
+        if short is not None:
+            raise DiskFull(short)
         pid = [os.getpid()]
         dist.broadcast_object_list(pid)
         tmp = path + f".tmp-{pid[0]}"  # rank 0's atomic_dir folder, which every rank writes into
-        with atomic_dir(path, pid[0]) if self.run.is_main else nullcontext():
+        with atomic_dir(path, pid[0], needed_bytes=needed) if self.run.is_main else nullcontext():
             self.run.barrier()  # rank 0 has made the folder
-            dcp.save(self._sharded_state(), checkpoint_id=os.path.join(tmp, "sharded"))
+            try:
+                dcp.save(sharded, checkpoint_id=os.path.join(tmp, "sharded"))
+            except Exception as error:  # DCP gathers every rank's write failures into one exception
+                if "No space left" in str(error) or getattr(error, "errno", None) == errno.ENOSPC:
+                    raise DiskFull(no_space_message(path, needed)) from None
+                raise
             own = {name: obj.state_dict() for name, obj in self.state.items() if name not in self.SHARDED + ("scaler",)}
             own["reference"].pop("model")
             torch.save(own, os.path.join(tmp, f"rank-{self.run.rank}.pt"))
@@ -152,10 +225,11 @@ class Checkpoints:
                             "identity": self.identity, "args": vars(self.args), "sharded": True},
                            os.path.join(tmp, "state.pt"))
             self.run.barrier()  # every rank has written
+            if self.run.is_main:
+                write_manifest(tmp)
         if self.run.is_main:
             for old in checkpoint_dirs(self.args.output_dir)[:-self.args.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
-        self.run.barrier()
         return path
 
     def _load_sharded(self, folder: str) -> None:
@@ -188,13 +262,22 @@ class Checkpoints:
         else:
             raise UsageError(f"--resume {resume}: no checkpoint there (expected {resume}/state.pt)")
         for folder in candidates:
-            try:
-                return folder, torch.load(os.path.join(folder, "state.pt"), map_location="cpu", weights_only=True)
-            except Exception as error:  # a truncated zip, a pickle with code in it, an empty file: not usable
-                reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
-                if resume != "latest":
-                    raise UsageError(f"--resume {resume}: its state.pt cannot be read ({reason})")
-                logger.warning("%s cannot be read (%s); trying the one before", folder, reason)
+            # Every rank checks its share of the files against the manifest and reads state.pt; the ranks agree,
+            # so that all of them fall back together (one corrupt shard must not resume one rank and not another).
+            reason, saved = verify(folder, self.run.rank, self.run.world_size), None
+            if reason is None:
+                try:
+                    saved = torch.load(os.path.join(folder, "state.pt"), map_location="cpu", weights_only=True)
+                except Exception as error:  # a truncated zip, a pickle with code in it, an empty file: not usable
+                    text = str(error).strip()
+                    reason = f"its state.pt cannot be read ({text.splitlines()[0][:200] if text else type(error).__name__})"
+            reason = self.run.first_of_ranks(reason)
+            if reason is None:
+                return folder, saved
+            if resume != "latest":
+                raise UsageError(f"--resume {resume}: {reason}")
+            if self.run.is_main:
+                logger.warning("%s: %s; trying the one before", folder, reason)
         raise UsageError(f"no checkpoint in {self.args.output_dir} can be read; start over with --overwrite")
 
     def _changed(self, saved: dict) -> dict:
@@ -216,7 +299,11 @@ class Checkpoints:
     def resume(self) -> int:
         """Load the checkpoint --resume names into the state objects; returns its step (0: a fresh run). A
         checkpoint of another run is refused unless the differing flags are named in --resume_override; then
-        their new values take effect, the optimizer's hyper-parameters included."""
+        their new values take effect, the optimizer's hyper-parameters included. A refusal on any rank is every
+        rank's."""
+        return self.run.together(self._resume)
+
+    def _resume(self) -> int:
         loaded = self._load()
         if loaded is None:
             return 0
@@ -246,8 +333,41 @@ class Checkpoints:
         if set(changed) & set(OPTIMIZER_FLAGS):
             self._set_optimizer_flags()
         if self.run.is_main:
+            self._branch(saved["step"])
             logger.info("resumed from %s at step %d", folder, saved["step"])
         return saved["step"]
+
+    def _branch(self, step: int) -> None:
+        """A resume from before the newest point of the run (a rewind) starts a branch: the newer checkpoints,
+        the final model written after `step` and the log (whose later lines the branch rewrites) move into
+        OUTPUT_DIR/abandoned-after-STEP[-N]/, so that --resume latest and --keep_checkpoints never return to or
+        prune by the abandoned line and the log stays one trajectory."""
+        out = self.args.output_dir
+        newer = [d for d in checkpoint_dirs(out) if int(d.rsplit("-", 1)[1]) > step]
+        log = os.path.join(out, "log.jsonl")
+        last_logged = 0
+        if os.path.exists(log):
+            with open(log) as f:
+                for line in f:
+                    try:
+                        last_logged = max(last_logged, json.loads(line)["step"])
+                    except (ValueError, KeyError, TypeError):
+                        pass  # a torn line
+        finals = [os.path.join(out, name) for name in ("final", "final_lora", "heldout")
+                  if last_logged > step and os.path.exists(os.path.join(out, name))]
+        if not newer and not finals:  # the newest point, or a run cut short after it: nothing to set aside
+            return
+        branch, k = os.path.join(out, f"abandoned-after-{step}"), 1
+        while os.path.exists(branch):
+            k += 1
+            branch = os.path.join(out, f"abandoned-after-{step}-{k}")
+        os.makedirs(branch)
+        for path in newer + finals:
+            shutil.move(path, os.path.join(branch, os.path.basename(path)))
+        if os.path.exists(log):
+            shutil.copy2(log, os.path.join(branch, "log.jsonl"))  # the abandoned line's whole log
+        logger.warning("--resume at step %d rewinds the run: %s and the log moved into %s", step,
+                       ", ".join(os.path.basename(p) for p in newer + finals), branch)
 
     def _set_optimizer_flags(self) -> None:
         """The optimizer's state_dict carries its hyper-parameters: an overridden --learning_rate (or β, weight

@@ -27,7 +27,8 @@ RANGES = {
     "adam_epsilon": POSITIVE, "max_grad_norm": NON_NEGATIVE, "seed": NON_NEGATIVE, "cpu_threads": POSITIVE,
     "dataloader_workers": NON_NEGATIVE, "lora_rank": NON_NEGATIVE, "lora_alpha": POSITIVE,
     "checkpoint_every": POSITIVE, "keep_checkpoints": POSITIVE, "max_nonfinite_steps": POSITIVE,
-    "bin_stats_every": POSITIVE,
+    "bin_stats_every": POSITIVE, "tie_margin": (0, 0.5, True, False),
+    "guidance_scale": NON_NEGATIVE, "t5_max_length": (1, 512, True, True),  # FLUX's and SD3's own flags
 }
 
 
@@ -71,9 +72,22 @@ def parser(doc: str, objectives: dict, methods: dict) -> argparse.ArgumentParser
                         "SD1.5: the pretrained toy model and pairs sampled from it), each value of which an "
                         "explicit flag overrides; `--tiny --help` shows them")
     g.add_argument("--dataset", default=data.DEFAULT_DATASET,
-                   help="Pick-a-Pic-format pairs: a hub dataset id (the recipe's: a public mirror of Pick-a-Pic v2), "
-                        "or a local parquet file or folder")
+                   help="preference pairs: a hub dataset id (the recipe's: a public mirror of Pick-a-Pic v2), a local "
+                        "parquet / csv / json(l) file or folder, a folder of chosen/ and rejected/ images, or HPDv2's "
+                        "train.json; the layout (Pick-a-Pic, TRL prompt/chosen/rejected, ...) is detected from the "
+                        "columns and logged (data.py)")
     g.add_argument("--split", default="train", help="dataset split")
+    g.add_argument("--caption_column", help="the column of the captions, for a layout that is not detected")
+    g.add_argument("--chosen_column",
+                   help="the column of the preferred images (bytes, Image structs or file paths); with "
+                        "--label_column: image A")
+    g.add_argument("--rejected_column", help="the column of the other images; with --label_column: image B")
+    g.add_argument("--label_column",
+                   help="image A's preference in [0, 1] (as Pick-a-Pic's label_0; vote shares too): the image with "
+                        "p > 0.5 wins (None: the chosen image always wins, or the detected layout's labels)")
+    g.add_argument("--tie_margin", type=float, default=0.0,
+                   help="a pair with |p - 0.5| <= this is a tie and is dropped (p: image A's preference; 0: only "
+                        "p = 0.5, Pick-a-Pic's ties)")
     g.add_argument("--streaming", action="store_true",
                    help="stream the dataset instead of downloading it (Pick-a-Pic v2 is ~335 GB)")
     g.add_argument("--max_train_samples", type=int, help="use only the first N rows (None: all)")
@@ -152,7 +166,8 @@ def parser(doc: str, objectives: dict, methods: dict) -> argparse.ArgumentParser
     g.add_argument("--device", help="cuda, cpu, ... (unset: cuda if available)")
     g.add_argument("--cpu_threads", type=int, help="torch intra-op threads on CPU (None: torch's own)")
     g.add_argument("--mixed_precision", default="auto", choices=["auto", "no", "bf16", "fp16"],
-                   help="autocast dtype; auto = bf16 on CUDA, none on CPU (bf16 is slower there)")
+                   help="autocast dtype; auto = `accelerate launch --mixed_precision`'s when launched by accelerate, "
+                        "else bf16 on CUDA and none on CPU or MPS (bf16 is slower on a CPU)")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction,
                    help="torch.compile the policy and reference forward (unset: on with CUDA, off on CPU)")
     g.add_argument("--gradient_checkpointing", action="store_true", help="trade compute for activation memory")
@@ -197,6 +212,10 @@ def parser(doc: str, objectives: dict, methods: dict) -> argparse.ArgumentParser
     g.add_argument("--report_to", default="none", choices=["none", "tensorboard", "wandb"],
                    help="also send the log's numbers to an experiment tracker (its package must be installed; "
                         "log.jsonl stays the record)")
+    g.add_argument("--tracker_project", default="rethinking-dpo",
+                   help="the tracker's project (wandb) that --report_to logs into")
+    g.add_argument("--run_name", help="the run's name in the tracker (None: the --output_dir folder's name); a "
+                                      "resumed run continues the same tracker run")
     return p
 
 
@@ -256,11 +275,20 @@ def _derive(values: dict, given: dict, objectives: dict, family: str, world_size
                              "the processes)")
         values["optimizer"] = "adamw"  # the SDXL/SD3 recipes' Adafactor does not take DTensors (README, FSDP)
     values["device"] = values["device"] or runtime.default_device()
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION")  # `accelerate launch --mixed_precision X` sets it
+    if launched and "mixed_precision" not in given:
+        if launched not in ("no", "bf16", "fp16"):
+            raise UsageError(f"accelerate launch --mixed_precision {launched}: these trainers autocast in bf16 or "
+                             "fp16 only; launch with --mixed_precision bf16 (or no)")
+        values["mixed_precision"] = launched
     if values["compile"] is None:
         values["compile"] = values["device"].startswith("cuda")
 
 
 def _check_ranges(values: dict) -> None:
+    for name, value in values.items():  # NaN passes no comparison; refused for every float flag, ranged or not
+        if isinstance(value, float) and math.isnan(value):
+            raise UsageError(f"--{name} nan is not a number")
     for name, spec in RANGES.items():
         value = values.get(name)
         if value is not None and not in_range(value, spec):
@@ -284,6 +312,11 @@ def _check(values: dict, resolution_multiple: int) -> None:
                "--fsdp (torchrun then uses DDP) or set --lora_rank 0"),
               (not values["fsdp"] or int(os.environ.get("WORLD_SIZE", "1")) > 1,
                "--fsdp shards over torchrun's processes: launch with torchrun --nproc_per_node=N, N >= 2")]
+    for variable, their in (("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"), ("ACCELERATE_USE_FSDP", "FSDP")):
+        if os.environ.get(variable, "").lower() in ("1", "true", "yes"):
+            checks.append((False, f"accelerate launch with its {their} configuration: these trainers do not use "
+                                  "accelerate's plugins; launch without it (torchrun or a plain `accelerate launch`) "
+                                  "and shard with --fsdp (PyTorch FSDP2)"))
     for ok, message in checks:
         if not ok:
             raise UsageError(message)

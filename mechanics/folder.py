@@ -1,7 +1,6 @@
 """The run's output folder: one run per folder (a lock that dies with its process), every file appears complete
 or not at all (written aside, fsync'ed, renamed), and what dead processes left half-written is removed."""
 import errno
-import fcntl
 import glob
 import logging
 import os
@@ -11,16 +10,29 @@ import socket
 import tempfile
 from contextlib import contextmanager
 
+from filelock import FileLock, Timeout
+
 from mechanics.errors import DiskFull, UsageError
 from offline import cache
 
 logger = logging.getLogger("train")
 
-RUN_FILES = ("log.jsonl", "final", "final_lora")
+RUN_FILES = ("log.jsonl", "final", "final_lora", "heldout")  # heldout/: the --tiny demo's comparison
 _locks: dict[str, object] = {}  # output folder → the open lock file this process holds
 
 
 def _alive(pid: int) -> bool:
+    """Whether process `pid` runs (on this machine). On Windows os.kill(pid, 0) would end it: ask the kernel."""
+    if os.name == "nt":
+        import ctypes
+        kernel32 = ctypes.windll.kernel32
+        handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+        if not handle:
+            return False
+        code = ctypes.c_ulong()
+        kernel32.GetExitCodeProcess(handle, ctypes.byref(code))
+        kernel32.CloseHandle(handle)
+        return code.value == 259  # STILL_ACTIVE
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -95,20 +107,22 @@ def write_text(path: str, text: str, then: str = RESUME) -> None:
 
 
 def acquire(folder: str):
-    """An exclusive lock on FOLDER/.lock for this process, which goes with the process however it ends:
-    (the open lock file, None), or (None, who holds it) when another live process does."""
-    lock = open(os.path.join(folder, ".lock"), "a+")
+    """An exclusive lock on FOLDER/.lock for this process, which goes with the process however it ends (filelock:
+    flock on POSIX, msvcrt on Windows): (the lock, None), or (None, who holds it) when another holder has it.
+    The file names its holder."""
+    path = os.path.join(folder, ".lock")
+    lock = FileLock(path)
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        lock.seek(0)
-        owner = lock.read().strip() or "another process"
-        lock.close()
-        return None, owner
-    lock.seek(0)
-    lock.truncate()
-    lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-    lock.flush()
+        lock.acquire(timeout=0)
+    except Timeout:
+        try:
+            with open(path) as f:
+                owner = f.read().strip()
+        except OSError:  # Windows: the holder's byte lock keeps others from reading the file
+            owner = ""
+        return None, owner or "another process"
+    with open(path, "w") as f:
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
     return lock, None
 
 
@@ -129,7 +143,7 @@ def release(folder: str | None = None) -> None:
     for key in list(_locks) if folder is None else [os.path.realpath(folder)]:
         lock = _locks.pop(key, None)
         if lock is not None:
-            lock.close()
+            lock.release()
 
 
 def prepare_output(args, is_main: bool) -> None:

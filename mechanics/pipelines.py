@@ -136,6 +136,32 @@ def _resolve_denoiser(source: str, family: str) -> tuple[str | None, bool, str]:
     raise UsageError(f"{component} checkpoint {source!r}: {why}; {OFFLINE_HINT}")
 
 
+def denoiser_config(model: ModelRef) -> dict:
+    """The config.json of the UNet or transformer `model` samples with: the swapped-in one (DENOISER@PIPELINE),
+    else the pipeline's own (`unet/` or `transformer/`); a hub model's from the local cache when the hub is offline.
+    eval.py reads FLUX's `guidance_embeds` here (false: FLUX.1-schnell's layout)."""
+    component = DENOISERS[model.family][0]
+    if model.denoiser:
+        source, sub, local = model.denoiser
+    else:
+        source, sub, local = model.source, component, model.is_local
+    name = f"{sub}/config.json" if sub else "config.json"
+    if local:
+        path = Path(source, name)
+    else:
+        from huggingface_hub import hf_hub_download
+
+        online = go_offline_unless_reachable()
+        try:
+            path = Path(hf_hub_download(source, name, local_files_only=not online))
+        except Exception as exc:
+            why = "not in the local cache (the hub is offline)" if not online else "not found on the hub"
+            raise UsageError(f"{source}: the {component}'s {name} is {why}; {OFFLINE_HINT}") from exc
+    if not path.is_file():
+        raise UsageError(f"{source}: no {name}, the {component}'s config")
+    return read_json(path, f"the {component}'s config")
+
+
 def _family(index: Path, source: str) -> str:
     class_name = read_json(index, "a diffusers pipeline's model_index.json").get("_class_name", "")
     if class_name not in PIPELINE_FAMILIES:

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from mechanics import folder
+from mechanics import errors, folder
 from mechanics.errors import UsageError
 
 logger = logging.getLogger("train")
@@ -67,6 +67,27 @@ class Run:
         """The signal number that asked the run to stop, 0 if none (every rank agrees: one all-reduce)."""
         return self.signals.agreed(self) if self.signals is not None else 0
 
+    def first_of_ranks(self, value):
+        """The first rank's non-None value (a picklable one), on every rank; None when every rank has None."""
+        if self.world_size == 1:
+            return value
+        gathered = [None] * self.world_size
+        dist.all_gather_object(gathered, value)
+        return next((g for g in gathered if g is not None), None)
+
+    def together(self, fn):
+        """fn() on every rank, leaving together: a RunError on any rank is raised on every rank (the first failing
+        rank's, same class and line), so no rank waits at a collective for one that left. One all-gather."""
+        failure, result = None, None
+        try:
+            result = fn()
+        except errors.RunError as error:
+            failure = error
+        first = self.first_of_ranks(None if failure is None else (type(failure).__name__, str(failure)))
+        if first is not None:
+            raise getattr(errors, first[0], errors.RunError)(first[1]) from None
+        return result
+
     def mean_over_ranks(self, value) -> float:
         """The mean of a number over every rank (one all-reduce)."""
         value = torch.as_tensor(value, device=self.device).detach().float().reshape(1)
@@ -89,7 +110,14 @@ def _setup_devices(args) -> Run:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError("--device cuda but no CUDA device is available")
+        raise UsageError(f"--device {args.device} but this torch sees no CUDA device: use --device cpu (or mps)")
+    if args.device.startswith("mps") and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {args.device} but this torch has no MPS device (Apple silicon with a macOS "
+                         "build of torch): use --device cpu")
+    try:
+        torch.device(args.device)
+    except RuntimeError:
+        raise UsageError(f"--device {args.device} is not a device torch knows: use cuda, mps or cpu") from None
     if world_size > 1:
         dist.init_process_group(backend="nccl" if args.device.startswith("cuda") else "gloo")
         atexit.register(dist.destroy_process_group)
@@ -106,6 +134,39 @@ def _setup_devices(args) -> Run:
     return Run(device, rank, world_size, local_rank, autocast_dtype)
 
 
+def device_line(run: Run) -> str:
+    """`device cuda:0 (NVIDIA H200), precision bf16, 8 processes (DDP)`: the first line of every run."""
+    name = f" ({torch.cuda.get_device_name(run.device)})" if run.device.type == "cuda" else ""
+    if run.device.type == "cpu":
+        name = f" ({torch.get_num_threads()} threads)"
+    precision = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}[run.autocast_dtype]
+    engine = "FSDP2" if run.fsdp else "DDP" if run.world_size > 1 else "one process"
+    processes = f"{run.world_size} processes ({engine})" if run.world_size > 1 else engine
+    return f"device {run.device}{name}, precision {precision}, {processes}"
+
+
+# A lower bound of a real run's time on a CPU: one SD1.5 pair at 512 px (the 860M-parameter UNet alone: policy
+# forward and backward with gradient checkpointing, reference forward, fp32) took 72 s on the 2-core development
+# CPU (2026-12-04). The optimizer, VAE and text encoders add to it, and SDXL, SD3 and FLUX are larger.
+CPU_SECONDS_PER_PAIR = 70.0
+
+
+def cpu_warning(args, family: str) -> str:
+    """One line for a real recipe started on a CPU: how long it would take at least, and what to do instead."""
+    pairs = args.max_steps * args.effective_batch_size
+    days = pairs * CPU_SECONDS_PER_PAIR * (args.resolution / 512) ** 2 / 86400
+    return (f"{family} at {args.resolution} px on a CPU: {args.max_steps} steps × {args.effective_batch_size} pairs "
+            f"would take at least {days:,.0f} days (~{CPU_SECONDS_PER_PAIR:.0f} s per SD1.5 pair at 512 px on a "
+            "2-core CPU); run it on a GPU, or try the offline demo with --tiny")
+
+
+def _prepare(args, run: Run) -> None:
+    folder.prepare_output(args, run.is_main)
+    package = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(args.report_to)
+    if package and importlib.util.find_spec(package) is None:
+        raise UsageError(f"--report_to {args.report_to} needs the {package} package: pip install {package}")
+
+
 def start(args, family: str) -> Run:
     """Everything before the models load, for resolved `args`: logging, the device, precision and torchrun
     processes, the output folder (folder.prepare_output), signals, and run.json. Returns the Run."""
@@ -115,10 +176,11 @@ def start(args, family: str) -> Run:
     run.family, run.fsdp = family, args.fsdp
     if run.device.type == "cpu" and args.cpu_threads:
         torch.set_num_threads(args.cpu_threads)
-    folder.prepare_output(args, run.is_main)
-    package = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(args.report_to)
-    if package and importlib.util.find_spec(package) is None:
-        raise UsageError(f"--report_to {args.report_to} needs the {package} package: pip install {package}")
+    if run.is_main:  # the run's first line: where and how it computes
+        logger.info(device_line(run))
+        if run.device.type == "cpu" and not args.tiny:
+            logger.warning(cpu_warning(args, family))
+    run.together(lambda: _prepare(args, run))  # a refusal on rank 0 (a folder in use) ends every rank alike
     run.signals = StopSignal()
     if run.is_main:  # the values the run uses, for plot.py and for people
         with open(os.path.join(args.output_dir, "run.json"), "w") as f:
@@ -244,21 +306,34 @@ class StopSignal:
 
 
 def default_device() -> str:
-    """The device of a run that names none: CUDA when there is a GPU, else the CPU."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    """The device of a run that names none: CUDA when there is a GPU, else Apple's MPS, else the CPU."""
+    if torch.cuda.is_available():
+        return "cuda"
+    return "mps" if torch.backends.mps.is_available() else "cpu"
 
 
 SAMPLING_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
                    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+# The families released and sampled in bfloat16: FLUX.1's activations can overflow float16's range, which gives
+# black or NaN images with some weights. [choice: float16 for them is refused, not warned of; a warning scrolls
+# past during hours of sampling, and the broken images would still be scored as if real]
+BF16_FAMILIES = ("flux",)
 
 
-def sampling_dtype(name: str | torch.dtype | None, device) -> torch.dtype:
-    """The dtype a pipeline samples in: a torch dtype as is, a name of SAMPLING_DTYPES, or (None, "auto") float16
-    on an accelerator, as the public evaluation scripts, and float32 on the CPU, where half precision is slower."""
-    if isinstance(name, torch.dtype):
-        return name
+def sampling_dtype(name: str | torch.dtype | None, device, family: str | None = None) -> torch.dtype:
+    """The dtype a pipeline of `family` samples in: a torch dtype as is, a name of SAMPLING_DTYPES, or (None, "auto")
+    float32 on the CPU, where half precision is slower, and on an accelerator bfloat16 for BF16_FAMILIES (FLUX) and
+    float16 for the others, as the public evaluation scripts. float16 for a BF16_FAMILIES model is a UsageError that
+    names bfloat16; family None (the name alone checked) refuses only unknown names."""
     if name in (None, "auto"):
-        return torch.float32 if torch.device(device).type == "cpu" else torch.float16
-    if name not in SAMPLING_DTYPES:
+        if torch.device(device).type == "cpu":
+            return torch.float32
+        return torch.bfloat16 if family in BF16_FAMILIES else torch.float16
+    if not isinstance(name, torch.dtype) and name not in SAMPLING_DTYPES:
         raise UsageError(f"unknown dtype {name!r}; use auto, float32, float16 or bfloat16")
-    return SAMPLING_DTYPES[name]
+    dtype = name if isinstance(name, torch.dtype) else SAMPLING_DTYPES[name]
+    if dtype == torch.float16 and family in BF16_FAMILIES:
+        raise UsageError(f"--dtype float16 for a {family} model: it is a bfloat16 model, and float16 overflows in "
+                         "it (black or NaN images with some weights); use --dtype bfloat16 (what auto takes on a "
+                         "GPU) or float32")
+    return dtype

@@ -1,5 +1,6 @@
 """The training log: OUTPUT_DIR/log.jsonl (one JSON line per optimizer step), Fig. 2's per-t-bin statistics,
 the progress bar, an experiment tracker, and the run's closing lines. It records and prints; the loop decides."""
+import errno
 import json
 import logging
 import math
@@ -13,6 +14,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from mechanics import folder
+from mechanics.errors import DiskFull
 
 logger = logging.getLogger("train")
 
@@ -88,7 +90,7 @@ class TrainLog:
                 os.remove(self.path)
         self.progress = tqdm(total=self.args.max_steps, initial=step, disable=not self.run.is_main,
                              desc=self.desc, dynamic_ncols=True)
-        self.tracker = _Tracker(self.args) if self.run.is_main and self.args.report_to != "none" else None
+        self.tracker = _Tracker(self.args, step) if self.run.is_main and self.args.report_to != "none" else None
         self.step_start = time.perf_counter()
 
     def _truncate(self, last_step: int) -> None:
@@ -151,8 +153,14 @@ class TrainLog:
             record.update(self.bins.summary(self.num_train_timesteps, self.run.world_size))
         self.sums, self.skipped, self.step_start = {}, 0, time.perf_counter()
         if self.run.is_main:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            line = json.dumps(record) + "\n"
+            try:
+                with open(self.path, "a") as f:
+                    f.write(line)
+            except OSError as error:  # a torn last line is dropped on resume (begin)
+                if error.errno == errno.ENOSPC:
+                    raise DiskFull(folder.no_space_message(self.path, len(line))) from None
+                raise
             if self.tracker is not None:
                 self.tracker.log(record)
             self.progress.update(1)
@@ -184,18 +192,30 @@ class TrainLog:
 
 
 class _Tracker:
-    """--report_to: the log's numbers also to TensorBoard (OUTPUT_DIR/tensorboard) or Weights & Biases."""
+    """--report_to: the log's numbers also to TensorBoard (OUTPUT_DIR/tensorboard, which a resumed run writes on)
+    or Weights & Biases (--tracker_project, --run_name): a resumed run continues the wandb run whose id
+    OUTPUT_DIR/wandb_run.json keeps."""
 
-    def __init__(self, args):
+    def __init__(self, args, step: int = 0):
         self.kind = args.report_to
         if self.kind == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(os.path.join(args.output_dir, "tensorboard"))
-        else:
-            import wandb
-            self.writer = wandb
-            wandb.init(project="rethinking-dpo", dir=args.output_dir, config=vars(args),
-                       name=os.path.basename(os.path.normpath(args.output_dir)))
+            return
+        import wandb
+        self.writer = wandb
+        record = os.path.join(args.output_dir, "wandb_run.json")
+        run_id = None
+        if step:
+            try:
+                with open(record) as f:
+                    run_id = json.load(f)["id"]
+            except (OSError, ValueError, KeyError):
+                logger.warning("resumed at step %d without %s: the log goes to a new wandb run", step, record)
+        run = wandb.init(project=args.tracker_project, dir=args.output_dir, config=vars(args),
+                         name=args.run_name or os.path.basename(os.path.normpath(args.output_dir)),
+                         id=run_id, resume="allow" if run_id else None)
+        folder.write_text(record, json.dumps({"id": run.id}))
 
     def log(self, record: dict) -> None:
         scalars = {k: float(v) for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
@@ -259,9 +279,21 @@ def report_stop(args, run, step: int, reason: str) -> None:
         print(f"{reason}; resume with --resume latest --output_dir {args.output_dir}", flush=True)
 
 
+def divergence_advice(args) -> str:
+    """The flag most likely at fault when a run diverges, from what the run set (its first unusual value)."""
+    if args.on_diverge == "ignore" and args.tau:
+        return (f"--on_diverge ignore with --tau {args.tau} runs the reference update without its monitor, the failure "
+                "mode of PAPER.md §2: keep the monitor (--on_diverge freeze)")
+    if args.mixed_precision == "fp16":
+        return "--mixed_precision fp16 overflows where bf16 does not: use --mixed_precision bf16"
+    if not args.max_grad_norm:
+        return "--max_grad_norm 0 turned gradient clipping off: use --max_grad_norm 1"
+    return f"try a lower --learning_rate (now {args.learning_rate:g}) or --beta (now {args.beta:g})"
+
+
 def report_diverged(args, run, log: TrainLog, step: int, kept: list[str]) -> None:
-    """Why a run stopped with no final model, and where its last checkpoint is."""
+    """Why a run stopped with no final model, where its last checkpoint is, and the flag likely at fault."""
     if run.is_main:
         print(f"error: the run diverged: {log.nonfinite_in_a_row} steps in a row (to step {step}) had a non-finite "
               f"loss or gradient norm; no final model was written; the last checkpoint is "
-              f"{kept[-1] if kept else 'none'}; try a lower --learning_rate or --beta", file=sys.stderr, flush=True)
+              f"{kept[-1] if kept else 'none'}; {divergence_advice(args)}", file=sys.stderr, flush=True)

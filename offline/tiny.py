@@ -78,6 +78,8 @@ SDXL_SCHEDULER_CONFIG = {
 SD3_SCHEDULER_CONFIG = {"num_train_timesteps": 1000, "shift": 3.0}
 FLUX_SCHEDULER_CONFIG = {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5,
                          "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096}
+# FLUX.1-schnell's: no resolution-dependent shift, and a static shift of 1 (its σ grid unshifted).
+FLUX_SCHNELL_SCHEDULER_CONFIG = {**FLUX_SCHEDULER_CONFIG, "shift": 1.0, "use_dynamic_shifting": False}
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -449,12 +451,14 @@ def build_tiny_sd3(out_dir: str | os.PathLike, seed: int = 0, sd35: bool = False
     return str(out)
 
 
-def build_tiny_flux(out_dir: str | os.PathLike, seed: int = 0, guidance_embeds: bool = True) -> str:
+def build_tiny_flux(out_dir: str | os.PathLike, seed: int = 0, guidance_embeds: bool = True,
+                    scheduler_config: dict | None = None) -> str:
     """Save a tiny FluxPipeline to out_dir and return the folder: CLIP-L (pooled) and T5 text encoders, a
     16-channel VAE without quant convs and with FLUX's shift and scale, a FluxTransformer2DModel (one double- and
-    one single-stream block) on 2×2-packed latents with 3-axis RoPE ids, and FLUX's resolution-dependent
-    (dynamic) shift of the flow-matching schedule. guidance_embeds: FLUX.1-dev's distilled guidance input
-    (False: the FLUX.1-schnell layout)."""
+    one single-stream block) on 2×2-packed latents with 3-axis RoPE ids, and a flow-matching scheduler.
+    guidance_embeds: FLUX.1-dev's distilled guidance input (False: the FLUX.1-schnell layout). scheduler_config:
+    the scheduler's config; by default the real model's of that layout, FLUX.1-dev's resolution-dependent
+    (dynamic) shift with guidance embeddings, FLUX.1-schnell's unshifted grid without."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
     out = Path(out_dir)
@@ -477,7 +481,9 @@ def build_tiny_flux(out_dir: str | os.PathLike, seed: int = 0, guidance_embeds: 
         )
     vae = _vae(seed, 4, latent_channels=16, use_quant_conv=False, use_post_quant_conv=False,
                shift_factor=0.1159, scaling_factor=0.3611)
-    scheduler = FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_CONFIG)
+    if scheduler_config is None:
+        scheduler_config = FLUX_SCHEDULER_CONFIG if guidance_embeds else FLUX_SCHNELL_SCHEDULER_CONFIG
+    scheduler = FlowMatchEulerDiscreteScheduler(**scheduler_config)
     pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                         text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer)
     _save_pipeline(pipe, out, {"tokenizer": "<|endoftext|>"})

@@ -296,7 +296,91 @@ def test_sdxl_and_sd3_pipelines_are_detected_and_sampled(kind, tmp_path):
     assert result.generated == {folder: 1}
     settings = result.summary["models"][folder]["settings"]
     assert (settings["family"], settings["guidance_scale"]) == (kind, ev.FAMILY_DEFAULTS[kind]["guidance_scale"])
+    assert settings.get("max_sequence_length") == {"sdxl": None, "sd3": 256}[kind]  # SD3Pipeline's T5 length
     assert "Mean score per model" in result.table
+
+
+# FLUX: bf16, and FLUX.1-dev's and FLUX.1-schnell's own sampler settings
+
+
+def test_flux_samples_in_bfloat16_on_an_accelerator_and_float16_is_refused(tmp_path, capsys):
+    """FLUX is a bf16 model (float16 gives black or NaN images with some weights): `auto` is per family. The
+    resolution needs no GPU: a pretend CUDA device is only a name to runtime.sampling_dtype."""
+    from mechanics import runtime
+
+    flux = ev.model_ref(tiny.tiny_pipeline_dir("flux"))
+    sd15 = ev.model_ref(tiny.tiny_pipeline_dir("sd15"))
+    assert flux.family == "flux"
+    for device in ("cuda", "cuda:1", "mps"):
+        assert runtime.sampling_dtype("auto", device, flux.family) == torch.bfloat16
+        assert runtime.sampling_dtype(None, device, sd15.family) == torch.float16
+    assert runtime.sampling_dtype("auto", "cpu", flux.family) == torch.float32  # half precision is slow on a CPU
+    assert runtime.sampling_dtype("bf16", "cuda", "flux") == torch.bfloat16
+    assert runtime.sampling_dtype("float32", "cuda", "flux") == torch.float32
+    assert runtime.sampling_dtype("float16", "cuda", "sd3") == torch.float16  # the other families may take it
+    for fp16 in ("float16", "fp16", torch.float16):
+        with pytest.raises(UsageError, match="bfloat16") as refused:
+            runtime.sampling_dtype(fp16, "cuda", flux.family)
+        assert "\n" not in str(refused.value)
+    # the settings stored beside the images name the dtype the pipeline is loaded in
+    prompt_set = ev.PromptSet("file:p", "p", ["a red circle"])
+    assert ev.sampling_settings(flux, prompt_set, dtype=runtime.sampling_dtype("auto", "cuda", "flux"))["dtype"] \
+        == "bfloat16"
+    # eval.py refuses an explicit float16 for FLUX in one line, before its output folder is made
+    out = tmp_path / "out"
+    msg = _cli_error(capsys, ["--model", tiny.tiny_pipeline_dir("flux"), "--prompts", _prompt_file(tmp_path / "p.txt"),
+                              "--rewards", "toy_fidelity", "--dtype", "float16", "--device", "cpu",
+                              "--output_dir", str(out)])
+    assert msg.startswith("error: --dtype float16 for a flux model") and "bfloat16" in msg
+    assert not out.exists()
+
+
+class RecordingLoader:
+    """Wraps eval.load_pipeline to record the keyword arguments of every sampling call."""
+
+    def __init__(self, real):
+        self.real, self.calls = real, []
+
+    def __call__(self, model, device, dtype):
+        pipe, calls = self.real(model, device, dtype), self.calls
+
+        def call(*args, **kwargs):
+            calls.append(kwargs)
+            return pipe(*args, **kwargs)
+        return call
+
+
+def test_flux_dev_and_schnell_sample_with_their_model_cards_settings(tmp_path, monkeypatch):
+    """FLUX.1-dev: 50 steps, guidance 3.5, 512 T5 tokens; FLUX.1-schnell: 4 steps, guidance 0, 256 T5 tokens. A
+    FLUX model is schnell by its transformer's config (no guidance embeddings), not by its name; each flag
+    overrides."""
+    dev_dir = tiny.tiny_pipeline_dir("flux")
+    schnell_dir = tiny.build_tiny_flux(tmp_path / "any-name", guidance_embeds=False)
+    dev, schnell = ev.model_ref(f"dev={dev_dir}"), ev.model_ref(f"schnell={schnell_dir}")
+    prompt_set = ev.PromptSet("file:p", "p", ["a red circle"])
+
+    def picked(settings):
+        return (settings["steps"], settings["guidance_scale"], settings["max_sequence_length"], settings["height"])
+    assert picked(ev.sampling_settings(dev, prompt_set)) == (50, 3.5, 512, 1024)
+    assert picked(ev.sampling_settings(schnell, prompt_set)) == (4, 0.0, 256, 1024)
+    # a schnell transformer swapped into the dev pipeline samples as schnell: the transformer decides
+    swapped = ev.model_ref(f"swapped={schnell_dir}@{dev_dir}")
+    assert swapped.denoiser and picked(ev.sampling_settings(swapped, prompt_set)) == (4, 0.0, 256, 1024)
+    assert picked(ev.sampling_settings(schnell, prompt_set, steps=2, guidance_scale=1.0, resolution=32,
+                                       max_sequence_length=16)) == (2, 1.0, 16, 32)
+    # ... and the pipeline is called with them
+    loader = RecordingLoader(ev.load_pipeline)
+    monkeypatch.setattr(ev, "load_pipeline", loader)
+    prompts = _prompt_file(tmp_path / "p.txt")
+    ev.evaluate(f"schnell={schnell_dir}", [], prompts, ["toy_fidelity"], tmp_path / "out", limit=1, num_seeds=1,
+                resolution=32, device="cpu", progress=False, log=lambda s: None)
+    ev.evaluate(f"dev={dev_dir}", [], prompts, ["toy_fidelity"], tmp_path / "out-dev", limit=1, num_seeds=1,
+                steps=1, resolution=32, max_sequence_length=8, device="cpu", progress=False, log=lambda s: None)
+    assert [(c["num_inference_steps"], c["guidance_scale"], c["max_sequence_length"]) for c in loader.calls] == \
+        [(4, 0.0, 256), (1, 3.5, 8)]
+    with pytest.raises(UsageError, match="max_sequence_length 513"):
+        ev.evaluate(f"dev={dev_dir}", [], prompts, ["toy_fidelity"], tmp_path / "o", max_sequence_length=513,
+                    device="cpu", progress=False, log=lambda s: None)
 
 
 def test_a_unet_checkpoint_swapped_into_a_pipeline(models):

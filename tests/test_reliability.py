@@ -119,9 +119,19 @@ def test_two_runs_into_one_folder_the_second_is_refused_and_a_killed_ones_lock_i
 # Divergence stops the run
 
 
+def test_the_divergence_advice_names_the_flag_likely_at_fault():
+    from types import SimpleNamespace
+    from mechanics.trainlog import divergence_advice
+    plain = dict(on_diverge="freeze", tau=32, mixed_precision="auto", max_grad_norm=1.0, learning_rate=2e-5, beta=5000.0)
+    for change, flag in ((dict(on_diverge="ignore"), "--on_diverge freeze"), (dict(mixed_precision="fp16"),
+                         "--mixed_precision bf16"), (dict(max_grad_norm=0.0), "--max_grad_norm 1"), ({}, "--learning_rate")):
+        assert flag in divergence_advice(SimpleNamespace(**{**plain, **change})), change
+
+
 def test_divergence_skips_steps_then_stops_with_exit_3_keeping_finite_checkpoints(tmp_path, capsys):
     fails(capsys, flags(tmp_path, "--max_steps", 30, "--learning_rate", 1e9, "--checkpoint_every", 1,
-                        "--keep_checkpoints", 30), "diverged", "3 steps in a row", code=EXIT_DIVERGED)
+                        "--keep_checkpoints", 30), "diverged", "3 steps in a row", "--learning_rate (now 1e+09)",
+          code=EXIT_DIVERGED)
     log = read_log(tmp_path)
     assert [r.get("skipped_step", False) for r in log[-3:]] == [True, True, True] and log[-1]["nonfinite_steps"] == 3
     assert not (tmp_path / "final").exists()
@@ -139,7 +149,7 @@ def broken_pairs(tmp_path, bad_images: bool = False, bad_labels: int = 0) -> str
     if bad_images:
         table["jpg_0"] = table["jpg_1"] = [b"not an image"] * len(table["caption"])
     for i in range(bad_labels):
-        table["label_0"][i], table["label_1"][i] = 0.3, 0.7
+        table["label_0"][i], table["label_1"][i] = 1.3, -0.3  # outside [0, 1] (0.3/0.7 is a soft label)
     path = tmp_path / "pairs.parquet"
     pq.write_table(pa.table({k: pa.array(v, type=pa.binary()) if k.startswith("jpg_") else v
                              for k, v in table.items()}), path)
@@ -239,7 +249,7 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_or_refuses(tmp_p
     (tmp_path / "checkpoint-4" / "state.pt").write_bytes(b"")
     log = run(tmp_path, "--max_steps", 5, "--checkpoint_every", 2, "--tau", 2, "--learning_rate", 1e-4,
               "--resume", "latest", "--keep_checkpoints", 5)
-    assert [r["step"] for r in log] == [1, 2, 3, 4, 5] and "checkpoint-4 cannot be read" in caplog.text
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5] and "checkpoint-4: state.pt has 0 bytes" in caplog.text
     for checkpoint in checkpoints.checkpoint_dirs(str(tmp_path)):
         with open(os.path.join(checkpoint, "state.pt"), "wb"):
             pass  # emptied
@@ -250,8 +260,9 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_or_refuses(tmp_p
 def test_bin_statistics_survive_a_resume(tmp_path):
     common = ["--tau", 2, "--learning_rate", 1e-4, "--bin_stats_every", 4]
     full = run(tmp_path / "full", "--max_steps", 4, "--checkpoint_every", 1000, *common)
-    run(tmp_path / "split", "--max_steps", 3, "--checkpoint_every", 2, *common)  # checkpoint-2 holds steps 1–2's
-    resumed = run(tmp_path / "split", "--max_steps", 4, "--checkpoint_every", 2, "--resume", "latest", *common)
+    run(tmp_path / "split", "--max_steps", 3, "--checkpoint_every", 2, *common)
+    resumed = run(tmp_path / "split", "--max_steps", 4, "--checkpoint_every", 2, *common,  # mid-window: steps 1–2's
+                  "--resume", str(tmp_path / "split" / "checkpoint-2"))
     assert sum(full[-1]["bin_count"]) == 4 * 4  # the four steps' pairs, not only the two since the resume
     for key in ("bin_count", "bin_accuracy", "bin_reward_magnitude", "bin_model_err"):
         assert resumed[-1][key] == full[-1][key], key
@@ -306,3 +317,92 @@ def test_eval_samples_a_truncated_stored_image_again(tmp_path):
     with Image.open(path) as im:
         im.load()  # complete again
         assert im.size == (32, 32)
+
+
+def test_the_last_step_is_checkpointed_before_final_is_written(tmp_path):
+    """A run that checkpoints keeps its last steps even if writing final/ fails (one that never reaches its first
+    checkpoint, as most tests, is not made to write one)."""
+    run(tmp_path, "--max_steps", 3, "--checkpoint_every", 2)
+    assert [os.path.basename(d) for d in checkpoints.checkpoint_dirs(str(tmp_path))] == ["checkpoint-2", "checkpoint-3"]
+    assert torch.load(tmp_path / "checkpoint-3" / "state.pt", weights_only=True)["step"] == 3
+
+
+def test_a_rewind_is_a_branch_that_latest_and_pruning_never_return_to(tmp_path, capsys):
+    """--resume checkpoint-4 with a new learning rate, on a run at step 8: checkpoints 6 and 8, final/ and the log
+    move into abandoned-after-4/; the branch's log reads 1..8 once; --keep_checkpoints 1 keeps the branch's own."""
+    common = ["--checkpoint_every", 2, "--tau", 2, "--learning_rate", 1e-4]
+    first = run(tmp_path, "--max_steps", 8, *common, "--keep_checkpoints", 10)
+    branched = run(tmp_path, "--max_steps", 6, *common[:-2], "--learning_rate", 5e-5, "--keep_checkpoints", 1,
+                   "--resume", str(tmp_path / "checkpoint-4"), "--resume_override", "learning_rate")
+    aside = tmp_path / "abandoned-after-4"
+    assert sorted(p.name for p in aside.iterdir()) == ["checkpoint-6", "checkpoint-8", "final", "log.jsonl"]
+    assert [r["step"] for r in read_log(aside)] == list(range(1, 9))  # the abandoned line, whole
+    assert [d.name for d in tmp_path.glob("checkpoint-*")] == ["checkpoint-6"]  # the branch's, not pruned away
+    assert [r["loss"] for r in branched[:4]] == [r["loss"] for r in first[:4]]
+    assert branched[4]["loss"] != first[4]["loss"] or branched[4]["lr"] != first[4]["lr"]
+    again = run(tmp_path, "--max_steps", 8, *common[:-2], "--learning_rate", 5e-5, "--keep_checkpoints", 1,
+                "--resume", "latest")
+    assert [r["step"] for r in again] == list(range(1, 9)) and again[:6] == branched[:6]
+    assert not (tmp_path / "abandoned-after-6").exists()  # continuing the branch's newest point is no rewind
+
+
+def test_a_checkpoint_with_damaged_bytes_is_not_trusted_and_the_one_before_resumes(tmp_path, caplog):
+    """A few bytes changed inside the newest checkpoint's tensors (the zip still reads): its manifest's checksum
+    says so, --resume latest warns once and continues from the one before, to the losses of a run never damaged;
+    named explicitly, it is refused in one line."""
+    steps = ["--checkpoint_every", 2, "--tau", 2, "--learning_rate", 1e-4, "--keep_checkpoints", 5]
+    full = run(tmp_path / "full", "--max_steps", 6, *steps)
+    run(tmp_path / "cut", "--max_steps", 4, *steps)
+    state = tmp_path / "cut" / "checkpoint-4" / "state.pt"
+    blob = bytearray(state.read_bytes())
+    middle = len(blob) // 2
+    blob[middle:middle + 4096] = os.urandom(4096)
+    state.write_bytes(bytes(blob))
+    with caplog.at_level("WARNING"):
+        resumed = run(tmp_path / "cut", "--max_steps", 6, *steps, "--resume", "latest")
+    warned = [r.getMessage() for r in caplog.records if "trying the one before" in r.getMessage()]
+    assert len(warned) == 1 and "checkpoint-4: state.pt is damaged" in warned[0], warned
+    assert (tmp_path / "cut" / "abandoned-after-2" / "checkpoint-4").is_dir()  # set aside, never resumed again
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in full]
+    (tmp_path / "cut" / "checkpoint-6" / "MANIFEST.json").unlink()  # a checkpoint from before manifests: read as is
+    assert checkpoints.verify(str(tmp_path / "cut" / "checkpoint-6")) is None
+    os.remove(tmp_path / "cut" / "checkpoint-2" / "state.pt")
+    assert checkpoints.verify(str(tmp_path / "cut" / "checkpoint-2")) == "state.pt is missing"
+
+
+def test_a_full_disk_at_a_log_line_is_one_line_naming_the_log(tmp_path, capsys, monkeypatch):
+    import builtins
+    from mechanics import trainlog
+    real_open, lines = builtins.open, []
+
+    def log_open(path, mode="r", *args, **kwargs):
+        if str(path).endswith("log.jsonl") and mode == "a":
+            lines.append(path)
+            if len(lines) == 2:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(trainlog, "open", log_open, raising=False)  # the log's own appends only
+    fails(capsys, flags(tmp_path, "--max_steps", 3), f"{tmp_path}/log.jsonl: it needs about", "are free",
+          code=EXIT_DISK_FULL)
+    assert [r["step"] for r in read_log(tmp_path)] == [1]
+
+
+def test_the_manifest_tells_truncated_overwritten_and_missing_files_apart(tmp_path):
+    """What `cp -r ckpt/sharded/* dst/` or a copy cut short leaves: every case named, each rank checking its share."""
+    folder = tmp_path / "checkpoint-2"
+    (folder / "sharded").mkdir(parents=True)
+    for name, size in (("state.pt", 3000), ("rank-0.pt", 2000), ("rank-1.pt", 2000), ("sharded/.metadata", 500),
+                       ("sharded/__0_0.distcp", 8000), ("sharded/__1_0.distcp", 8000)):
+        (folder / name).write_bytes(os.urandom(size))
+    checkpoints.write_manifest(str(folder))
+    assert checkpoints.verify(str(folder)) is None
+    shard = folder / "sharded" / "__1_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:5000])  # truncated
+    assert checkpoints.verify(str(folder)) == "sharded/__1_0.distcp has 5000 bytes, not the 8000 it was written with"
+    shard.write_bytes(b"PK" + os.urandom(7998))  # its zip structure overwritten, same size
+    assert "sharded/__1_0.distcp is damaged" in checkpoints.verify(str(folder))
+    found = [checkpoints.verify(str(folder), rank, 2) for rank in (0, 1)]  # the file is one rank's share only
+    assert sum(reason is not None for reason in found) == 1
+    (folder / "sharded" / ".metadata").unlink()
+    assert any(checkpoints.verify(str(folder), rank, 2) == "sharded/.metadata is missing" for rank in (0, 1))

@@ -235,3 +235,15 @@ def test_tiny_demo_trains_the_toy_model_and_reports_what_eval_py_reports(tmp_pat
     assert trained.keys() == base.keys()
     change = max((trained[k] - base[k]).abs().max().item() for k in base)
     assert 0 < change < 0.01  # two small steps away from the toy model, not from a random tiny one
+    # The demo extended with --resume latest, and run again with --overwrite: its own heldout/ is made anew.
+    assert train_sd15.main(["--tiny", "--max_steps", "3", "--output_dir", str(tmp_path), "--train_batch_size", "2",
+                            "--effective_batch_size", "2", "--resume", "latest"]) == 0
+    extended = json.loads((tmp_path / "heldout" / "summary.json").read_text())
+    assert "held-out comparison" in capsys.readouterr().out and extended["mean_scores"]["trained"] != \
+        summary["mean_scores"]["trained"]
+    from types import SimpleNamespace
+
+    from mechanics import folder
+    folder.prepare_output(SimpleNamespace(output_dir=str(tmp_path), overwrite=True, resume=None), is_main=True)
+    folder.release()
+    assert not (tmp_path / "heldout").exists() and not (tmp_path / "final").exists()  # --overwrite: all of it

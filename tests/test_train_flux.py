@@ -11,7 +11,8 @@ import types
 import numpy as np
 import pytest
 import torch
-from diffusers import FluxPipeline, FluxTransformer2DModel
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 import schedule
 from offline import tiny
@@ -55,17 +56,56 @@ def test_noising_is_rectified_flow_with_a_velocity_target():
     assert torch.equal(target, eps - x0)
 
 
+def pipeline_sigmas(scheduler, index, tokens):
+    """FluxPipeline's sampling σ at the training grid's points s = (index + 1) / 1000 for an image of `tokens`
+    packed tokens: the pipeline's own μ (calculate_shift, from the scheduler's config) into set_timesteps."""
+    c = scheduler.config
+    mu = calculate_shift(tokens, c.base_image_seq_len, c.max_image_seq_len, c.base_shift, c.max_shift)
+    scheduler.set_timesteps(sigmas=(index + 1) / 1000, mu=mu)
+    return scheduler.sigmas[:-1].float()
+
+
 def test_the_sigma_grid_is_fluxs_own_shift_at_the_training_resolution(model):
     scheduler = model.scheduler
-    # 256 image tokens: 256 px on the real VAE (8×, then 2×2 packing); 4096 tokens: 1024 px
-    for tokens, mu in ((256, 0.5), (4096, 1.15)):
+    assert scheduler.config.use_dynamic_shifting  # FLUX.1-dev's config
+    # 256 image tokens: 256 px on the real VAE (8×, then 2×2 packing); 1024 tokens: 512 px; 4096 tokens: 1024 px
+    index = np.arange(999, 0, -50)  # 20 points of the training grid, s = (index + 1) / 1000
+    for tokens in (256, 1024, 4096):
         grid = train_flux.sigma_grid(scheduler, tokens)
         assert len(grid) == 1000 and bool((grid[1:] > grid[:-1]).all()) and grid[-1] == pytest.approx(1.0)
-        index = np.arange(999, 0, -50)  # 20 points of the training grid, s = (index + 1) / 1000
-        scheduler.set_timesteps(sigmas=(index + 1) / 1000, mu=mu)  # as FluxPipeline shifts its sampling σ
-        assert torch.allclose(grid[index], scheduler.sigmas[:-1].float(), atol=1e-6)
-    # the shift is exp(μ)/(exp(μ) + 1/s − 1): at s = 1/2, σ = e^μ / (e^μ + 1)
+        assert torch.allclose(grid[index], pipeline_sigmas(scheduler, index, tokens), atol=1e-6)
+    c = scheduler.config
+    assert [calculate_shift(n, c.base_image_seq_len, c.max_image_seq_len, c.base_shift, c.max_shift)
+            for n in (256, 1024, 4096)] == pytest.approx([0.5, 0.63, 1.15])  # μ at 256, 512 and 1024 px
+    # the shift is exp(μ)/(exp(μ) + 1/s − 1): at s = 1/2, σ = e^μ / (e^μ + 1), 0.76 at 1024 px
     assert train_flux.sigma_grid(scheduler, 4096)[499] == pytest.approx(math.exp(1.15) / (math.exp(1.15) + 1), abs=1e-6)
+
+
+@pytest.fixture(scope="module")
+def schnell(tiny_cache, tmp_path_factory):
+    """A tiny FLUX.1-schnell-layout pipeline: no guidance embeddings, schnell's scheduler (no dynamic shift,
+    shift 1)."""
+    return tiny.build_tiny_flux(tmp_path_factory.mktemp("schnell") / "schnell", guidance_embeds=False)
+
+
+def test_without_dynamic_shifting_the_grid_is_the_schedulers_static_shift(schnell):
+    """FLUX.1-schnell's scheduler has no resolution-dependent shift (and shift 1): its pipeline samples the grid
+    unshifted at any size, and so does training, where μ's shift would put the median σ at 0.76 at 1024 px."""
+    m = train_flux.load_models(schnell, torch.device("cpu"), torch.float32, 32, 3.5, 16)
+    assert not m.scheduler.config.use_dynamic_shifting and m.scheduler.config.shift == 1.0
+    # the loaded grid is the scheduler's own training σ (noisiest first there), whatever the resolution
+    own = FlowMatchEulerDiscreteScheduler.from_pretrained(schnell, subfolder="scheduler").sigmas.flip(0)
+    assert torch.allclose(m.sigmas, own, atol=1e-6) and m.sigmas.median() == pytest.approx(0.5, abs=1e-3)
+    index = np.arange(999, 0, -50)
+    # a static shift other than 1 (a config with use_dynamic_shifting false, shift 3) is the scheduler's too
+    for config in (tiny.FLUX_SCHNELL_SCHEDULER_CONFIG, {**tiny.FLUX_SCHNELL_SCHEDULER_CONFIG, "shift": 3.0}):
+        for tokens in (256, 1024, 4096):
+            scheduler = FlowMatchEulerDiscreteScheduler(**config)
+            grid = train_flux.sigma_grid(scheduler, tokens)
+            assert torch.allclose(grid, scheduler.sigmas.flip(0), atol=1e-6)  # its training σ, at construction
+            assert torch.allclose(grid[index], pipeline_sigmas(scheduler, index, tokens), atol=1e-6)  # its sampling σ
+    assert train_flux.sigma_grid(FlowMatchEulerDiscreteScheduler(**tiny.FLUX_SCHEDULER_CONFIG), 4096).median() \
+        == pytest.approx(0.76, abs=0.005)  # the dev grid at 1024 px, which schnell trained on before
 
 
 def test_lambda_and_the_sampler_on_fluxs_grid(model):
@@ -93,7 +133,7 @@ def test_flow_lambda_step_scales_by_generation_step(tmp_path):
     assert mean(step[-1]) < mean(snr[-1])
 
 
-def test_the_guidance_input_reaches_fluxs_transformer(model, tmp_path):
+def test_the_guidance_input_reaches_fluxs_transformer(model, schnell):
     batch = {"pixel_values": torch.zeros(4, 3, 32, 32), "captions": ["a red square", "a blue circle"]}
     latents, cond = train_flux.encode(model, batch, torch.Generator().manual_seed(0))
     assert torch.equal(cond["guidance"], torch.full((4,), 3.5))
@@ -102,7 +142,6 @@ def test_the_guidance_input_reaches_fluxs_transformer(model, tmp_path):
         a = train_flux.predict(model.transformer, latents, t, cond)
         b = train_flux.predict(model.transformer, latents, t, {**cond, "guidance": torch.full((4,), 1.0)})
     assert a.shape == latents.shape and (a - b).abs().max() > 0  # the distilled guidance is an input
-    schnell = tiny.build_tiny_flux(tmp_path / "schnell", guidance_embeds=False)
     m = train_flux.load_models(schnell, torch.device("cpu"), torch.float32, 32, 3.5, 16)
     latents, cond = train_flux.encode(m, batch, torch.Generator().manual_seed(0))
     assert m.guidance is None and "guidance" not in cond

@@ -6,7 +6,10 @@ import os
 import pytest
 import torch
 
+import losses
+import reference
 import schedule
+from mechanics import flags
 from offline import tiny
 import train_sd3
 from helpers import check_cached_latents_and_lora, check_resume_matches_an_uninterrupted_run, read_log, main_or_exit
@@ -101,16 +104,41 @@ def test_prompts_are_encoded_as_the_sd3_pipeline_does_with_and_without_t5(model)
     from diffusers import StableDiffusion3Pipeline
     captions = ["a red square", ""]
     pipe = StableDiffusion3Pipeline.from_pretrained(tiny.tiny_pipeline_dir("sd3"))
-    for encoder, pipeline in ((model, pipe), (load_model(drop_t5=True), StableDiffusion3Pipeline.from_pretrained(
-            tiny.tiny_pipeline_dir("sd3"), text_encoder_3=None, tokenizer_3=None))):
-        states, pooled = train_sd3.encode_prompts(encoder, captions)
-        expected, _, expected_pooled, _ = pipeline.encode_prompt(
-            captions, None, None, device="cpu", do_classifier_free_guidance=False, max_sequence_length=77)
-        torch.testing.assert_close(states, expected)
-        torch.testing.assert_close(pooled, expected_pooled)
-        assert states.shape == (2, 77 + 77, 128) and pooled.shape == (2, 64)
+    states, pooled = train_sd3.encode_prompts(model, captions)
+    expected, _, expected_pooled, _ = pipe.encode_prompt(
+        captions, None, None, device="cpu", do_classifier_free_guidance=False, max_sequence_length=77)
+    torch.testing.assert_close(states, expected)
+    torch.testing.assert_close(pooled, expected_pooled)
+    assert states.shape == (2, 77 + 77, 128) and pooled.shape == (2, 64)  # with T5: T5_MAX_LENGTH, 77 tokens
+
+    # --drop_t5: the zero T5 block of the pipeline loaded without T5, at that pipeline's own length (its
+    # max_sequence_length default, 256, not passed here), unless --t5_max_length is given.
+    no_t5 = StableDiffusion3Pipeline.from_pretrained(tiny.tiny_pipeline_dir("sd3"), text_encoder_3=None,
+                                                     tokenizer_3=None)
     dropped = load_model(drop_t5=True)
-    assert dropped.text_encoder_3 is None and train_sd3.encode_prompts(dropped, captions)[0][:, 77:].abs().max() == 0
+    assert dropped.text_encoder_3 is None and dropped.t5_max_length == 256
+    states, pooled = train_sd3.encode_prompts(dropped, captions)
+    expected, _, expected_pooled, _ = no_t5.encode_prompt(captions, None, None, device="cpu",
+                                                          do_classifier_free_guidance=False)
+    assert states.shape == expected.shape == (2, 77 + 256, 128)
+    torch.testing.assert_close(states, expected)
+    torch.testing.assert_close(pooled, expected_pooled)
+    assert states[:, 77:].abs().max() == 0 and states[:, :77].abs().max() > 0
+    given = train_sd3.load_models(tiny.tiny_pipeline_dir("sd3"), torch.device("cpu"), torch.float32, True, 100)
+    expected = no_t5.encode_prompt(captions, None, None, device="cpu", do_classifier_free_guidance=False,
+                                   max_sequence_length=100)[0]
+    torch.testing.assert_close(train_sd3.encode_prompts(given, captions)[0], expected)
+
+
+def test_the_t5_length_flag_follows_drop_t5_unless_given():
+    def resolved(*argv):
+        args, _ = flags.resolve(list(argv), train_sd3.__doc__, "sd3", train_sd3.RECIPE, train_sd3.TINY_RECIPE,
+                                losses.LOSSES, reference.METHODS, resolution_multiple=16,
+                                model_flags=train_sd3.model_flags)
+        return args.t5_max_length
+    assert resolved("--tiny") == 77 and resolved("--tiny", "--drop_t5") == 256
+    assert resolved("--tiny", "--drop_t5", "--t5_max_length", "77") == 77
+    assert resolved("--tiny", "--t5_max_length", "256") == 256
 
 
 def test_resume_ends_with_the_same_weights_as_an_uninterrupted_run(tmp_path):

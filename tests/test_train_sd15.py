@@ -110,6 +110,25 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     assert json.loads(log.read_text().splitlines()[-1])["step"] == step
 
 
+def test_sigterm_to_the_torchrun_launcher_checkpoints_every_rank_and_the_launcher_exits_1(tmp_path):
+    """The README's account: the launcher passes SIGTERM on; both ranks stop at the same step with one checkpoint
+    that verifies; torchrun's own exit code is 1."""
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                             "29535", "train_sd15.py", *tiny_flags(), "--max_steps", "1000", "--train_batch_size", "1",
+                             "--effective_batch_size", "4", "--checkpoint_every", "1000", "--no-plot",
+                             "--output_dir", str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    log, deadline = tmp_path / "log.jsonl", time.time() + 240
+    while not (log.exists() and log.read_text().count("\n") >= 2) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err[-2000:]
+    saved = checkpoints.checkpoint_dirs(str(tmp_path))
+    assert len(saved) == 1 and checkpoints.verify(saved[0]) is None and "stopped at step" in out
+    assert json.loads(log.read_text().splitlines()[-1])["step"] == int(saved[0].rsplit("-", 1)[1])
+
+
 def expect_error(capsys, argv, *fragments):
     assert train_sd15.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -105,6 +105,19 @@ class Run:
         return bad.item() == 0
 
 
+def _leave_process_group() -> None:
+    """At exit, every rank waits for the others before tearing the group down: a rank that destroyed its gloo
+    group while another still held a connection to it was seen to abort (SIGABRT) instead of returning its exit
+    code. A rank that left early (a failure on it alone) is waited for at most 30 s."""
+    import datetime
+    try:
+        if dist.get_backend() == "gloo":
+            dist.monitored_barrier(timeout=datetime.timedelta(seconds=30))
+    except Exception:  # noqa: BLE001 - a peer already gone: nothing to wait for
+        pass
+    dist.destroy_process_group()
+
+
 def _setup_devices(args) -> Run:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -120,7 +133,7 @@ def _setup_devices(args) -> Run:
         raise UsageError(f"--device {args.device} is not a device torch knows: use cuda, mps or cpu") from None
     if world_size > 1:
         dist.init_process_group(backend="nccl" if args.device.startswith("cuda") else "gloo")
-        atexit.register(dist.destroy_process_group)
+        atexit.register(_leave_process_group)
     device = torch.device(f"cuda:{local_rank}" if args.device == "cuda" else args.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)

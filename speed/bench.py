@@ -102,6 +102,9 @@ class SectionTimer:
         self.steps_ended += 1
         if self.steps_ended == self.warmup:
             self.window = self._now()
+            if self.cuda:  # the timed steps' own peak, apart from setup's (model load, monitor probe) and warm-up's
+                self.setup_peak_mb = torch.cuda.max_memory_allocated() / 2**20
+                torch.cuda.reset_peak_memory_stats()
         elif self.steps_ended > self.warmup:
             self.window_end = self._now()
 
@@ -257,7 +260,9 @@ def trainer_argv(opts, output_dir: str) -> list[str]:
             "--train_batch_size", str(opts.batch), "--effective_batch_size", str(opts.batch),
             "--checkpoint_every", str(10**9), "--divergence_every", "0", "--tau", str(opts.tau),
             # δ = ∞: every τ-th step updates (a frozen reference would cost nothing and hide the update's cost)
-            "--delta", "1e9", "--lora_rank", str(opts.lora_rank)]
+            "--delta", "1e9", "--lora_rank", str(opts.lora_rank),
+            # the training step alone: no validation grid or held-out sampling inside the timed steps
+            "--validation_every", "0", "--eval_every", "0"]
     if opts.cache_latents:
         argv.append("--cache_latents")
     if opts.threads:
@@ -305,6 +310,7 @@ def run(opts) -> dict:
         run_seconds = time.perf_counter() - run_start
         with open(os.path.join(output_dir, "log.jsonl")) as f:
             log = [json.loads(line) for line in f]
+        log = [r for r in log if "loss" in r]  # the optimizer steps' lines (step 0's held-out line has no loss)
     finally:
         if own_dir:
             shutil.rmtree(output_dir, ignore_errors=True)
@@ -321,8 +327,9 @@ def report(opts, args, run, timer, log, run_seconds) -> dict:
     cpu_ms["other"] = step_cpu_ms - sum(cpu_ms[k] for k in SECTIONS)
     models_ms = wall_ms["policy_forward_backward"] + wall_ms["reference_forward"]
     if run.device.type == "cuda":
-        memory = {"kind": "cuda", "peak_allocated_mb": torch.cuda.max_memory_allocated() / 2**20,
-                  "peak_reserved_mb": torch.cuda.max_memory_reserved() / 2**20}
+        steps_mb, setup_mb = torch.cuda.max_memory_allocated() / 2**20, getattr(timer, "setup_peak_mb", 0.0)
+        memory = {"kind": "cuda", "peak_allocated_mb": max(steps_mb, setup_mb), "steps_peak_allocated_mb": steps_mb,
+                  "setup_peak_allocated_mb": setup_mb, "peak_reserved_mb": torch.cuda.max_memory_reserved() / 2**20}
     else:
         memory = {"kind": "cpu_rss", "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     timed = log[opts.warmup:]
@@ -364,7 +371,9 @@ def print_table(r: dict) -> None:
     print(f"  pairs/s {r['pairs_per_s']:.2f}   step {r['step_ms']:.1f} ms (CPU {r['step_cpu_ms']:.1f} ms)")
     mem = r["peak_memory"]
     if mem["kind"] == "cuda":
-        print(f"  peak memory: {mem['peak_allocated_mb']:.0f} MB allocated, {mem['peak_reserved_mb']:.0f} MB reserved")
+        print(f"  peak memory: {mem['peak_allocated_mb']:.0f} MB allocated ({mem['steps_peak_allocated_mb']:.0f} MB in "
+              f"the timed steps, {mem['setup_peak_allocated_mb']:.0f} MB before), "
+              f"{mem['peak_reserved_mb']:.0f} MB reserved")
     else:
         print(f"  peak memory: {mem['peak_rss_mb']:.0f} MB RSS (CPU process, libraries included)")
     print(f"  {'section':<38}{'ms/step':>10}{'% step':>9}{'CPU ms':>10}")

@@ -67,28 +67,17 @@ from tqdm.auto import tqdm
 
 import rewards as rw
 from mechanics import errors, folder, runtime
+from mechanics.comparison import win_rate, win_rate_interval
 from mechanics.errors import UsageError
 from mechanics.loading import go_offline_unless_reachable, read_json
-from mechanics.pipelines import ModelRef, denoiser_config, load_pipeline, model_ref
+from mechanics.pipelines import (FLUX_SCHNELL_SAMPLER, SAMPLERS, ModelRef, denoiser_config, load_pipeline,
+                                 model_ref)
 from mechanics.prompts import PICKAPIC_DATASET, PromptSet, load_prompt_set, select_prompts
 
 EVAL_FORMAT = 2  # bump when the image store layout changes (2: weights named by base_model_identity)
 
-# Sampler defaults per model family. SD1.5: the Diffusion-DPO evaluation setting (50 steps, guidance 7.5,
-# 512 px). SDXL and SD3: the diffusers pipelines' own defaults for these models (SDXL 50 steps and 5.0;
-# SD3-medium 28 steps and 7.0, as its model card, with StableDiffusion3Pipeline's 256 T5 tokens), at their native
-# 1024 px. FLUX.1-dev: its model card's 50 steps at distilled guidance 3.5 with 512 T5 tokens (FluxPipeline's own
-# default is 28 steps; the scheduler shifts σ by the resolution itself). Each is a flag.
-FAMILY_DEFAULTS = {
-    "sd15": {"steps": 50, "guidance_scale": 7.5, "resolution": 512},
-    "sdxl": {"steps": 50, "guidance_scale": 5.0, "resolution": 1024},
-    "sd3": {"steps": 28, "guidance_scale": 7.0, "resolution": 1024, "max_sequence_length": 256},
-    "flux": {"steps": 50, "guidance_scale": 3.5, "resolution": 1024, "max_sequence_length": 512},
-}
-# FLUX.1-schnell, as its model card samples it: 4 steps, guidance 0 (it has no guidance input), 256 T5 tokens. A FLUX
-# model is schnell-like when its transformer has no guidance embeddings (`guidance_embeds: false` in its config),
-# whatever its name, so that a fine-tune of schnell in another folder samples as schnell.
-FLUX_SCHNELL_DEFAULTS = {"steps": 4, "guidance_scale": 0.0, "resolution": 1024, "max_sequence_length": 256}
+# The sampler of each family (mechanics/pipelines.py: SAMPLERS, FLUX_SCHNELL_SAMPLER), each value a flag.
+FAMILY_DEFAULTS, FLUX_SCHNELL_DEFAULTS = SAMPLERS, FLUX_SCHNELL_SAMPLER
 
 # The toy world's rewards; tiny_pickscore / tiny_clip (random CLIP weights, numbers without meaning) exercise the
 # CLIP reward code offline and can be added with --rewards.
@@ -99,33 +88,6 @@ TINY_DEFAULTS = {"steps": 10, "guidance_scale": 3.0, "resolution": 32, "num_seed
 BATCH_SIZE = 4  # images per pipeline call unless --batch_size says otherwise
 TINY_PROMPTS = 54  # the toy world's held-out prompts (all of toy.EVAL_PROMPTS) in the demo's prompt file
 TINY_BASELINE = "toy-base"  # the toy base model's name in --tiny's tables and in the demo's report
-
-
-# Win rate
-
-
-def win_rate(scores_a: Mapping, scores_b: Mapping) -> float:
-    """Share of keys (prompt index, seed) where A's score beats B's; ties count 1/2. Returns a fraction.
-
-    The two tables must hold exactly the same keys: an image without its same-seed partner is an error,
-    never silently dropped (dropping would bias the rate toward whichever images happened to exist)."""
-    if not isinstance(scores_a, Mapping) or not isinstance(scores_b, Mapping):
-        raise TypeError("win_rate takes two mappings {(prompt_idx, seed): score}, so that images pair by key")
-    only_a, only_b = set(scores_a) - set(scores_b), set(scores_b) - set(scores_a)
-    if only_a or only_b:
-        missing = sorted(only_a)[:3] + sorted(only_b)[:3]
-        raise ValueError(
-            f"same-seed pairing broken: {len(only_a)} keys only in A, {len(only_b)} only in B (e.g. {missing})"
-        )
-    if not scores_a:
-        raise ValueError("win_rate of two empty score tables")
-    total = 0.0
-    for key, a in scores_a.items():
-        b = scores_b[key]
-        if math.isnan(a) or math.isnan(b):
-            raise ValueError(f"NaN score at {key}")
-        total += 1.0 if a > b else 0.5 if a == b else 0.0
-    return total / len(scores_a)
 
 
 # The image store
@@ -523,24 +485,6 @@ def score_rows(models: Sequence[ModelRef], work: EvalKeys, images: Mapping[str, 
     return rows
 
 
-def win_rate_interval(scores_a: Mapping, scores_b: Mapping, level: float = 0.95, resamples: int = 2000,
-                      seed: int = 0) -> tuple[float, float]:
-    """A `level` bootstrap interval of win_rate(scores_a, scores_b), resampling prompts (with all their seeds):
-    the images of one prompt are not independent, so the prompt is the unit. A fraction pair (low, high)."""
-    import numpy as np
-
-    by_prompt: dict = {}
-    for key, a in scores_a.items():
-        b = scores_b[key]
-        by_prompt.setdefault(key[0], []).append(1.0 if a > b else 0.5 if a == b else 0.0)
-    sums = np.array([sum(v) for v in by_prompt.values()])
-    counts = np.array([len(v) for v in by_prompt.values()])
-    picks = np.random.default_rng(seed).integers(0, len(sums), size=(resamples, len(sums)))
-    rates = sums[picks].sum(1) / counts[picks].sum(1)
-    tail = (1 - level) / 2
-    return float(np.quantile(rates, tail)), float(np.quantile(rates, 1 - tail))
-
-
 def verdicts(summary: dict) -> list[str]:
     """One line per comparison and reward: whether the win rate is distinguishable from 50 %."""
     lines = []
@@ -631,24 +575,63 @@ def evaluate_tiny(model: str, output_dir, progress: bool = True, log: Callable[[
                     batch_size=BATCH_SIZE, device="cpu", progress=progress, log=log)
 
 
-def side_by_side(result: EvalResult, path, baseline: str, count: int = 16, columns: int = 4, scale: int = 3) -> str:
+def side_by_side(result: EvalResult, path, baseline: str, count: int = 16, columns: int = 4, scale: int = 3,
+                 caption_lines: int = 2) -> str:
     """A PNG of `count` same-seed image pairs, the baseline's left of the model's, `columns` pairs per row
-    (held-out prompts spread over the set); returns its path."""
+    (held-out prompts spread over the set), under a header row naming the two ("toy-base | trained"), each pair
+    over its prompt (read from the stored image, cut to `caption_lines` lines); returns its path."""
+    from PIL import ImageDraw, ImageFont
+
     model = result.summary["model"]
     stores = {label: Path(info["images"]) for label, info in result.summary["models"].items()}
     keys = sorted(next(iter(result.scores.values()))[model])
     picked = [keys[round(i * (len(keys) - 1) / max(count - 1, 1))] for i in range(min(count, len(keys)))]
-    tiles = [Image.open(image_path(stores[label], *key)).convert("RGB")
-             for key in picked for label in (baseline, model)]
-    w, h = tiles[0].size
-    gap = max(2, w // 8)  # a white gap between pairs, none inside a pair
+    tiles, prompts = [], []
+    for key in picked:
+        for label in (baseline, model):
+            with Image.open(image_path(stores[label], *key)) as im:
+                tiles.append(im.convert("RGB"))
+                if label == model:
+                    prompts.append(im.info.get("prompt") or f"prompt {key[0]}")
+    w, h = tiles[0].size[0] * scale, tiles[0].size[1] * scale
+    gap = max(2, tiles[0].size[0] // 8) * scale  # a white gap between pairs, none inside a pair
+    # The text is drawn after the ×scale enlargement, at the font's own size: enlarged, it would be blurred.
+    font = ImageFont.load_default()
+    line = font.getbbox("Ag")[3] + 3  # a text line's height in pixels
+    head, caption = line + gap // 2, caption_lines * line + gap // 2
     rows = math.ceil(len(picked) / columns)
-    grid = Image.new("RGB", (columns * (2 * w + gap) - gap, rows * (h + gap) - gap), (255, 255, 255))
-    for i in range(len(picked)):
-        x, y = (i % columns) * (2 * w + gap), (i // columns) * (h + gap)
-        grid.paste(tiles[2 * i], (x, y))
-        grid.paste(tiles[2 * i + 1], (x + w, y))
-    grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
+    grid = Image.new("RGB", (columns * (2 * w + gap) - gap, head + rows * (h + caption + gap) - gap), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    width = lambda text: draw.textlength(text, font=font)
+
+    def fit(text: str, room: float) -> str:  # cut with "..." to at most `room` pixels
+        if width(text) <= room:
+            return text
+        while text and width(text + "...") > room:
+            text = text[:-1]
+        return text + "..."
+
+    def wrap(text: str, room: float) -> list[str]:  # word by word into caption_lines lines, the last cut with "..."
+        out, words = [], text.split()
+        while words and len(out) < caption_lines:
+            current = words.pop(0)
+            while words and width(current + " " + words[0]) <= room:
+                current += " " + words.pop(0)
+            out.append(current)
+        if words:
+            out[-1] += " " + " ".join(words)
+        return [fit(s, room) for s in out]  # also a single word wider than the pair
+
+    for c in range(min(columns, len(picked))):
+        for offset, label in ((0, baseline), (w, model)):
+            text = fit(label, w)
+            draw.text((c * (2 * w + gap) + offset + (w - width(text)) / 2, 0), text, fill=(0, 0, 0), font=font)
+    for i, prompt in enumerate(prompts):
+        x, y = (i % columns) * (2 * w + gap), head + (i // columns) * (h + caption + gap)
+        grid.paste(tiles[2 * i].resize((w, h), Image.NEAREST), (x, y))
+        grid.paste(tiles[2 * i + 1].resize((w, h), Image.NEAREST), (x + w, y))
+        for n, text in enumerate(wrap(prompt, 2 * w)):
+            draw.text((x, y + h + 2 + n * line), text, fill=(60, 60, 60), font=font)
     grid.save(path)
     return str(path)
 

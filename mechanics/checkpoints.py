@@ -16,6 +16,7 @@ from torch.utils._pytree import tree_leaves
 from mechanics import lora
 from mechanics.errors import DiskFull, UsageError
 from mechanics.folder import atomic_dir, no_space_message
+from mechanics.loading import DENOISERS, PIPELINES
 
 logger = logging.getLogger("train")
 
@@ -24,7 +25,9 @@ logger = logging.getLogger("train")
 SAFE_TO_CHANGE = {"max_steps", "checkpoint_every", "keep_checkpoints", "bin_stats_every", "divergence_every",
                   "dataloader_workers", "cpu_threads", "device", "compile", "allow_tf32", "gradient_checkpointing",
                   "cache_latents", "cache_dir", "output_dir", "resume", "resume_override", "overwrite", "tiny",
-                  "max_nonfinite_steps", "report_to", "plot", "tracker_project", "run_name"}
+                  "max_nonfinite_steps", "report_to", "plot", "tracker_project", "run_name", "validation_every",
+                  "validation_prompts", "validation_images", "sample_steps", "sample_guidance_scale", "eval_every",
+                  "eval_reward", "eval_prompts", "eval_limit", "config"}
 OPTIMIZER_FLAGS = ("learning_rate", "adam_beta1", "adam_beta2", "weight_decay", "adam_epsilon")
 
 
@@ -47,11 +50,52 @@ def base_model_identity(folder: str) -> str:
     return digest.hexdigest()[:16]
 
 
+# What a model folder says about its base (final_lora/ and every checkpoint-N/): {"base_model": the base as the user
+# gave --pretrained_model (a hub id, or a path as typed), "pipeline": its diffusers class, "denoiser": "unet" or
+# "transformer"}. eval.py (mechanics/pipelines.model_ref) loads a LoRA folder or a checkpoint on that base.
+BASE_RECORD = "base_model.json"
+
+
+def base_record(args, pipeline: str, denoiser: str) -> dict:
+    return {"base_model": args.pretrained_model, "pipeline": pipeline, "denoiser": denoiser}
+
+
+def write_base_record(folder: str, record: dict) -> None:
+    with open(os.path.join(folder, BASE_RECORD), "w") as f:
+        json.dump(record, f, indent=1)
+
+
+def write_adapter(folder: str, denoiser, record: dict) -> None:
+    """The trained LoRA adapter of `denoiser` into `folder`, as final_lora/ and every LoRA checkpoint hold it:
+    pytorch_lora_weights.safetensors (the pipeline's save_lora_weights; `pipe.load_lora_weights(folder)` reads it),
+    the same adapter for ComfyUI and AUTOMATIC1111, alpha included (lora.KOHYA_FILE, lora.COMFYUI_FILE), and
+    base_model.json."""
+    import diffusers
+
+    name, pipeline = record["denoiser"], record["pipeline"]
+    getattr(diffusers, pipeline).save_lora_weights(folder, **{
+        f"{name}_lora_layers": lora.adapter_state_dict(denoiser),
+        f"{name}_lora_adapter_metadata": lora.adapter_metadata(denoiser)})
+    lora.save_for_tools(folder, denoiser, name, pipeline, record["base_model"])
+    write_base_record(folder, record)
+
+
+def write_pipeline(folder: str, pipeline: str, model_path: str, denoiser: str, weights: dict) -> None:
+    """The base pipeline in `model_path` with `weights` (a full state dict) in its denoiser, saved into `folder`."""
+    import diffusers
+
+    pipe = getattr(diffusers, pipeline).from_pretrained(model_path)
+    module = getattr(pipe, denoiser)
+    module.to(next(iter(weights.values())).dtype)  # the trained dtype (fp32), as the trainer's own module saves
+    module.load_state_dict(weights)
+    pipe.save_pretrained(folder)
+
+
 def save_final(args, run, model_path: str, pipeline: str, **denoiser) -> str:
     """The trained model in OUTPUT_DIR/final/: the base pipeline with the trained denoiser (`unet=` or
     `transformer=`) in its place, which diffusers' `pipeline` class's from_pretrained loads. With LoRA the adapter alone in
-    OUTPUT_DIR/final_lora/, for `pipe.load_lora_weights(final_lora)` on the base pipeline, with base_model.json
-    naming that base (eval.py reads it)."""
+    OUTPUT_DIR/final_lora/ (write_adapter), for `pipe.load_lora_weights(final_lora)` on the base pipeline, with
+    base_model.json naming that base (eval.py reads it). Either holds the run's run.json."""
     import diffusers
 
     pipeline_class = getattr(diffusers, pipeline)
@@ -63,21 +107,20 @@ def save_final(args, run, model_path: str, pipeline: str, **denoiser) -> str:
     if run.is_main:
         with atomic_dir(final_dir) as tmp:
             if args.lora_rank:
-                pipeline_class.save_lora_weights(tmp, **{f"{name}_lora_layers": lora.adapter_state_dict(module),
-                                                         f"{name}_lora_adapter_metadata": lora.adapter_metadata(module)})
-                base = os.path.abspath(model_path) if os.path.isdir(args.pretrained_model) else args.pretrained_model
-                # The same adapter for ComfyUI and AUTOMATIC1111, alpha included (lora.KOHYA_FILE, lora.COMFYUI_FILE).
-                lora.save_for_tools(tmp, module, name, pipeline_class.__name__, base)
-                with open(os.path.join(tmp, "base_model.json"), "w") as f:
-                    json.dump({"base_model": base, "pipeline": pipeline_class.__name__}, f, indent=1)
+                write_adapter(tmp, module, base_record(args, pipeline, name))
             elif run.fsdp:
-                pipe = pipeline_class.from_pretrained(model_path)
-                getattr(pipe, name).load_state_dict(full)
-                pipe.save_pretrained(tmp)
+                write_pipeline(tmp, pipeline, model_path, name, full)
             else:
                 pipeline_class.from_pretrained(model_path, **denoiser).save_pretrained(tmp)
+            copy_run_json(args.output_dir, tmp)
     run.barrier()
     return final_dir
+
+
+def copy_run_json(output_dir: str, folder: str) -> None:
+    """OUTPUT_DIR/run.json (the flags the run was started with, runtime.start) into a model folder, if there is one."""
+    if os.path.isfile(os.path.join(output_dir, "run.json")):
+        shutil.copyfile(os.path.join(output_dir, "run.json"), os.path.join(folder, "run.json"))
 
 
 MANIFEST = "MANIFEST.json"
@@ -106,10 +149,11 @@ def write_manifest(folder: str) -> None:
         json.dump(entries, f, indent=0)
 
 
-def verify(folder: str, rank: int = 0, world_size: int = 1) -> str | None:
+def verify(folder: str, rank: int = 0, world_size: int = 1, checksums: bool = True) -> str | None:
     """Why the checkpoint in `folder` cannot be trusted, or None: this rank's share of its manifest's files
-    (every world_size-th, from `rank`) must be there with their size and checksum. A checkpoint without a
-    manifest (written before there was one) is read as it is."""
+    (every world_size-th, from `rank`) must be there with their size and checksum (checksums=False: their size, a
+    quick look for a copy cut short). A checkpoint without a manifest (written before there was one) is read as it
+    is."""
     path = os.path.join(folder, MANIFEST)
     if not os.path.exists(path):
         return None if os.path.isfile(os.path.join(folder, "state.pt")) else "it holds no state.pt"
@@ -124,9 +168,36 @@ def verify(folder: str, rank: int = 0, world_size: int = 1) -> str | None:
             return f"{rel} is missing"
         if os.path.getsize(file) != size:
             return f"{rel} has {os.path.getsize(file)} bytes, not the {size} it was written with"
-        if _sha256(file) != digest:
+        if checksums and _sha256(file) != digest:
             return f"{rel} is damaged (its checksum differs from the one written with it)"
     return None
+
+
+def is_checkpoint(folder: str) -> bool:
+    return os.path.isfile(os.path.join(folder, "state.pt"))
+
+
+def policy_weights(folder: str) -> dict:
+    """The trained denoiser's weights (its state_dict) in the checkpoint `folder`, without a resume and without a
+    process group: state.pt's "policy", memory-mapped (its optimizer state is never read into memory), or under
+    --fsdp every "policy.*" tensor of sharded/, gathered from all ranks' shards by torch.distributed.checkpoint in
+    this one process. In the dtype they were trained in (fp32)."""
+    state = torch.load(os.path.join(folder, "state.pt"), map_location="cpu", weights_only=True, mmap=True)
+    if not state.get("sharded"):
+        return state["policy"]
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = dcp.FileSystemReader(os.path.join(folder, "sharded"))
+    weights = {key.removeprefix("policy."): torch.empty(meta.size, dtype=meta.properties.dtype)
+               for key, meta in reader.read_metadata().state_dict_metadata.items()
+               if key.startswith("policy.") and isinstance(meta, TensorStorageMetadata)}
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load({"policy": weights}, storage_reader=reader, no_dist=True)
+    return weights
 
 
 def checkpoint_dirs(output_dir: str) -> list[str]:
@@ -156,6 +227,18 @@ class Checkpoints:
         self.identity = {"flags": {k: v for k, v in sorted(vars(args).items()) if k not in SAFE_TO_CHANGE
                                    and k != "pretrained_model"},
                          "pretrained_model": base_model_identity(model_path), "world_size": run.world_size}
+        self.record = (base_record(args, PIPELINES[run.family], DENOISERS[run.family][0]) if run.family in PIPELINES
+                       else None)
+
+    def _model_files(self, folder: str) -> None:
+        """What makes a checkpoint a model that eval.py and tools/export.py load without a resume: base_model.json
+        naming the base, and with LoRA the trained adapter exactly as final_lora/ holds it (write_adapter)."""
+        if self.record is None:
+            return
+        if self.args.lora_rank:
+            write_adapter(folder, self.state["policy"], self.record)
+        else:
+            write_base_record(folder, self.record)
 
     def save(self, step: int) -> str | None:
         """Write checkpoint-STEP (with its MANIFEST.json) and prune the oldest; a failure on any rank (a full disk)
@@ -177,6 +260,7 @@ class Checkpoints:
             with atomic_dir(path, needed_bytes=needed) as tmp:
                 with open(os.path.join(tmp, "state.pt"), "wb") as f:
                     torch.save(state, f)  # into a file object: a full disk is OSError(ENOSPC), not a zip RuntimeError
+                self._model_files(tmp)
                 write_manifest(tmp)
             for old in checkpoint_dirs(self.args.output_dir)[:-self.args.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -224,6 +308,7 @@ class Checkpoints:
                 torch.save({"step": step, "scaler": scaler.state_dict() if scaler.is_enabled() else None,
                             "identity": self.identity, "args": vars(self.args), "sharded": True},
                            os.path.join(tmp, "state.pt"))
+                self._model_files(tmp)
             self.run.barrier()  # every rank has written
             if self.run.is_main:
                 write_manifest(tmp)

@@ -43,6 +43,7 @@ from typing import Callable, Sequence
 import torch
 
 from mechanics import loading
+from mechanics.errors import UsageError
 from offline import tiny, toy
 
 # The paper's rewards in the column order of its tables.
@@ -417,3 +418,14 @@ def build_reward(spec: str, device: str = "cpu", local_files_only: bool = False)
     if arg is not None and name in ("pickscore", "clip", "aesthetic"):
         reward.name = f"{reward.name}({arg})"  # a non-default checkpoint gets its own column
     return reward
+
+
+def load(spec: str, device) -> Reward:
+    """A reward for the trainers' --eval_every: checked and built before the models load, its weights from the
+    local cache when the hub is offline; a reward that cannot be used is one line (UsageError)."""
+    try:
+        offline = needs_hub(spec) and not loading.go_offline_unless_reachable()
+        check_spec(spec, offline=offline)
+        return build_reward(spec, device=str(device), local_files_only=offline)
+    except RewardError as error:
+        raise UsageError(f"--eval_reward {spec}: {' '.join(str(error).split())}") from None

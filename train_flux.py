@@ -38,8 +38,9 @@ from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5Tokeniz
 import losses
 import plot
 import reference
+import rewards
 import schedule
-from mechanics import checkpoints, errors, flags, folder, loading, lora, runtime, trainlog
+from mechanics import checkpoints, errors, flags, folder, loading, lora, modelcard, runtime, samples, trainlog
 from offline import tiny
 
 # [choice: LoRA r8 at lr 1e-5 and effective batch 32; diffusers' Diffusion-DPO LoRA example's settings] τ, δ, β, γ
@@ -47,14 +48,14 @@ from offline import tiny
 FAMILY = "flux"  # the model family: its pipeline class, its published β per objective, its log lines
 RECIPE = dict(pretrained_model="black-forest-labs/FLUX.1-dev", resolution=1024, lora_rank=8, learning_rate=1e-5,
               scale_lr=False, effective_batch_size=32, warmup_steps=100, max_steps=2000, tau=32, delta=0.002,
-              gradient_checkpointing=True, output_dir="out/flux")
+              gradient_checkpointing=True, validation_every=100, output_dir="out/flux")
 # --tiny: the offline demo's small-scale recipe, on a tiny random FLUX of the real classes (tiny/) and the
 # built-in smooth-vs-noise pairs, both made once in the cache; each value a flag's default, which a flag overrides.
 TINY_RECIPE = dict(pretrained_model=lambda v: tiny.pipeline_path(FAMILY), dataset=lambda v: tiny.builtin_pairs_path(),
                    resolution=32, train_batch_size=4, effective_batch_size=4, learning_rate=2e-5, scale_lr=False,
                    warmup_steps=0, max_steps=60, checkpoint_every=30, beta=500.0, tau=8, delta=0.05,
                    dataloader_workers=0, divergence_every=5, cpu_threads=1, gradient_checkpointing=False,
-                   t5_max_length=32)
+                   t5_max_length=32, validation_every=30, sample_steps=4)
 
 
 @dataclass
@@ -114,7 +115,7 @@ def load_models(path: str, device, dtype, resolution: int, guidance_scale: float
 @torch.no_grad()
 def encode_images(m: Models, pixels):
     """Pixels → the VAE posterior's parameters (mean, log-variance); --cache_latents stores these."""
-    return m.vae.encode(pixels.to(m.device, m.vae.dtype)).latent_dist.parameters
+    return loading.vae_moments(m.vae, pixels, m.device)
 
 
 @torch.no_grad()
@@ -210,6 +211,7 @@ def train(argv=None) -> int:
     args, defaults = flags.resolve(argv, __doc__, FAMILY, RECIPE, TINY_RECIPE, losses.LOSSES, reference.METHODS,
                                    resolution_multiple=16, model_flags=model_flags)
     run = runtime.start(args, FAMILY)
+    heldout_reward = rewards.load(args.eval_reward, run.device) if args.eval_every and run.is_main else None
     if args.tiny:  # the demo's model and pairs, made once and cached
         loading.ensure_tiny(args, run)
     model_path = loading.pipeline_folder(args, FAMILY)
@@ -265,6 +267,11 @@ def train(argv=None) -> int:
                                    lr_schedule=lr_schedule, loader=loader, scaler=scaler, monitor_probe=probe, log=log)
     step = ckpt.resume()  # refuses a checkpoint of another run (README, "Checkpoints and resume")
     log.begin(step)
+    # What the run shows while it trains: the base pipeline's sampler around the policy (mechanics/samples.py).
+    sampler = samples.Sampler(args, run, model_path, dict(
+        tokenizer=m.tokenizer, text_encoder=m.text_encoder, tokenizer_2=m.tokenizer_2,
+        text_encoder_2=m.text_encoder_2, vae=m.vae, transformer=transformer), "transformer",
+        offloaded=(m.vae, m.text_encoder, m.text_encoder_2) if args.cache_latents else (), reward=heldout_reward)
     ddp_transformer = runtime.ddp(transformer, run)
     transformer_forward = runtime.maybe_compile(ddp_transformer, args.compile)
     ref_forward = runtime.maybe_compile(ref.model, args.compile and not args.lora_rank)  # LoRA: eager
@@ -274,6 +281,10 @@ def train(argv=None) -> int:
     kto_point = 0.0  # Diffusion-KTO's reference point (losses.Objective.inputs: the last step's mean reward)
 
     with log:  # closed however the loop ends (a return, an error): its progress bar and tracker
+        if step == 0 and args.eval_every:  # the base model: what the held-out curve starts from
+            log.record(0, **sampler.heldout(0))
+        if step == 0 and args.validation_every:
+            log.image(0, "validation", sampler.validation(0))
         while step < args.max_steps:
             step_loss = step_reward = 0.0
             for micro in range(accumulation):
@@ -335,6 +346,10 @@ def train(argv=None) -> int:
             if args.divergence_every and step % args.divergence_every == 0:
                 divergence = ref.divergence(ref_source, probe, probe.target)  # D(p_θ, p_init), for Fig. 1b
                 ref_info["policy_divergence"], ref_info["policy_distance"] = divergence
+            if args.eval_every and (step % args.eval_every == 0 or step == args.max_steps):
+                ref_info.update(sampler.heldout(step))  # held-out reward and win rate over the base model
+            if args.validation_every and (step % args.validation_every == 0 or step == args.max_steps):
+                log.image(step, "validation", sampler.validation(step))  # its time counts in the step's seconds
             log.write(step, skipped_step=not finite, grad_norm=grad_norm, lr=lr_schedule.get_last_lr()[0], **ref_info)
             if log.nonfinite_in_a_row >= args.max_nonfinite_steps:  # diverged: stop, no final model
                 log.close()
@@ -352,6 +367,7 @@ def train(argv=None) -> int:
     if step % args.checkpoint_every and step > args.checkpoint_every:  # a checkpointing run keeps its last steps
         ckpt.save(step)  # even if writing final/ fails
     final_dir = checkpoints.save_final(args, run, model_path, "FluxPipeline", transformer=transformer)
+    modelcard.write(final_dir, args, run, log, argv, loader)  # its README.md: what it is, how it was made
     curves = (plot.draw({os.path.basename(os.path.normpath(args.output_dir)): [args.output_dir]},
                         os.path.join(args.output_dir, "curves.png")) if args.plot and run.is_main else None)
     trainlog.report(args, run, log, final_dir, step, curves, baseline=args.pretrained_model)

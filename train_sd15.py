@@ -34,14 +34,15 @@ from transformers import CLIPTextModel, CLIPTokenizer
 import losses
 import plot
 import reference
+import rewards
 import schedule
-from mechanics import checkpoints, errors, flags, folder, loading, lora, runtime, trainlog
+from mechanics import checkpoints, errors, flags, folder, loading, lora, modelcard, runtime, samples, trainlog
 from offline import toy
 
 FAMILY = "sd15"  # the model family: its pipeline class, its published β per objective, its log lines
 RECIPE = dict(pretrained_model="stable-diffusion-v1-5/stable-diffusion-v1-5", resolution=512,
               effective_batch_size=2048, warmup_steps=500, max_steps=2000, tau=32, delta=0.005,
-              output_dir="out/sd15")
+              validation_every=100, output_dir="out/sd15")
 # --tiny: the offline demo. The pretrained toy model (offline/toy_model) on the study's TOY_DEMO_PAIRS pairs of its
 # own samples labelled by the toy reward; steps, batch, lr, probe and δ are the study's (miniature/README.md).
 # [choice: τ = 20 and β = 100; picked on the calibration prompts so that a reader sees the loss fall below log 2
@@ -54,7 +55,9 @@ TINY_RECIPE = dict(pretrained_model=str(toy.TOY_MODEL),
                    dataset=lambda v: str(toy.pairs_path(v["pretrained_model"], TOY_DEMO_PAIRS)),
                    resolution=32, train_batch_size=8, effective_batch_size=8, learning_rate=6e-5, scale_lr=False,
                    warmup_steps=5, max_steps=100, checkpoint_every=50, beta=100.0, tau=20, delta=0.045,
-                   monitor_samples=32, dataloader_workers=0, divergence_every=5, cpu_threads=1)
+                   monitor_samples=32, dataloader_workers=0, divergence_every=5, cpu_threads=1,
+                   validation_every=25, validation_prompts="toy", eval_every=25, eval_reward="toy_label",
+                   eval_prompts="toy", eval_limit=54, sample_steps=10, sample_guidance_scale=3.0)
 
 
 @dataclass
@@ -84,7 +87,7 @@ def load_models(path: str, device, dtype) -> Models:
 @torch.no_grad()
 def encode_images(m: Models, pixels):
     """Pixels → the VAE posterior's parameters (mean, log-variance); --cache_latents stores these."""
-    return m.vae.encode(pixels.to(m.device, m.vae.dtype)).latent_dist.parameters
+    return loading.vae_moments(m.vae, pixels, m.device)
 
 
 @torch.no_grad()
@@ -134,6 +137,7 @@ def train(argv=None) -> int:
     """Algorithm 1 for this model: returns the exit code (0 done, 3 diverged, 128 + N stopped by signal N)."""
     args, defaults = flags.resolve(argv, __doc__, FAMILY, RECIPE, TINY_RECIPE, losses.LOSSES, reference.METHODS)
     run = runtime.start(args, FAMILY)
+    heldout_reward = rewards.load(args.eval_reward, run.device) if args.eval_every and run.is_main else None
     if args.tiny:  # the demo's model and pairs, made once and cached
         loading.ensure_tiny(args, run, toy_pairs=TOY_DEMO_PAIRS)
     model_path = loading.pipeline_folder(args, FAMILY)
@@ -186,6 +190,10 @@ def train(argv=None) -> int:
                                    lr_schedule=lr_schedule, loader=loader, scaler=scaler, monitor_probe=probe, log=log)
     step = ckpt.resume()  # refuses a checkpoint of another run (README, "Checkpoints and resume")
     log.begin(step)
+    # What the run shows while it trains: the base pipeline's sampler around the policy (mechanics/samples.py).
+    sampler = samples.Sampler(args, run, model_path, dict(
+        tokenizer=m.tokenizer, text_encoder=m.text_encoder, vae=m.vae, unet=unet), "unet",
+        offloaded=(m.vae, m.text_encoder) if args.cache_latents else (), reward=heldout_reward)
     ddp_unet = runtime.ddp(unet, run)
     unet_forward = runtime.maybe_compile(ddp_unet, args.compile)
     ref_forward = runtime.maybe_compile(ref.model, args.compile and not args.lora_rank)  # LoRA: eager
@@ -195,6 +203,10 @@ def train(argv=None) -> int:
     kto_point = 0.0  # Diffusion-KTO's reference point (losses.Objective.inputs: the last step's mean reward)
 
     with log:  # closed however the loop ends (a return, an error): its progress bar and tracker
+        if step == 0 and args.eval_every:  # the base model: what the held-out curve starts from
+            log.record(0, **sampler.heldout(0))
+        if step == 0 and args.validation_every:
+            log.image(0, "validation", sampler.validation(0))
         while step < args.max_steps:
             step_loss = step_reward = 0.0
             for micro in range(accumulation):
@@ -256,6 +268,10 @@ def train(argv=None) -> int:
             if args.divergence_every and step % args.divergence_every == 0:
                 divergence = ref.divergence(ref_source, probe, probe.target)  # D(p_θ, p_init), for Fig. 1b
                 ref_info["policy_divergence"], ref_info["policy_distance"] = divergence
+            if args.eval_every and (step % args.eval_every == 0 or step == args.max_steps):
+                ref_info.update(sampler.heldout(step))  # held-out reward and win rate over the base model
+            if args.validation_every and (step % args.validation_every == 0 or step == args.max_steps):
+                log.image(step, "validation", sampler.validation(step))  # its time counts in the step's seconds
             log.write(step, skipped_step=not finite, grad_norm=grad_norm, lr=lr_schedule.get_last_lr()[0], **ref_info)
             if log.nonfinite_in_a_row >= args.max_nonfinite_steps:  # diverged: stop, no final model
                 log.close()
@@ -273,15 +289,19 @@ def train(argv=None) -> int:
     if step % args.checkpoint_every and step > args.checkpoint_every:  # a checkpointing run keeps its last steps
         ckpt.save(step)  # even if writing final/ fails
     final_dir = checkpoints.save_final(args, run, model_path, "StableDiffusionPipeline", unet=unet)
-    curves = (plot.draw({os.path.basename(os.path.normpath(args.output_dir)): [args.output_dir]},
-                        os.path.join(args.output_dir, "curves.png")) if args.plot and run.is_main else None)
+    modelcard.write(final_dir, args, run, log, argv, loader)  # its README.md: what it is, how it was made
     toy_demo = args.tiny and args.pretrained_model == str(toy.TOY_MODEL)  # eval.py --tiny compares with it
-    trainlog.report(args, run, log, final_dir, step, curves, baseline=None if toy_demo else args.pretrained_model)
+    comparison = None
     if toy_demo and run.is_main:  # the demo ends with what it did to held-out prompts: eval.py --tiny's comparison
         import eval  # the one lazy import of the project: eval.py (a sibling entry point) only for the toy demo
         heldout = os.path.join(args.output_dir, "heldout")
         shutil.rmtree(heldout, ignore_errors=True)  # an earlier comparison (--resume latest) was of other weights
-        print("\n".join(eval.tiny_report(final_dir, heldout)))
+        comparison = eval.tiny_report(final_dir, heldout)
+    curves = (plot.draw({os.path.basename(os.path.normpath(args.output_dir)): [args.output_dir]},
+                        os.path.join(args.output_dir, "curves.png")) if args.plot and run.is_main else None)
+    trainlog.report(args, run, log, final_dir, step, curves, baseline=None if toy_demo else args.pretrained_model)
+    if comparison:
+        print("\n".join(comparison))
     return 0
 
 

@@ -4,16 +4,21 @@
 with --tiny its TINY_RECIPE (the offline demo), then the --method preset, then what the user typed.
 Derived values (gradient accumulation, the learning rate × batch, β per objective, device, compile) are filled
 in the same pass. `--help` prints exactly these values, run.json records them, and nothing changes them later.
+`--config FILE` sets flags from a file (`_config`): a YAML or JSON file of flags is as if they were typed before
+the command line's; a trainer's run.json replays that run's resolved values.
 A value outside its range is refused before any model loads (`UsageError`: one line).
 """
 import argparse
+import difflib
+import json
 import math
 import os
 import sys
 
 import data
-from mechanics import runtime
+from mechanics import folder, runtime
 from mechanics.errors import UsageError
+from mechanics.pipelines import SAMPLERS
 
 # Valid values: (low, high, low included, high included). Checked on the resolved values, recipe ones too.
 POSITIVE, NON_NEGATIVE = (0, math.inf, False, False), (0, math.inf, True, False)
@@ -29,6 +34,8 @@ RANGES = {
     "checkpoint_every": POSITIVE, "keep_checkpoints": POSITIVE, "max_nonfinite_steps": POSITIVE,
     "bin_stats_every": POSITIVE, "tie_margin": (0, 0.5, True, False),
     "guidance_scale": NON_NEGATIVE, "t5_max_length": (1, 512, True, True),  # FLUX's and SD3's own flags
+    "validation_every": NON_NEGATIVE, "validation_images": POSITIVE, "sample_steps": POSITIVE,
+    "sample_guidance_scale": NON_NEGATIVE, "eval_every": NON_NEGATIVE, "eval_limit": POSITIVE,
 }
 
 
@@ -65,6 +72,11 @@ def parser(doc: str, objectives: dict, methods: dict) -> argparse.ArgumentParser
     objectives: losses.LOSSES (name → objective with `beta_help`), for --loss and --beta; methods: the
     --method presets."""
     p = argparse.ArgumentParser(description=doc, formatter_class=_HelpFormatter)
+    p.add_argument("--config", metavar="FILE",
+                   help="set the flags from FILE, the flags typed here win: a YAML or JSON mapping of flag names "
+                        "(without --) to values (true/false for on/off flags), as if typed; or a trainer's "
+                        "OUTPUT_DIR/run.json, which replays that run's resolved values (not its --output_dir when "
+                        "one is typed, nor --resume, --resume_override, --overwrite); --help shows the result")
     g = p.add_argument_group("model and data")
     g.add_argument("--pretrained_model", help="hub id or local folder of the diffusers pipeline to fine-tune")
     g.add_argument("--tiny", action="store_true",
@@ -216,6 +228,33 @@ def parser(doc: str, objectives: dict, methods: dict) -> argparse.ArgumentParser
                    help="the tracker's project (wandb) that --report_to logs into")
     g.add_argument("--run_name", help="the run's name in the tracker (None: the --output_dir folder's name); a "
                                       "resumed run continues the same tracker run")
+
+    g = p.add_argument_group("watching the run (mechanics/samples.py)")
+    g.add_argument("--validation_every", type=int, default=0,
+                   help="every N steps, at step 0 (the base model) and at the last step: sample --validation_prompts "
+                        "with the same seeds into OUTPUT_DIR/samples/step-NNNNNN.png (a grid, the prompt under each "
+                        "column) and to --report_to's tracker; 0 = off")
+    g.add_argument("--validation_prompts", metavar="FILE",
+                   help="a text file with one prompt a line (None: a few fixed prompts; the toy demo: four of its "
+                        "held-out prompts)")
+    g.add_argument("--validation_images", type=int, default=2, help="images per validation prompt, each its own seed")
+    g.add_argument("--sample_steps", type=int,
+                   help="sampler steps of --validation_every and --eval_every (unset: the family's evaluation "
+                        "setting, eval.py's)")
+    g.add_argument("--sample_guidance_scale", type=float,
+                   help="classifier-free guidance of --validation_every and --eval_every (unset: the family's "
+                        "evaluation setting; FLUX: its distilled guidance, 0 for FLUX.1-schnell)")
+    g.add_argument("--eval_every", type=int, default=0,
+                   help="every N steps, at step 0 and at the last step: the policy's mean --eval_reward on "
+                        "--eval_limit held-out prompts (one seed each) and its same-seed win rate over the base "
+                        "model with its 95 %% interval, into log.jsonl (heldout_*) and plot.py's held-out panel; "
+                        "0 = off")
+    g.add_argument("--eval_reward", default="pickscore",
+                   help="the reward of --eval_every: a spec of rewards.py (python eval.py --list_rewards)")
+    g.add_argument("--eval_prompts", default="pickapic",
+                   help="the prompts of --eval_every: pickapic, parti, hpsv2 (eval.py's sets), toy (the toy world's "
+                        "held-out prompts) or a text file with one prompt a line")
+    g.add_argument("--eval_limit", type=int, default=64, help="the first N prompts of --eval_prompts")
     return p
 
 
@@ -230,6 +269,118 @@ def _given(p: argparse.ArgumentParser, argv: list[str]) -> dict:
     finally:
         for action, default in saved.items():
             action.default = default
+
+
+# Keys of a run.json that are not replayed: how that run was started, not what it computed.
+NOT_REPLAYED = ("resume", "resume_override", "overwrite", "config")
+
+
+def _read_config(path: str) -> dict:
+    """The mapping in FILE: JSON for *.json, else YAML (safe_load); anything else is one UsageError line."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as error:
+        raise UsageError(f"--config {path} cannot be read: {getattr(error, 'strerror', None) or error}") from None
+    try:
+        if path.lower().endswith(".json"):
+            content = json.loads(text)
+        else:
+            import yaml
+            content = yaml.safe_load(text)
+    except Exception as error:  # json.JSONDecodeError, yaml.YAMLError: their text on one line
+        kind = "JSON" if path.lower().endswith(".json") else "YAML"
+        raise UsageError(f"--config {path} is not valid {kind}: {' '.join(str(error).split())}") from None
+    if not isinstance(content, dict):
+        raise UsageError(f"--config {path} must hold a mapping of flag names to values, not {type(content).__name__}")
+    return content
+
+
+def _config_value(p: argparse.ArgumentParser, path: str, key, value) -> tuple[str, object]:
+    """(dest, value) of one `key: value` of a --config file, converted as argparse converts a typed flag (its type
+    and choices; YAML 1.1 reads `1e-5` as a string). An unknown key or a wrong value: one UsageError line."""
+    key = str(key)
+    action = p._option_string_actions.get("--" + key)
+    if action is None or isinstance(action, argparse._HelpAction):
+        names = [o[2:] for o in p._option_string_actions if o.startswith("--") and o != "--help"]
+        near = difflib.get_close_matches(key, names, n=1)
+        raise UsageError(f"--config {path}: no such flag {key}" + (f" (did you mean {near[0]}?)" if near else ""))
+    if action.nargs == 0:  # on/off: store_true, --reward_scale (store_false), --compile/--no-compile
+        if value is None and isinstance(action, argparse.BooleanOptionalAction):
+            return action.dest, None  # --compile unset: from the device
+        if not isinstance(value, bool):
+            raise UsageError(f"--config {path}: {key} is an on/off flag: give true or false, not {value!r}")
+        inverted = isinstance(action, argparse._StoreFalseAction) or key.startswith("no-")
+        return action.dest, (not value) if inverted else value
+    if value is None:
+        return action.dest, None
+    if isinstance(value, (bool, list, dict)):
+        hint = " (YAML reads yes/no/on/off as booleans: quote the value)" if isinstance(value, bool) else ""
+        raise UsageError(f"--config {path}: {key} takes a value, not {value!r}{hint}")
+    try:
+        converted = action.type(str(value)) if action.type else str(value)
+    except (TypeError, ValueError):
+        kind = getattr(action.type, "__name__", "value")
+        raise UsageError(f"--config {path}: {key} {value!r} is not a valid {kind}") from None
+    if action.choices is not None and converted not in action.choices:
+        raise UsageError(f"--config {path}: {key} {converted} is not one of {', '.join(map(str, action.choices))}")
+    return action.dest, converted
+
+
+def _config(p, typed: dict, family: str, tiny_recipe: dict, methods: dict) -> tuple[dict, float, bool]:
+    """The values of `--config FILE` (dest → value), under the typed flags `typed`. Returns (values,
+    lr_batch, recorded): lr_batch is the effective batch its learning rate was already multiplied by (1: a value
+    per pair, as typed), recorded whether FILE is a trainer's run.json.
+
+    A flags file (YAML or JSON) is as if its flags were typed before the command line's. A run.json (it has a
+    "family") holds the RESOLVED values of a run of this script's family: they are replayed as they were (its
+    learning rate is not multiplied again), except NOT_REPLAYED, and except what a typed flag derives anew: the
+    gradient accumulation always comes from the effective batch again (the same on as many processes); a typed
+    --method other than the run's re-applies the presets (τ, γ, λ(t) from the recipe and the new preset),
+    --tiny on a run without it the TINY_RECIPE, --loss another β, --device another --compile."""
+    path = typed["config"]
+    content = _read_config(path)
+    recorded = "family" in content
+    if recorded and content["family"] != family:
+        raise UsageError(f"--config {path} is the run.json of a {content['family']} run; this script trains "
+                         f"{family}: replay it with train_{content['family']}.py")
+    values = {}
+    for key, value in content.items():
+        if recorded and key in ("family", *NOT_REPLAYED):
+            continue
+        if key == "config":
+            raise UsageError(f"--config {path}: a flags file cannot name another --config")
+        dest, value = _config_value(p, path, key, value)
+        values[dest] = value
+    lr_batch = 1
+    if recorded:
+        values.pop("gradient_accumulation_steps", None)
+        if "method" in typed and typed["method"] != values.get("method"):
+            for name in {*methods.get(values.get("method"), {}), *methods[typed["method"]]}:
+                values.pop(name, None)
+        if typed.get("tiny") and not values.get("tiny"):
+            for name in tiny_recipe:
+                values.pop(name, None)
+        if "loss" in typed and typed["loss"] != values.get("loss"):
+            values.pop("beta", None)
+        if "device" in typed and typed["device"] != values.get("device"):
+            values.pop("compile", None)
+        if values.get("scale_lr") and "learning_rate" in values and "learning_rate" not in typed:
+            lr_batch = values.get("effective_batch_size") or 1
+    return values, lr_batch, recorded
+
+
+def _check_replay_folder(path: str, values: dict) -> None:
+    """A run.json replayed into the folder of the run that wrote it (no --output_dir typed) would mix with it."""
+    out = values["output_dir"]
+    if not out or values["resume"] or values["overwrite"] or not os.path.isdir(out):
+        return
+    earlier = [n for n in folder.RUN_FILES if os.path.exists(os.path.join(out, n))]
+    earlier += sorted(d for d in os.listdir(out) if d.startswith("checkpoint-") and d[11:].isdigit())
+    if earlier:
+        raise UsageError(f"--config {path} replays into its run's own folder {out}, which holds that run "
+                         f"({', '.join(earlier[:4])}): give the replay another --output_dir (or continue that run "
+                         "with --resume latest, or start it over with --overwrite)")
 
 
 def _layered(p, given: dict, recipe: dict, tiny_recipe: dict, methods: dict) -> dict:
@@ -248,9 +399,10 @@ def _layered(p, given: dict, recipe: dict, tiny_recipe: dict, methods: dict) -> 
     return values
 
 
-def _derive(values: dict, given: dict, objectives: dict, family: str, world_size: int) -> None:
+def _derive(values: dict, given: dict, objectives: dict, family: str, world_size: int, lr_batch: float = 1) -> None:
     """The values that follow from others: β per objective and model, the batch geometry for this many
-    processes, the learning rate × batch, the device and torch.compile."""
+    processes, the learning rate × batch, the device and torch.compile. lr_batch: the effective batch the
+    learning rate is already multiplied by (a replayed run.json's; 1: per pair)."""
     if values["beta"] is None:
         values["beta"] = objectives[values["loss"]].default_beta(family)
     effective, batch = values["effective_batch_size"], values["train_batch_size"]
@@ -266,8 +418,8 @@ def _derive(values: dict, given: dict, objectives: dict, family: str, world_size
                              "--effective_batch_size that is")
         values["gradient_accumulation_steps"] = effective // (batch * world_size)
     values["effective_batch_size"] = batch * world_size * values["gradient_accumulation_steps"]
-    if values["scale_lr"]:
-        values["learning_rate"] *= values["effective_batch_size"]
+    if values["scale_lr"] and values["effective_batch_size"] != lr_batch:  # a replay at its own batch: as it was
+        values["learning_rate"] = values["learning_rate"] * values["effective_batch_size"] / lr_batch
     if values["fsdp"] and values["optimizer"] == "adafactor":
         if "optimizer" in given:
             raise UsageError("--optimizer adafactor (transformers') cannot update FSDP's sharded parameters: use "
@@ -283,6 +435,11 @@ def _derive(values: dict, given: dict, objectives: dict, family: str, world_size
         values["mixed_precision"] = launched
     if values["compile"] is None:
         values["compile"] = values["device"].startswith("cuda")
+    sampler = SAMPLERS[family]  # what --validation_every and --eval_every sample with: eval.py's setting
+    if values["sample_steps"] is None:
+        values["sample_steps"] = sampler["steps"]
+    if values["sample_guidance_scale"] is None:
+        values["sample_guidance_scale"] = sampler["guidance_scale"]
 
 
 def _check_ranges(values: dict) -> None:
@@ -335,16 +492,22 @@ def resolve(argv, doc: str, family: str, recipe: dict, tiny_recipe: dict, object
     p = parser(doc, objectives, methods)
     if model_flags is not None:
         model_flags(p)
-    given = _given(p, argv)
+    typed = given = _given(p, argv)
+    lr_batch, recorded = 1, False
+    if typed.get("config"):  # the file's flags under the typed ones
+        from_file, lr_batch, recorded = _config(p, typed, family, tiny_recipe, methods)
+        given = {**from_file, **typed}
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     values = _layered(p, given, recipe, tiny_recipe, methods)
     if "-h" not in argv and "--help" not in argv:
         _check_ranges(values)
-    _derive(values, given, objectives, family, world_size)
+    _derive(values, given, objectives, family, world_size, lr_batch)
     defaults = _layered(p, {k: v for k, v in given.items() if k in ("tiny", "method", "pretrained_model")},
                         recipe, tiny_recipe, methods)
     if "-h" in argv or "--help" in argv:
         p.set_defaults(**values)
         p.parse_args(["--help"])
     _check(values, resolution_multiple)
+    if recorded and "output_dir" not in typed:
+        _check_replay_folder(given["config"], values)
     return argparse.Namespace(**values), defaults

@@ -17,7 +17,7 @@ from offline import cache
 
 logger = logging.getLogger("train")
 
-RUN_FILES = ("log.jsonl", "final", "final_lora", "heldout")  # heldout/: the --tiny demo's comparison
+RUN_FILES = ("log.jsonl", "final", "final_lora", "heldout", "samples")  # heldout/: the --tiny demo's comparison
 _locks: dict[str, object] = {}  # output folder → the open lock file this process holds
 
 

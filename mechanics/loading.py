@@ -19,6 +19,9 @@ from offline import tiny
 PIPELINES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline",
              "flux": "FluxPipeline"}
 SCRIPTS = {family: f"train_{family}.py" for family in PIPELINES}
+# Each family's denoiser: the pipeline's component and its diffusers class (what a checkpoint's weights load into).
+DENOISERS = {"sd15": ("unet", "UNet2DConditionModel"), "sdxl": ("unet", "UNet2DConditionModel"),
+             "sd3": ("transformer", "SD3Transformer2DModel"), "flux": ("transformer", "FluxTransformer2DModel")}
 
 
 def hub_reachable(timeout: float = 5.0) -> bool:
@@ -111,6 +114,19 @@ def frozen(module: nn.Module, device, dtype) -> nn.Module:
     return module.eval().requires_grad_(False)
 
 
+# Images per VAE call when encoding: the monitor's probe encodes --monitor_samples pairs at once, and 128 images at
+# 512 px in one call peaked at 37 GB on an H200 (speed/README.md) before a LoRA run that then trained in 11 GB.
+VAE_CHUNK = 8
+
+
+@torch.no_grad()
+def vae_moments(vae, pixels: torch.Tensor, device) -> torch.Tensor:
+    """Pixels [N, 3, H, W] → the VAE posterior's parameters (mean, log-variance) [N, 2C, h, w], VAE_CHUNK images a
+    call (the same numbers as one call: each image is encoded on its own)."""
+    return torch.cat([vae.encode(chunk.to(device, vae.dtype)).latent_dist.parameters
+                      for chunk in pixels.split(VAE_CHUNK)])
+
+
 def check_tokenizer(tokenizer, text_encoder, name: str) -> None:
     """transformers 5 silently returns a 2- or 104-token tokenizer for an unreachable hub id
     instead of raising; training on such prompts would be garbage, so refuse."""
@@ -192,7 +208,9 @@ def pair_loader(args, run, encode_images=None, encode_captions=None, batch_size=
         raise DataError(str(error)) from None
     finally:
         data_log.setLevel(level)
-    return _DataErrors(loader)
+    wrapped = _DataErrors(loader)
+    wrapped.num_pairs = None if args.streaming else len(dataset)  # for the model card; a stream's is unknown
+    return wrapped
 
 
 _hub_online: bool | None = None  # go_offline_unless_reachable's answer, asked once per process

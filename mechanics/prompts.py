@@ -58,10 +58,14 @@ def read_prompt_file(path: str | os.PathLike) -> list[str]:
 
 
 def load_prompt_set(spec: str, pickapic_dataset: str = PICKAPIC_DATASET, cache_dir: Path | None = None) -> PromptSet:
-    """A prompt set by name (pickapic, parti, hpsv2) or a text file path.
+    """A prompt set by name (pickapic, parti, hpsv2; toy: the toy world's held-out prompts) or a text file path.
 
     Hub sets are loaded with datasets / huggingface_hub and saved to cache_dir/prompts.json, so that
     a rerun in the same output folder (resume, re-scoring) needs no network."""
+    if spec == "toy":  # the toy world's held-out prompts: never used to make training pairs (offline/toy.py)
+        from offline import toy
+        return PromptSet("toy", f"the toy world's held-out prompts ({len(toy.EVAL_PROMPTS)})", list(toy.EVAL_PROMPTS),
+                         None, FILE_SET_SEEDS)
     if spec not in PROMPT_SETS:
         if os.path.isfile(spec) or os.path.isdir(spec):
             prompts = read_prompt_file(spec)
@@ -69,7 +73,7 @@ def load_prompt_set(spec: str, pickapic_dataset: str = PICKAPIC_DATASET, cache_d
             return PromptSet(f"file:{Path(spec).name}", description, prompts, None, FILE_SET_SEEDS)
         if os.sep in spec or "." in spec:
             raise UsageError(f"prompt file not found: {spec}")
-        raise UsageError(f"unknown prompt set {spec!r}; use one of {', '.join(PROMPT_SETS)} or a text file")
+        raise UsageError(f"unknown prompt set {spec!r}; use one of {', '.join(PROMPT_SETS)}, toy or a text file")
     description, seeds = PROMPT_SETS[spec]
     cached = cache_dir / "prompts.json" if cache_dir is not None else None
     if cached is not None and cached.is_file():

@@ -106,6 +106,18 @@ class TrainLog:
                     logger.warning("%s: dropping a line cut short (%d characters)", self.path, len(line))
         folder.write_text(self.path, "".join(kept))
 
+    def _append(self, record: dict) -> None:
+        line = json.dumps(record) + "\n"
+        try:
+            with open(self.path, "a") as f:
+                f.write(line)
+        except OSError as error:  # a torn last line is dropped on resume (begin)
+            if error.errno == errno.ENOSPC:
+                raise DiskFull(folder.no_space_message(self.path, len(line))) from None
+            raise
+        if self.tracker is not None:
+            self.tracker.log(record)
+
     def read(self) -> list[dict]:
         """The log's complete lines."""
         rows = []
@@ -153,16 +165,7 @@ class TrainLog:
             record.update(self.bins.summary(self.num_train_timesteps, self.run.world_size))
         self.sums, self.skipped, self.step_start = {}, 0, time.perf_counter()
         if self.run.is_main:
-            line = json.dumps(record) + "\n"
-            try:
-                with open(self.path, "a") as f:
-                    f.write(line)
-            except OSError as error:  # a torn last line is dropped on resume (begin)
-                if error.errno == errno.ENOSPC:
-                    raise DiskFull(folder.no_space_message(self.path, len(line))) from None
-                raise
-            if self.tracker is not None:
-                self.tracker.log(record)
+            self._append(record)
             self.progress.update(1)
             self.progress.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record.get('accuracy', float('nan')):.2f}",
                                       ref="frozen" if record.get("ref_frozen") else "live")
@@ -170,6 +173,17 @@ class TrainLog:
             self.note(f"step {step}: non-finite loss {record['loss']} or gradient norm {record.get('grad_norm')}: "
                       "step skipped")
         return record
+
+    def record(self, step: int, **fields) -> None:
+        """A line of its own, outside the optimizer steps: step 0's held-out numbers (the base model, before any
+        step); the main process writes it."""
+        if self.run.is_main and fields:
+            self._append({"step": step, **fields})
+
+    def image(self, step: int, name: str, image) -> None:
+        """An image (a validation grid) to --report_to's tracker; log.jsonl keeps numbers only."""
+        if self.tracker is not None and image is not None:
+            self.tracker.image(name, image, step)
 
     def note(self, message: str) -> None:
         """A line above the progress bar, from the main process only."""
@@ -225,6 +239,14 @@ class _Tracker:
         else:
             self.writer.log(scalars, step=record["step"])
 
+    def image(self, name: str, image, step: int) -> None:
+        if self.kind == "tensorboard":
+            import numpy as np
+            self.writer.add_image(name, np.asarray(image.convert("RGB")), step, dataformats="HWC")
+            self.writer.flush()
+        else:
+            self.writer.log({name: self.writer.Image(image)}, step=step)
+
     def close(self) -> None:
         (self.writer.close if self.kind == "tensorboard" else self.writer.finish)()
 
@@ -232,6 +254,8 @@ class _Tracker:
 def summary_lines(args, log: list[dict]) -> list[str]:
     """What the run did, in a few lines: implicit accuracy and margin at the start and the end, the
     reference's updates and freeze, the last D, what was skipped."""
+    heldout = [r for r in log if "heldout_win_rate" in r]
+    log = [r for r in log if "loss" in r]  # step 0's held-out line has no loss
     if not log:
         return []
     k, fifth = max(1, len(log) // 10), max(2, len(log) // 5)
@@ -256,6 +280,12 @@ def summary_lines(args, log: list[dict]) -> list[str]:
                      + (f", {sum(bool(r.get('ref_reinit')) for r in updates)} Re-Init reset(s)" if args.on_diverge == "reinit" else ""))
     lines.append(f"  skipped           {sum(r.get('skipped_rows', 0) for r in log)} row(s), "
                  f"{log[-1].get('nonfinite_steps', 0)} non-finite step(s)")
+    if heldout:
+        last = heldout[-1]
+        lines.append(f"  held-out          mean {last['heldout_reward_name']} {last['heldout_base_reward']:.4f} (base) → "
+                     f"{last['heldout_reward']:.4f} at step {last['step']}; win rate over the base "
+                     f"{100 * last['heldout_win_rate']:.1f} % [{100 * last['heldout_win_low']:.1f}, "
+                     f"{100 * last['heldout_win_high']:.1f}] on {last['heldout_prompts']} prompts (--eval_every)")
     return lines
 
 

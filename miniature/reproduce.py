@@ -244,6 +244,7 @@ def train_argv(args, run_dir: Path, seed: int, flags: list[str], steps: int | No
             "--warmup_steps", str(args.warmup), "--beta", str(beta or args.beta), "--divergence_every", str(args.calibration_every),
             "--monitor_samples", str(args.monitor_samples), "--bin_stats_every", str(args.calibration_every),
             "--device", "cpu", "--dataloader_workers", "0", "--checkpoint_every", str(10**9), "--no-plot",
+            "--validation_every", "0",  # the study evaluates the final models itself (stage 3)
             # The VAE and text encoder run once per image for all runs, not once per step.
             "--cache_latents", "--cache_dir", str(Path(args.output_dir) / "cache"),
             "--overwrite", *flags]  # a run cut short is trained again from the start

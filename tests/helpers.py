@@ -27,7 +27,8 @@ def read_log(output_dir) -> list[dict]:
 # The small scale of the other trainers' TINY_RECIPE (train_sdxl.py), for the random tiny SD1.5: SD1.5's own
 # TINY_RECIPE is the toy demo's, whose larger batch and τ would only slow the mechanics' tests down.
 SMALL = ["--effective_batch_size", "4", "--learning_rate", "2e-5", "--warmup_steps", "0", "--max_steps", "60",
-         "--checkpoint_every", "30", "--beta", "500", "--tau", "8", "--delta", "0.05", "--monitor_samples", "64"]
+         "--checkpoint_every", "30", "--beta", "500", "--tau", "8", "--delta", "0.05", "--monitor_samples", "64",
+         "--validation_every", "0", "--eval_every", "0"]  # the toy demo's samples are tested in test_samples.py
 
 
 def sd15_flags() -> list[str]:

@@ -100,7 +100,8 @@ OUT_OF_RANGE = {"beta": -5, "delta": -1, "gamma": 1.5, "num_bins": 0, "tau": -1,
                 "adam_epsilon": 0, "max_grad_norm": -1, "seed": -1, "cpu_threads": 0, "dataloader_workers": -1,
                 "lora_rank": -1, "lora_alpha": 0, "checkpoint_every": 0, "keep_checkpoints": 0,
                 "max_nonfinite_steps": 0, "bin_stats_every": 0, "tie_margin": 0.5, "guidance_scale": -1,
-                "t5_max_length": 513}
+                "t5_max_length": 513, "validation_every": -1, "validation_images": 0, "sample_steps": 0,
+                "sample_guidance_scale": -1, "eval_every": -1, "eval_limit": 0}
 
 
 def test_every_ranged_flag_has_a_bad_value_in_this_table():

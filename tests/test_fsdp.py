@@ -28,7 +28,7 @@ def torchrun(name, output_dir, port, *extra, kill_after: int | None = None, proc
     argv = ["--tiny", "--pretrained_model", tiny.tiny_pipeline_dir(name), "--dataset", tiny.builtin_pairs(),
             "--max_steps", STEPS, "--checkpoint_every", EVERY, "--tau", 2, "--train_batch_size", 2,
             "--effective_batch_size", 4, "--learning_rate", 1e-4, "--lora_rank", 0, "--optimizer", "adamw", "--no-plot",
-            "--output_dir", output_dir, *extra]
+            "--eval_limit", 8, "--output_dir", output_dir, *extra]
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port",
                              str(port), f"train_{name}.py", *map(str, argv)], cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -51,6 +51,16 @@ def test_fsdp_matches_ddp_and_resumes_bit_for_bit_after_a_rank_is_killed(name, t
     torchrun(name, tmp_path / "ddp", port)
     torchrun(name, tmp_path / "fsdp", port + 1, "--fsdp")
     ddp, fsdp = read_log(tmp_path / "ddp"), read_log(tmp_path / "fsdp")
+    # Validation grids at step 0 and the last step (the --tiny recipes), sampled by DDP's main process and by
+    # every FSDP process; SD1.5's toy recipe also logs the held-out win rate over the base at both steps.
+    for run in ("ddp", "fsdp"):
+        assert sorted(p.name for p in (tmp_path / run / "samples").glob("step-*.png")) == \
+            ["step-000000.png", f"step-{STEPS:06d}.png"], run
+    heldout = [r for r in fsdp if "heldout_win_rate" in r]
+    assert [r["step"] for r in heldout] == ([0, STEPS] if name == "sd15" else [])
+    assert heldout == [] or heldout[0]["heldout_win_rate"] == 0.5 and heldout[-1]["heldout_base_reward"] == \
+        pytest.approx([r for r in ddp if "heldout_win_rate" in r][-1]["heldout_base_reward"], rel=1e-3)
+    ddp, fsdp = [r for r in ddp if "loss" in r], [r for r in fsdp if "loss" in r]
     assert [r["step"] for r in fsdp] == list(range(1, STEPS + 1))
     assert [r["loss"] for r in fsdp] == pytest.approx([r["loss"] for r in ddp], rel=1e-3)
     updates = [r["divergence"] for r in fsdp if r["ref_updated"]]
@@ -69,7 +79,7 @@ def test_fsdp_matches_ddp_and_resumes_bit_for_bit_after_a_rank_is_killed(name, t
     code = torchrun(name, tmp_path / "killed", port + 2, "--fsdp", kill_after=kill_after)
     assert code != 0 and not (tmp_path / "killed" / "final").exists(), f"killed after step {kill_after}"
     torchrun(name, tmp_path / "killed", port + 3, "--fsdp", "--resume", "latest")
-    resumed = read_log(tmp_path / "killed")
+    resumed = [r for r in read_log(tmp_path / "killed") if "loss" in r]
     for a, b in zip(fsdp, resumed):
         a.pop("step_seconds"), b.pop("step_seconds")
         assert a == b, (f"killed after step {kill_after}", json.dumps(a)[:300], json.dumps(b)[:300])
@@ -82,7 +92,7 @@ def test_fsdp_matches_ddp_and_resumes_bit_for_bit_after_a_rank_is_killed(name, t
 def test_a_sharded_checkpoint_is_refused_on_another_number_of_processes(tmp_path):
     argv = ["--tiny", "--pretrained_model", tiny.tiny_pipeline_dir("sd15"), "--dataset", tiny.builtin_pairs(),
             "--max_steps", 2, "--checkpoint_every", 2, "--train_batch_size", 1, "--effective_batch_size", 4,
-            "--no-plot", "--fsdp", "--output_dir", tmp_path]
+            "--no-plot", "--fsdp", "--eval_every", 0, "--output_dir", tmp_path]
     run = lambda processes, port, *extra: subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", str(port),
          "train_sd15.py", *map(str, [*argv, *extra])], cwd=ROOT, capture_output=True, text=True,
@@ -100,7 +110,7 @@ def test_every_rank_leaves_together_and_a_damaged_or_missing_shard_makes_every_r
     from mechanics import folder
     common = ["--tiny", "--pretrained_model", tiny.tiny_pipeline_dir("sd15"), "--dataset", tiny.builtin_pairs(),
               "--max_steps", 4, "--checkpoint_every", 2, "--tau", 2, "--train_batch_size", 1,
-              "--effective_batch_size", 4, "--learning_rate", 1e-4, "--no-plot", "--fsdp"]
+              "--effective_batch_size", 4, "--learning_rate", 1e-4, "--no-plot", "--fsdp", "--eval_every", 0]
     launch = lambda port, out, *extra: subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
          "train_sd15.py", *map(str, [*common, "--output_dir", out, *extra])], cwd=ROOT, capture_output=True,
@@ -154,7 +164,8 @@ def test_a_full_disk_at_a_sharded_checkpoint_is_one_line_on_every_rank_and_the_l
     out = small_disk / "run"
     argv = ["--tiny", "--pretrained_model", tiny.tiny_pipeline_dir("sd15"), "--dataset", tiny.builtin_pairs(),
             "--max_steps", 4, "--checkpoint_every", 2, "--tau", 2, "--train_batch_size", 1, "--effective_batch_size",
-            4, "--learning_rate", 1e-4, "--no-plot", "--fsdp", "--keep_checkpoints", 1, "--output_dir", out]
+            4, "--learning_rate", 1e-4, "--no-plot", "--fsdp", "--keep_checkpoints", 1, "--eval_every", 0,
+            "--output_dir", out]
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                              "--master_port", "29711", "train_sd15.py", *map(str, argv)], cwd=ROOT,
                             capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)

@@ -14,7 +14,8 @@ from offline import tiny
 from helpers import ROOT, finish, read_log, wait_for_steps
 
 STEPS, EVERY = 8, 2
-FLAGS = ["--max_steps", STEPS, "--checkpoint_every", EVERY, "--tau", 2, "--learning_rate", 1e-4, "--no-plot"]
+FLAGS = ["--max_steps", STEPS, "--checkpoint_every", EVERY, "--tau", 2, "--learning_rate", 1e-4, "--no-plot",
+         "--eval_every", 0]  # SD1.5's --tiny recipe (the toy demo's) evaluates held-out prompts: tested in test_samples
 DENOISER = {"sd15": ("UNet2DConditionModel", "unet"), "sdxl": ("UNet2DConditionModel", "unet"),
             "sd3": ("SD3Transformer2DModel", "transformer"), "flux": ("FluxTransformer2DModel", "transformer")}
 

@@ -220,7 +220,8 @@ def test_tiny_demo_trains_the_toy_model_and_reports_what_eval_py_reports(tmp_pat
     assert f"trained vs toy-base, toy_label: {rate:.1f} % [{low:.1f}, {high:.1f}]" in report
     assert summary["prompt_set"]["num_prompts"] == 54 and summary["prompt_set"]["num_pairs"] == 108
     grid = Image.open(tmp_path / "heldout" / "side_by_side.png")
-    assert grid.size == (3 * (4 * 64 + 3 * 4), 3 * (4 * 32 + 3 * 4))  # 16 pairs, 4 to a row, 4 px gaps, ×3
+    # 16 pairs, 4 to a row, 4 px gaps, ×3; above them the header ("toy-base | trained"), under each pair its prompt
+    assert grid.width == 3 * (4 * 64 + 3 * 4) and grid.height > 3 * (4 * 32 + 3 * 4) + 4 * 20
     # `eval.py --tiny --model` recomputes the demo's comparison and must print the same numbers.
     assert ev.main(["--tiny", "--model", str(tmp_path / "final"), "--output_dir", str(tmp_path / "eval"), "--quiet"]) == 0
     again = json.loads((tmp_path / "eval" / "summary.json").read_text())
@@ -229,7 +230,9 @@ def test_tiny_demo_trains_the_toy_model_and_reports_what_eval_py_reports(tmp_pat
     pairs = list(Path(os.environ["RDPO_CACHE"]).glob("toy-pairs-*-pair-n8-s0.parquet"))
     assert len(pairs) == 1 and pq.read_table(pairs[0]).num_rows == 8
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
-    assert log[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    steps = [r for r in log if "loss" in r]  # the step-0 line holds the base model's held-out score, no loss
+    assert log[0]["step"] == 0 and "heldout_win_rate" in log[0]
+    assert steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     trained = UNet2DConditionModel.from_pretrained(tmp_path / "final", subfolder="unet").state_dict()
     base = UNet2DConditionModel.from_pretrained(TOY_MODEL, subfolder="unet").state_dict()
     assert trained.keys() == base.keys()

@@ -1,7 +1,9 @@
 """The entry points refuse what they cannot read in one `error:` line with exit code 2, and no traceback:
 plot.py's run folders and logs (issue 23: a log of random bytes), and miniature/reproduce.py's file inputs.
 A log's last line cut short by a kill is not an error: it is left out."""
+import itertools
 import json
+import os
 import subprocess
 import sys
 
@@ -91,6 +93,151 @@ def test_unreadable_runs_are_refused(tmp_path, capsys):
     assert "is a folder" in refused(capsys, [good, "--out", tmp_path / "empty"])
     assert not list(tmp_path.rglob("*.png"))  # nothing was drawn
     assert plot.main([str(good), "--out", str(tmp_path / "new" / "fig.png")]) == str(tmp_path / "new" / "fig.png")
+
+
+# What the figure shows (plot.figure: the figure plot.draw saves)
+
+
+def panel(fig, title):
+    """The axes whose title starts with `title`."""
+    found = [ax for ax in fig.axes if ax.get_title().startswith(title)]
+    assert len(found) == 1, [ax.get_title() for ax in fig.axes]
+    return found[0]
+
+
+def drawn(groups, **kwargs):
+    import matplotlib.pyplot as plt
+
+    fig = plot.figure(groups, **kwargs)
+    plt.close(fig)
+    return fig
+
+
+HELDOUT = {"heldout_reward_name": "toy_label", "heldout_prompts": 54, "heldout_base_reward": 0.30}
+
+
+def heldout_run(folder, config=None):
+    """Ten steps; held-out numbers at step 0 (a record of its own: no loss), 5 and 10."""
+    rows = [{"step": 0, "heldout_reward": 0.30, "heldout_win_rate": 0.5, "heldout_win_low": 0.4,
+             "heldout_win_high": 0.6, **HELDOUT}] + records(10)
+    rows[5].update(heldout_reward=0.34, heldout_win_rate=0.62, heldout_win_low=0.5, heldout_win_high=0.72, **HELDOUT)
+    rows[10].update(heldout_reward=0.37, heldout_win_rate=0.7, heldout_win_low=0.6, heldout_win_high=0.8, **HELDOUT)
+    return write_run(folder, log_bytes(rows), config)
+
+
+def eval_summary(path, rate=71.3, interval=(64.0, 78.0)):
+    """eval.py's summary.json, as its compare() writes the numbers (percent)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"model": "trained", "baselines": ["toy-base"],
+                                "mean_scores": {"trained": {"toy_label": 0.4}, "toy-base": {"toy_label": 0.3}},
+                                "win_rates_percent": {"toy-base": {"toy_label": rate, "Avg": rate}},
+                                "win_rate_intervals_percent": {"toy-base": {"toy_label": list(interval)}}}))
+    return path
+
+
+def test_the_held_out_panel_draws_the_logs_win_rate_and_eval_pys_result_at_the_end(tmp_path, capsys):
+    run = heldout_run(tmp_path / "run")
+    eval_summary(run / "heldout" / "summary.json")
+    fig = drawn({"run": [str(run)]})
+    win = panel(fig, "held-out win rate over the base model")
+    assert "toy_label" in win.get_title() and "54 prompts" in win.get_title()
+    line = win.lines[0]
+    assert list(line.get_xdata()) == [0, 5, 10] and list(line.get_ydata()) == [0.5, 0.62, 0.7]
+    band = win.collections[0].get_paths()[0].vertices  # the interval: 0.4 … 0.8 over steps 0 … 10
+    assert band[:, 1].min() == pytest.approx(0.4) and band[:, 1].max() == pytest.approx(0.8)
+    assert any(list(l.get_ydata()) == [0.5, 0.5] for l in win.lines)  # the 50 % line
+    (marker,) = win.containers  # eval.py's toy_label win rate, at the last step, with its interval
+    assert list(marker.lines[0].get_xdata()) == [10] and list(marker.lines[0].get_ydata()) == [0.713]
+    (segment,) = marker.lines[2][0].get_segments()
+    assert segment[:, 1].tolist() == pytest.approx([0.64, 0.78])
+    assert any("eval.py at the end: trained vs toy-base, toy_label" in t.get_text() for t in win.get_legend().texts)
+    reward = panel(fig, "held-out mean toy_label")
+    assert [list(l.get_ydata()) for l in reward.lines] == [[0.3, 0.34, 0.37], [0.3, 0.3, 0.3]]
+    loss = panel(fig, "loss")  # the step-0 record holds no loss: the other panels start at step 1
+    assert loss.lines[0].get_xdata()[0] == 1 and len(loss.lines[0].get_xdata()) == 10
+    assert panel(fig, "gradient norm").get_title() and panel(fig, "learning rate").get_title()
+    # A summary older than the log compares an earlier model (the run went on after it): left out.
+    os.utime(run / "heldout" / "summary.json", (1, 1))
+    assert not panel(drawn({"run": [str(run)]}), "held-out win rate").containers
+    # --heldout names one elsewhere; with several runs it says whose.
+    other = eval_summary(tmp_path / "eval" / "summary.json", rate=40.0, interval=(30.0, 50.0))
+    fig = drawn({"run": [str(run)]}, heldout={"run": str(other)})
+    assert list(panel(fig, "held-out win rate").containers[0].lines[0].get_ydata()) == [0.4]
+    assert plot.main([str(run), "--heldout", str(tmp_path / "eval"), "--out", str(tmp_path / "h.png")])
+    second = heldout_run(tmp_path / "second")
+    assert "say whose result it is as LABEL=PATH (labels: run, second)" in refused(
+        capsys, [f"run={run}", f"second={second}", "--heldout", other, "--out", tmp_path / "x.png"])
+    assert plot.main([f"run={run}", f"second={second}", "--heldout", f"second={other}", "--out", str(tmp_path / "x.png")])
+    assert "not found" in refused(capsys, [run, "--heldout", tmp_path / "nowhere"])
+    (tmp_path / "bad.json").write_text("[1]")
+    assert "not a summary.json written by eval.py" in refused(capsys, [run, "--heldout", tmp_path / "bad.json"])
+
+
+def test_smoothing_is_a_trailing_mean_over_the_window_the_flag_gives(tmp_path, capsys):
+    assert plot.smooth([1, 2, 3, 4, float("nan"), 6], 2).tolist() == [1, 1.5, 2.5, 3.5, 4, 6]
+    assert plot.smoothing_window(100) == 4 and plot.smoothing_window(30) == 1  # default: a 25th of the steps
+    assert plot.smoothing_window(100, 1) == 1 and plot.smoothing_window(10, 7) == 7
+    run = write_run(tmp_path / "run", log_bytes(records(6)))  # loss 0.69, 0.68, …, 0.64
+    fig = drawn({"run": [str(run)]}, smooth_steps=3)
+    assert list(panel(fig, "loss").lines[0].get_ydata()) == pytest.approx([0.69, 0.685, 0.68, 0.67, 0.66, 0.65])
+    assert panel(fig, "loss").get_title() == "loss (trailing mean)"
+    assert "trailing mean over 3 steps" in fig.get_suptitle()
+    fig = drawn({"run": [str(run)]}, smooth_steps=1)
+    assert list(panel(fig, "loss").lines[0].get_ydata()) == pytest.approx([0.69, 0.68, 0.67, 0.66, 0.65, 0.64])
+    assert "raw values" in fig.get_suptitle() and panel(fig, "loss").get_title() == "loss (raw)"
+    assert "--smooth 0: the window is at least 1 step" in refused(capsys, [run, "--smooth", "0"])
+
+
+FLAGS = {"family": "sd15", "method": "ours", "beta": 500.0, "tau": 8, "on_diverge": "freeze", "gamma": 0.9,
+         "no_reward_scale": False, "reward_scale_norm": False, "seed": 0, "output_dir": "x", "report_to": "none"}
+
+
+def test_the_title_names_exactly_the_flags_the_configurations_differ_in(tmp_path):
+    seeds = [write_run(tmp_path / f"a{s}", log_bytes(records(4)), {**FLAGS, "seed": s, "output_dir": f"a{s}"})
+             for s in range(2)]
+    other = write_run(tmp_path / "b", log_bytes(records(4)),
+                      {**FLAGS, "beta": 1000.0, "tau": 0, "output_dir": "b", "report_to": "wandb"})
+    shared = {"a": plot.shared_flags([plot.read_config(r) for r in seeds]), "b": plot.read_config(other)}
+    assert "seed" not in shared["a"]  # it varies among the configuration's runs
+    assert plot.differing_flags(shared) == ["beta", "tau"]  # not output_dir, report_to (bookkeeping), nor seed
+    suptitle = drawn({"a": list(map(str, seeds)), "b": [str(other)]}).get_suptitle()
+    assert "runs differ in beta, tau:  a: beta=500, tau=8  |  b: beta=1000, tau=0" in suptitle
+    assert plot.differing_flags({"a": shared["a"]}) == [] and plot.differing_flags({"a": shared["a"], "c": {}}) == []
+
+
+def test_a_note_says_when_curves_are_on_different_scales(tmp_path):
+    folders = itertools.count()
+
+    def note(*configs):
+        runs = {f"r{i}": [str(write_run(tmp_path / str(next(folders)), log_bytes(records(4)), c))]
+                for i, c in enumerate(configs)}
+        return [t.get_text() for t in drawn(runs).texts if t.get_gid() == "scale_note"]
+
+    (text,) = note(FLAGS, {**FLAGS, "tau": 0})
+    assert text.startswith("Loss, accuracy, margin not comparable across these runs: tau differs: a reference "
+                           "re-copied every τ steps is a recent copy of the policy")
+    assert "λ(t)" not in text
+    (text,) = note(FLAGS, {**FLAGS, "no_reward_scale": True}, {**FLAGS, "no_reward_scale": False, "seed": 3})
+    assert "λ(t) multiplies β·Δ" in text and "τ" not in text
+    assert note(FLAGS, {**FLAGS, "seed": 1}) == []  # seeds of one configuration: comparable
+
+
+def test_each_t_bin_accuracy_shows_the_pairs_it_rests_on(tmp_path):
+    low, high = plot.binomial_interval([0.5, 1.0, 0.5], [100, 10, 0])
+    # Wilson's interval: 50 of 100 → [0.4038, 0.5962]; 10 of 10 → [10 / (10 + 1.96²), 1]; no pairs → none.
+    assert low[:2] == pytest.approx([0.4038, 10 / (10 + 1.96 ** 2)], abs=1e-4)
+    assert high[:2] == pytest.approx([0.5962, 1.0], abs=1e-4) and np.isnan(low[2]) and np.isnan(high[2])
+    rows = records(10)
+    for s, counts in ((2, [9] * 10), (6, [3, 0, 1, 2, 3, 4, 5, 6, 7, 8]), (10, [5, 0, 1, 1, 1, 1, 1, 1, 1, 1])):
+        rows[s - 1].update(bin_count=counts, bin_accuracy=[None if c == 0 else 0.5 for c in counts],
+                           bin_reward_magnitude=[1.0] * 10, bin_model_err=[1.0] * 10, bin_reward_scale=[1.0] * 10)
+    assert plot.bin_pairs(rows, 5).tolist() == [8, 0, 2, 3, 4, 5, 6, 7, 8, 9]  # steps 6 and 10: the 2nd half
+    ax = panel(drawn({"run": [str(write_run(tmp_path / "run", log_bytes(rows)))]}), "implicit accuracy per t-bin")
+    assert "95 % binomial interval" in ax.get_title()
+    assert [t.get_text() for t in ax.texts] == ["8", "2", "3", "4", "5", "6", "7", "8", "9"]  # bin 1 held none
+    (bars,) = ax.containers
+    first = bars.lines[2][0].get_segments()[0][:, 1]
+    assert first.tolist() == pytest.approx([0.2152, 0.7848], abs=1e-4)  # Wilson, 4 of 8
 
 
 # miniature/reproduce.py's inputs (the smoke study itself is in test_reproduce.py)

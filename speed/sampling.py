@@ -12,15 +12,21 @@ asserted; on a shared CPU compare the ratios, not the seconds.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import statistics
 import tempfile
 from pathlib import Path
 
+import train_flux
+import train_sd3
+import train_sd15
+import train_sdxl
+
+TRAINERS = {"sd15": train_sd15, "sdxl": train_sdxl, "sd3": train_sd3, "flux": train_flux}
+
 
 def measure(opts) -> dict:
-    trainer = importlib.import_module(f"train_{opts.trainer}")
+    trainer = TRAINERS[opts.trainer]
     with tempfile.TemporaryDirectory() as out:
         argv = ["--tiny", "--max_steps", str(opts.steps), "--validation_every", str(opts.validation_every),
                 "--checkpoint_every", str(10**9), "--no-plot", "--output_dir", out]
@@ -55,7 +61,7 @@ def measure(opts) -> dict:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trainer", choices=("sd15", "sdxl", "sd3", "flux"), default="sd15",
+    parser.add_argument("--trainer", choices=tuple(TRAINERS), default="sd15",
                         help="which train script's --tiny run to measure (default: %(default)s, the toy demo)")
     parser.add_argument("--steps", type=int, default=36, help="optimizer steps (default: %(default)s)")
     parser.add_argument("--validation_every", type=int, default=6, help="a grid every N steps (default: %(default)s)")

@@ -27,9 +27,10 @@ def heldout(log):
             if "heldout_win_rate" in r]
 
 
-def test_the_toy_demo_samples_the_base_model_then_every_n_steps_and_logs_the_heldout_curve(tmp_path):
+def test_the_toy_demo_samples_the_base_model_then_every_n_steps_and_logs_the_heldout_curve(tmp_path, monkeypatch):
     out = tmp_path / "demo"
-    main_or_exit(train_sd15, ["--tiny", "--max_steps", "4", "--validation_every", "2", "--eval_every", "2",
+    monkeypatch.setattr(train_sd15, "TOY_DEMO_PAIRS", 8)  # the demo samples 1000; the mechanics are the same
+    main_or_exit(train_sd15, ["--tiny", "--max_steps", "4", "--train_batch_size", "2", "--effective_batch_size", "2", "--validation_every", "2", "--eval_every", "2",
                               "--eval_limit", "12", "--output_dir", str(out)])
     grids = sorted(p.name for p in (out / "samples").glob("step-*.png"))
     assert grids == ["step-000000.png", "step-000002.png", "step-000004.png"]

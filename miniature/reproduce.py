@@ -1,5 +1,5 @@
 """The paper in miniature as an experiment: the design is pre-registered in miniature/README.md, a positive control
-gates the claims, every main configuration is trained with 13 seeds, and each claim ends with its interval and a verdict.
+gates the claims, the configurations of claims 1 and 4 are trained with 32 seeds (80 % power at the SESOI), the others with 13, and each claim ends with its interval and a verdict.
 
     python -m miniature.reproduce                                        # the study (README: its wall time)
     python -m miniature.reproduce --quick                                # 3 seeds, the main rows
@@ -68,7 +68,11 @@ RECIPE = dict(
     calibration_every=10,  # checkpoint (and Fig. 1c point) every N steps of a calibration run
     calibration_seeds=4,  # images per calibration prompt (27 prompts), each with its own seed
     eval_seeds=4,         # images per held-out prompt (54 prompts), each with its own seed
-    seeds=13,             # training seeds of every main configuration (0 … N−1): the pilot's power analysis (README)
+    # Training seeds (0 … N−1), from the 2026-12-02 study's held-out paired SDs (README, the powered design): 32 give
+    # 80 % power at the SESOI for claims 1 and 4 (SD 0.0113–0.0114), so their configurations take 32; claim 3b needs
+    # 13 (SD 0.0068); claim 3a (38) stays underpowered at 13, as do the descriptive rows.
+    powered_seeds=32,     # Diffusion-DPO, exploration only, the full method (50 and 10 bins): claims 1, 4, the gate
+    seeds=13,             # every other main configuration
     cheap_seeds=3,        # SFT and Re-Init
     long_seeds=3,         # the long run without the monitor (claim 2)
     long_factor=4,        # … of long_factor × L steps
@@ -80,18 +84,18 @@ RECIPE = dict(
     monitor_samples=32,
     sesoi=0.0058,         # smallest effect of interest in held-out toy_label: 20 % of Diffusion-DPO's pilot gain (README)
 )
-QUICK = dict(seeds=3, cheap_seeds=0, long_seeds=0, diagnostic_seeds=2)
+QUICK = dict(powered_seeds=3, seeds=3, cheap_seeds=0, long_seeds=0, diagnostic_seeds=2)
 SMOKE = dict(steps=4, batch=2, warmup=0, learning_rates=(6e-5,), betas=(5000.0,), taus=(1,), calibration_every=2, calibration_seeds=1, eval_seeds=1,
-             seeds=2, cheap_seeds=0, long_seeds=1, long_factor=2, diagnostic_seeds=1, diagnostic_pairs=4,
+             powered_seeds=2, seeds=2, cheap_seeds=0, long_seeds=1, long_factor=2, diagnostic_seeds=1, diagnostic_pairs=4,
              num_pairs=16, monitor_samples=4)
 SMOKE_PROMPTS = 2
 
-# (key, label, flags from the calibration, which seeds: main / cheap / long / quick-main)
+# (key, label, flags from the calibration, which seeds: powered / main / cheap / long)
 CONFIGS = (
     ("sft", "SFT", lambda c: ["--loss", "sft", "--tau", "0", "--gamma", "1", "--no_reward_scale"], "cheap"),
-    ("dpo", "Diffusion-DPO", lambda c: ["--tau", "0", "--gamma", "1", "--no_reward_scale"], "main"),
+    ("dpo", "Diffusion-DPO", lambda c: ["--tau", "0", "--gamma", "1", "--no_reward_scale"], "powered"),
     ("explore", "exploration only (τ + monitor)",
-     lambda c: ["--tau", str(c["tau"]), "--delta", str(c["delta"]), "--gamma", "1", "--no_reward_scale"], "main"),
+     lambda c: ["--tau", str(c["tau"]), "--delta", str(c["delta"]), "--gamma", "1", "--no_reward_scale"], "powered"),
     ("nomonitor", "the same τ without the monitor",
      lambda c: ["--tau", str(c["tau"]), "--on_diverge", "ignore", "--gamma", "1", "--no_reward_scale"], "main"),
     ("nomonitor_long", "… and 4× longer",
@@ -104,9 +108,9 @@ CONFIGS = (
     ("timestep10", "timestep strategy only, 10 bins", lambda c: ["--tau", "0", "--gamma", "0.9", "--num_bins", "10"],
      "main"),
     ("full50", "full method, 50 bins",
-     lambda c: ["--tau", str(c["tau"]), "--delta", str(c["delta"]), "--gamma", "0.9", "--num_bins", "50"], "main"),
+     lambda c: ["--tau", str(c["tau"]), "--delta", str(c["delta"]), "--gamma", "0.9", "--num_bins", "50"], "powered"),
     ("full10", "full method, 10 bins",
-     lambda c: ["--tau", str(c["tau"]), "--delta", str(c["delta"]), "--gamma", "0.9", "--num_bins", "10"], "main"),
+     lambda c: ["--tau", str(c["tau"]), "--delta", str(c["delta"]), "--gamma", "0.9", "--num_bins", "10"], "powered"),
     ("fullnorm", "full method, 50 bins, mean λ = 1",
      lambda c: ["--tau", str(c["tau"]), "--delta", str(c["delta"]), "--gamma", "0.9", "--num_bins", "50",
                 "--reward_scale_norm"], "main"),
@@ -167,7 +171,7 @@ def parse_args(argv=None):
     for name, value in defaults.items():
         if not hasattr(args, name):
             setattr(args, name, value)
-    for name in ("steps", "batch", "calibration_every", "calibration_seeds", "eval_seeds", "seeds", "long_factor",
+    for name in ("steps", "batch", "calibration_every", "calibration_seeds", "eval_seeds", "powered_seeds", "seeds", "long_factor",
                  "num_pairs", "monitor_samples", "diagnostic_pairs"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1")
@@ -226,7 +230,7 @@ def read_state(path: Path):
 def configs(args) -> list[tuple[str, list[int]]]:
     """(key, training seeds) of every configuration this invocation trains."""
     chosen = SMOKE_CONFIGS if args.smoke else QUICK_CONFIGS if args.quick else [k for k, *_ in CONFIGS]
-    count = {"main": args.seeds, "cheap": args.cheap_seeds, "long": args.long_seeds}
+    count = {"powered": args.powered_seeds, "main": args.seeds, "cheap": args.cheap_seeds, "long": args.long_seeds}
     return [(key, list(range(count[kind]))) for key, _, _, kind in CONFIGS if key in chosen and count[kind]]
 
 

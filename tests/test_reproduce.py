@@ -89,6 +89,18 @@ def test_bad_recipe_flags_are_refused_before_any_work(capsys):
     args = reproduce.parse_args(["--quick", "--steps", "7"])
     assert (args.steps, args.seeds, args.cheap_seeds) == (7, 3, 0)
     assert [k for k, _ in reproduce.configs(args)] == list(reproduce.QUICK_CONFIGS)
+    assert {len(seeds) for _, seeds in reproduce.configs(args)} == {3}  # --quick: 3 seeds of every row, as before
+
+
+def test_the_powered_design_gives_claims_1_and_4_the_seeds_the_last_runs_sds_ask_for():
+    # 2026-12-02's held-out SD of explore − DPO, 0.0113: (t_{0.975, 31} + z_{0.8}) · 0.0113 / √32 = 0.00575 ≤ 0.0058
+    # (n = 31: 0.00585), so 32 seeds; claim 3b's SD 0.0068 needs 13.
+    assert reproduce.seeds_for_power(0.0113, 0.0058) == 32
+    seeds = {key: len(s) for key, s in reproduce.configs(reproduce.parse_args([]))}
+    assert {k: seeds[k] for k in ("dpo", "explore", "full50", "full10")} == dict.fromkeys(("dpo", "explore", "full50", "full10"), 32)
+    assert {k: seeds[k] for k in ("timestep10", "timestep50", "nomonitor", "fullnorm")} == dict.fromkeys(
+        ("timestep10", "timestep50", "nomonitor", "fullnorm"), 13)
+    assert (seeds["sft"], seeds["reinit"], seeds["nomonitor_long"]) == (3, 3, 3)
 
 
 def test_seeds_for_power_is_the_smallest_n_whose_interval_clears_the_effect():

@@ -66,19 +66,24 @@ def read_log(run_dir) -> list[dict]:
     return records
 
 
+def read_json(path):
+    """The JSON value in file `path`; LogError if it cannot be read or is not JSON text."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except OSError as error:
+        raise LogError(f"cannot read {path}: {error.strerror or error}") from error
+    except ValueError as error:
+        raise LogError(f"{path} is not JSON text ({error})") from error
+
+
 def read_config(run_dir) -> dict:
     """The flags the run was started with (OUTPUT_DIR/run.json, written by the trainers), or {}; LogError if
     that file is there but not a JSON object."""
     path = os.path.join(run_dir, "run.json")
     if not os.path.isfile(path):
         return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
-    except OSError as error:
-        raise LogError(f"cannot read {path}: {error.strerror or error}") from error
-    except ValueError as error:
-        raise LogError(f"{path} is not JSON text ({error})") from error
+    config = read_json(path)
     if not isinstance(config, dict):
         raise LogError(f"{path} holds a JSON {type(config).__name__}, not the run's flags")
     return config
@@ -166,13 +171,7 @@ def read_summary(path) -> tuple[str, list[tuple]]:
     """eval.py's summary.json: the model's label and its win rate over each baseline per reward column with the
     95 % bootstrap interval, as fractions: (model, [(baseline, column, rate, low, high)]); low and high are None
     where the summary has no interval. LogError if the file is not such a summary."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            summary = json.load(f)
-    except OSError as error:
-        raise LogError(f"cannot read {path}: {error.strerror or error}") from error
-    except ValueError as error:
-        raise LogError(f"{path} is not JSON text ({error})") from error
+    summary = read_json(path)
     try:
         intervals, points = summary.get("win_rate_intervals_percent", {}), []
         for baseline, row in summary["win_rates_percent"].items():

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import sys
+import textwrap
 import warnings
 
 import numpy as np
@@ -408,12 +409,13 @@ def figure(groups: dict[str, list[str]], title: str | None = None, smooth_steps:
         win_ax.legend(fontsize=6)
     else:
         for ax in (win_ax, reward_ax):
-            ax.text(0.5, 0.5, "no held-out result: train with --eval_every N,\nor run eval.py into OUTPUT_DIR/heldout "
-                    "(or --heldout)", ha="center", va="center", fontsize=8, transform=ax.transAxes)
+            ax.text(0.5, 0.5, "no held-out result in these runs: train with\n--eval_every N, or run eval.py into "
+                    "OUTPUT_DIR/heldout (or --heldout)", ha="center", va="center", fontsize=8, transform=ax.transAxes)
     keys = differing_flags(shared)
     lines = [title or " vs ".join(groups), smoothing_text(windows)]
     if keys:
-        lines.append("runs differ in " + ", ".join(keys) + ":  " + flags_line(shared, keys))
+        # wrapped: with several configurations the line runs past the figure's edges
+        lines += textwrap.wrap("runs differ in " + ", ".join(keys) + ":  " + flags_line(shared, keys), 190)
     fig.suptitle("\n".join(lines), fontsize=10)
     note = scale_note(shared)
     if note:

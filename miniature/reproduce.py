@@ -56,7 +56,7 @@ CALIBRATION_SEED = 1000  # the calibration runs' training seed, apart from the s
 
 # The recipe, fixed before the final run (README, pre-registration). Every value is a flag of this script.
 RECIPE = dict(
-    steps=100,            # optimizer steps per run (L): 8 main configurations × 13 seeds fit the 90-minute budget
+    steps=100,            # optimizer steps per run (L): the powered design's 189 runs fit the 90-minute budget
     batch=8,              # pairs per step: 800 of the 1000 training pairs per run, each about once
     warmup=5,
     # Diffusion-DPO's grid, tuned on the calibration split (stage 1a) with as many runs as the method's τ grid
